@@ -2,6 +2,7 @@
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -18,3 +19,19 @@ torch.set_num_threads(1)
 def randn(seed, *shape, scale=1.0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """One tiny toy warm start (30 SFT steps), shared by every end-to-end test."""
+    import train
+    d = str(tmp_path_factory.mktemp("cache"))
+    train.main(["--algo", "grpo", "--steps", "0", "--cache-dir", d, "--eval-data", "",
+                "--warm-start-steps", "30", "--out", os.path.join(d, "warm")])
+    return d
+
+
+def warm_start_dir(cache_dir):
+    """The cached warm-start checkpoint: a Hugging Face model directory."""
+    (name,) = [n for n in os.listdir(cache_dir) if n.startswith("toy-") and "." not in n]
+    return os.path.join(cache_dir, name)

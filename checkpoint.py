@@ -1,0 +1,82 @@
+"""Checkpoints that survive being killed at any moment, and load anywhere with from_pretrained.
+
+A checkpoint is a Hugging Face model directory (model.safetensors, config.json, tokenizer
+files) plus what exact resume needs:
+    trainer_state.pt      step, optimizer state, the rank-0 config, per-rank RNG states
+    teacher.safetensors   the teacher's weights when they differ from both the student and the
+                          initial model (a synced frozen copy, an EMA)
+
+It is written to `<out>/checkpoint-000042.tmp/` and renamed to `checkpoint-000042/` only when
+complete; a rename within a directory is atomic, so a crash leaves either the old set of
+checkpoints or the new one, never a half-written directory that `--resume` would pick.
+"""
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _plain(state_dict: dict, tied: bool) -> dict:
+    """CPU tensors that safetensors accepts: no shared storage, no tied duplicate."""
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    if tied:  # from_pretrained re-ties lm_head to the embeddings
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config, tokenizer,
+                    trainer_state: dict, teacher_state: dict | None = None, keep: int = 3) -> str:
+    """Rank 0 only. Writes atomically, then deletes all but the newest `keep` checkpoints."""
+    final = os.path.join(out_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash
+    os.makedirs(tmp)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    save_file(_plain(model_state, tied), os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    model_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    if teacher_state is not None:
+        save_file(_plain(teacher_state, tied), os.path.join(tmp, "teacher.safetensors"))
+    for f in os.listdir(tmp):  # make the bytes durable before the rename publishes them
+        with open(os.path.join(tmp, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (a .tmp directory is never complete)."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in os.listdir(out_dir):
+        m = _NAME.match(name)
+        path = os.path.join(out_dir, name)
+        if m and os.path.exists(os.path.join(path, "trainer_state.pt")):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_trainer_state(path: str) -> dict:
+    return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu",
+                      weights_only=False)
+
+
+def load_teacher_state(path: str) -> dict | None:
+    f = os.path.join(path, "teacher.safetensors")
+    return load_file(f) if os.path.exists(f) else None

@@ -1,0 +1,98 @@
+"""Distributed code at the edges: the same calls work in one process and under torchrun.
+
+Under `torchrun` each process gets RANK / WORLD_SIZE / LOCAL_RANK: we use gloo on CPU and
+nccl on GPU, and shard models with FSDP2 (`fully_shard` per decoder layer, then the root).
+Under plain `python` there is one process and every helper here is a no-op.
+"""
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def sum(self, x):
+        """All-reduced sum of a float or tensor (a no-op in one process)."""
+        t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: gloo on CPU, nccl on GPU. Plain python: one process."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def shard(model, ctx: Dist, dtype):
+    """FSDP2: each decoder layer, then the root. Parameters stay float32 masters; bf16 compute."""
+    if ctx.world == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for m in model.modules():
+        if type(m).__name__.endswith("DecoderLayer"):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+class gathered:
+    """Unshard an FSDP2 model once for a whole generation phase, instead of per token."""
+
+    def __init__(self, model):
+        self.model = model
+        self.fsdp = hasattr(model, "unshard")
+
+    def __enter__(self):
+        if self.fsdp:
+            self.model.unshard()
+            self.model.set_reshard_after_forward(False)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.fsdp:
+            self.model.set_reshard_after_forward(True)
+            self.model.reshard()
+
+
+def full_state_dict(model, ctx: Dist) -> dict:
+    if ctx.world == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def load_full_state_dict(model, state: dict, ctx: Dist):
+    if ctx.world == 1:
+        model.load_state_dict(state, strict=False)  # tied lm_head is absent from checkpoints
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def autocast(dtype_name: str, ctx: Dist):
+    """bf16 compute for one process (float32 master weights). Under FSDP2 the
+    MixedPrecisionPolicy in `shard` does this instead."""
+    if dtype_name == "bfloat16" and ctx.world == 1:
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

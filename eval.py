@@ -1,0 +1,198 @@
+"""Evaluate checkpoints: accuracy (greedy pass@1, avg@k, pass@k), leakage, entropy, length.
+
+    python eval.py runs/rlsd/checkpoint-000150                 # toy test + ood splits
+    python eval.py CKPT --data test.jsonl --k 8 --temperature 1.0
+    python eval.py --compare runs/grpo runs/rlsd --plot cmp.png  # table (and plots) of runs
+
+Leakage is the fraction of responses that mention material only the privileged teacher saw
+("reference solution", "the hint", ...): the signal the RLSD paper uses to show OPSD's
+student learning to talk as if it had been given the answer.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+import data
+import grpo
+from rollout import generate, left_pad, load_model, response_logits
+
+BATCH = 256  # prompts per generation call
+
+
+def _shard(items, ctx):
+    return items[ctx.rank::ctx.world] if ctx is not None else items
+
+
+def _sum(ctx, x):
+    return ctx.sum(x).item() if ctx is not None else float(x)
+
+
+@torch.no_grad()
+def sample(model, tok, examples, template, *, max_new_tokens, temperature=0.0, k=1,
+           generator=None, device="cpu"):
+    """k responses per example (temperature 0: greedy). Returns (texts, rollouts per batch)."""
+    texts, stats = [], []
+    rows = [e for e in examples for _ in range(k)]
+    for i in range(0, len(rows), BATCH):
+        chunk = rows[i:i + BATCH]
+        ids, mask = left_pad([data.prompt_ids(tok, data.render(template, e)) for e in chunk],
+                             tok.pad_token_id)
+        ro = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                      temperature=temperature, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                      generator=generator)
+        texts += tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
+                                  skip_special_tokens=True)
+        stats.append(ro)
+    return texts, stats
+
+
+def accuracy(model, tok, examples, template, cfg, ctx=None) -> float:
+    """Greedy pass@1 over `examples`, sharded over ranks and all-reduced."""
+    mine = _shard(examples, ctx)
+    device = ctx.device if ctx is not None else "cpu"
+    texts, _ = sample(model, tok, mine, template, max_new_tokens=cfg.max_new_tokens,
+                      device=device) if mine else ([], [])
+    correct = sum(data.reward(t, e.answer) for t, e in zip(texts, mine))
+    return _sum(ctx, correct) / max(_sum(ctx, len(mine)), 1.0)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, Eq. 1)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def leakage(texts, phrases) -> float:
+    """Fraction of responses that contain any privileged phrase (case-insensitive)."""
+    phrases = [p.lower() for p in phrases]
+    return sum(any(p in t.lower() for p in phrases) for t in texts) / max(len(texts), 1)
+
+
+@torch.no_grad()
+def response_entropy(model, ro, temperature=1.0) -> float:
+    """Mean per-token entropy of the model on its own responses."""
+    z = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+    h = grpo.entropy(z, temperature=temperature)
+    m = ro.resp_mask.bool()
+    return (h[m].sum() / m.sum().clamp(min=1)).item()
+
+
+def evaluate_checkpoint(path, examples, *, template, max_new_tokens, k, temperature, phrases,
+                        seed=0) -> dict:
+    model, tok = load_model(path)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    greedy, g_ro = sample(model, tok, examples, template, max_new_tokens=max_new_tokens)
+    res = {"n": len(examples),
+           "pass@1_greedy": sum(data.reward(t, e.answer) for t, e in zip(greedy, examples)) / len(examples)}
+    texts, ro = greedy, g_ro
+    if k > 1 or temperature > 0:
+        texts, ro = sample(model, tok, examples, template, max_new_tokens=max_new_tokens,
+                           temperature=temperature or 1.0, k=k, generator=gen)
+        correct = [sum(data.reward(texts[i * k + j], e.answer) for j in range(k))
+                   for i, e in enumerate(examples)]
+        res[f"avg@{k}"] = sum(correct) / (k * len(examples))
+        res[f"pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / len(examples)
+    res["leakage"] = leakage(texts, phrases)
+    n_tok = sum(r.resp_mask.sum().item() for r in ro)
+    res["response_len_mean"] = n_tok / len(texts)
+    res["entropy"] = sum(response_entropy(model, r) * r.resp_mask.sum().item() for r in ro) / max(n_tok, 1)
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# Comparing runs
+# ----------------------------------------------------------------------------------------
+
+def read_metrics(run_dir) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def compare_table(run_dirs, keys=("test_acc", "ood_acc", "reward_mean", "entropy",
+                                  "response_len_mean", "step_time_s")) -> str:
+    """Markdown table: per run, the first and last value of each metric."""
+    lines = ["| run | steps | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for run in run_dirs:
+        rows = read_metrics(run)
+        cells = []
+        for k in keys:
+            vals = [r[k] for r in rows if k in r]
+            cells.append(f"{vals[0]:.3g} -> {vals[-1]:.3g}" if len(vals) > 1 else
+                         (f"{vals[0]:.3g}" if vals else "-"))
+        steps = max((r.get("step", 0) for r in rows), default=0)
+        lines.append(f"| {os.path.basename(os.path.normpath(run))} | {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_runs(run_dirs, out_png, keys=("reward_mean", "test_acc", "entropy", "response_len_mean")):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plots need matplotlib: pip install -e '.[plot]'") from None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for run in run_dirs:
+        rows = read_metrics(run)
+        for ax, k in zip(axes, keys):
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=os.path.basename(os.path.normpath(run)))
+    for ax, k in zip(axes, keys):
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint or compare runs.")
+    p.add_argument("checkpoint", nargs="?", help="HF model directory or hub id")
+    p.add_argument("--data", default="toy", help="'toy' (test + ood) or a .jsonl/.parquet file")
+    p.add_argument("--n", type=int, default=200, help="toy problems per split")
+    p.add_argument("--k", type=int, default=1, help="samples per problem for avg@k / pass@k")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: 40 on toy, else 4096")
+    p.add_argument("--leak-phrases", default="", help="comma-separated extra phrases")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--plot", default="", help="with --compare: write a PNG of the curves")
+    a = p.parse_args(argv)
+    try:
+        if a.compare:
+            print(compare_table(a.compare))
+            if a.plot:
+                plot_runs(a.compare, a.plot)
+                print(f"wrote {a.plot}")
+            return
+        if not a.checkpoint:
+            p.error("give a checkpoint, or --compare RUN_DIR...")
+        toy = a.data == "toy"
+        sets = ({s: data.make_toy(s, a.n) for s in ("test", "ood")} if toy
+                else {"eval": data.load_examples(a.data)})
+        phrases = list(data.LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
+        if toy:
+            phrases += list(data.TOY_LEAK_MARKERS)
+        tpl = (data.TOY_TEMPLATES if toy else data.PAPER_TEMPLATES)["student"]
+        for name, exs in sets.items():
+            res = evaluate_checkpoint(a.checkpoint, exs, template=tpl, k=a.k,
+                                      temperature=a.temperature, phrases=phrases,
+                                      max_new_tokens=a.max_new_tokens or (40 if toy else 4096))
+            print(json.dumps({"split": name, **res}))
+    except (data.DataError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

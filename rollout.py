@@ -1,0 +1,147 @@
+"""Models and rollouts: loading (one place), the embedded toy model, sampling, re-scoring.
+
+A rollout batch is a left-padded prompt block followed by a right-padded response block:
+
+    prompt_ids   (N, Lp)   <pad><pad> Q 7 + 5 - 3 \n :
+    resp_ids     (N, T)    7 + 5 = 1 2 ; 1 2 - 3 = 9 <eos> <pad> <pad>
+
+Because every response starts at column Lp, the logits predicting the response are the last
+T + 1 positions of the forward pass (`logits_to_keep`), for the student and for any teacher
+whose prompt (the student prompt plus a privileged context) is concatenated with the SAME
+response ids. Teachers therefore score exactly the tokens the student sampled.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import data
+
+TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
+# the toy chat template: the user text, a newline, and ':' as the generation prompt
+TOY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}:{% endif %}")
+
+
+def build_toy_tokenizer():
+    """A character-level tokenizer in Hugging Face format (saved and loaded like any other)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(TOY_SPECIALS + sorted(set(data.TOY_CHARS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char, one token
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                 unk_token="<unk>")
+    hf.chat_template = TOY_CHAT_TEMPLATE
+    return hf
+
+
+def build_toy_model(tokenizer, *, seed: int = 0):
+    """A ~0.3M-parameter Qwen3 (a real HF architecture) with random weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=288,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=24, max_position_embeddings=256, tie_word_embeddings=True,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=None)
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(cfg)
+
+
+def load_model(path: str, *, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a local HF directory or a hub id, the same code path for both."""
+    if os.path.isdir(path) and not any(
+            os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path}: model directory has no tokenizer "
+                                f"(tokenizer.json / tokenizer_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # many base models ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------
+# Batches of token ids
+# ----------------------------------------------------------------------------------------
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """Ragged prompts -> (ids (N, L), mask (N, L)) padded on the left, so all end together."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: the first real token is position 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor   # (N, Lp) left-padded student prompts
+    prompt_mask: torch.Tensor
+    resp_ids: torch.Tensor     # (N, T) sampled tokens, <eos> included, then padding
+    resp_mask: torch.Tensor    # (N, T) 1 on sampled tokens up to and including <eos>
+    truncated: torch.Tensor    # (N,) bool: no <eos> within max_new_tokens
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
+             eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> Rollouts:
+    """Sample responses with the KV cache; temperature 0 is greedy. Stops when all hit <eos>.
+
+    Written out instead of `model.generate` so that sampling is exactly softmax(z / T) over
+    the full vocabulary (no default top-k), uses our own torch.Generator (reproducible and
+    resumable), and costs one small forward per token.
+    """
+    dev = prompt_ids.device
+    mask = prompt_mask
+    pos = positions(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    next_pos = pos[:, -1:] + 1
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=dev)
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, -1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done = done | (tok == eos_id)
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + 1
+    resp = torch.stack(tokens, dim=1)
+    # a token is part of the response iff no <eos> came strictly before it
+    eos_before = (resp == eos_id).long().cumsum(1) - (resp == eos_id).long()
+    resp_mask = (eos_before == 0).long()
+    return Rollouts(prompt_ids, prompt_mask, resp, resp_mask, truncated=~done)
+
+
+def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
+    """(N, T, V) logits that predict each response token, from one forward over prompt+response.
+
+    Only the last T + 1 positions go through the LM head (`logits_to_keep`), so a long
+    privileged teacher prompt costs attention, not vocabulary-sized logits.
+    """
+    ids = torch.cat([prompt_ids, resp_ids], dim=1)
+    mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    T = resp_ids.shape[1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                use_cache=False, logits_to_keep=T + 1, **model_kwargs)
+    return out.logits[:, :-1]  # position t predicts token t + 1: drop the last prediction

@@ -1,0 +1,138 @@
+"""End to end on a tiny warm start: every algorithm, torchrun, resume, checkpoints, data files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens", "16",
+        "--eval-n", "4", "--warm-start-steps", "30", "--eval-every", "0"]
+
+
+def run(tmp_path, cache, *args):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--cache-dir", cache, "--out", out, *args])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return out, [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("algo", [a for a in train.ALGOS if a != "opd"])
+def test_every_algorithm_runs_two_steps(tmp_path, cache, algo):
+    extra = ["--group-size", "1"] if algo == "opsd" else []
+    out, rows = run(tmp_path, cache, "--algo", algo, *extra)
+    steps = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        for key in ("loss", "step_time_s", "grad_norm"):
+            assert key in r and r[key] == r[key], (algo, key)  # present and not NaN
+        if algo != "sft":
+            assert {"reward_mean", "entropy", "response_len_mean"} <= set(r)
+    assert "test_acc" in rows[0] and "test_acc" in rows[-1]
+    if algo == "rlsd":
+        assert rows[1]["rlsd_lambda"] == pytest.approx(0.5 * 49 / 50)
+        assert 0.0 <= rows[1]["rlsd_weight_clip_frac"] <= 1.0
+    if algo in ("srpo", "ptdpo", "sdpo", "opsd"):
+        assert 0.0 <= rows[1]["distilled_frac"] <= 1.0
+    ck = os.path.join(out, "checkpoint-000002")
+    assert os.path.exists(os.path.join(ck, "model.safetensors"))
+
+
+def test_opd_with_external_toy_teacher(tmp_path, cache):
+    _, rows = run(tmp_path, cache, "--algo", "opd", "--teacher", "toy")
+    assert "opd_reverse_kl" in rows[1]
+
+
+def test_checkpoint_loads_with_from_pretrained(tmp_path, cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out, _ = run(tmp_path, cache, "--algo", "grpo")
+    ck = os.path.join(out, "checkpoint-000002")
+    model = AutoModelForCausalLM.from_pretrained(ck)
+    tok = AutoTokenizer.from_pretrained(ck)
+    saved = load_file(os.path.join(ck, "model.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved.get(k, saved["model.embed_tokens.weight"]))
+    assert tok.decode(tok("12+3")["input_ids"]) == "12+3"
+
+
+def _train_rows(rows):
+    drop = ("step_time_s",)
+    return [{k: v for k, v in r.items() if k not in drop and not k.endswith("_acc")}
+            for r in rows if r["step"] > 0]
+
+
+@pytest.mark.parametrize("algo", ["rlsd", "srpo"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache, algo):
+    args = ["--algo", algo, "--steps", "4", "--teacher-sync", "3", "--lam-decay", "3"]
+    full, rows_full = run(tmp_path / "a", cache, *args)
+    part = str(tmp_path / "b")
+    train.main(TINY + ["--cache-dir", cache, "--out", part, "--algo", algo, "--teacher-sync", "3",
+                       "--lam-decay", "3"])  # stops after step 2 with a checkpoint
+    train.main(TINY + ["--cache-dir", cache, "--out", part, *args, "--resume", "true"])
+    with open(os.path.join(part, "metrics.jsonl")) as f:
+        rows_part = [json.loads(line) for line in f]
+    assert _train_rows(rows_part) == _train_rows(rows_full)
+    a = load_file(os.path.join(full, "checkpoint-000004", "model.safetensors"))
+    b = load_file(os.path.join(part, "checkpoint-000004", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, cache):
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        train.main(TINY + ["--cache-dir", cache, "--out", str(tmp_path / "x"), "--resume", "true"])
+
+
+def _toy_rows_as_file(tmp_path, fmt):
+    import data
+    rows = [dict(question=e.prompt, answer=e.answer, solution=e.solution, hint=e.hint)
+            for e in data.make_toy("train", 12)]
+    if fmt == "jsonl":
+        f = tmp_path / "train.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        f = tmp_path / "train.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), str(f))
+    return str(f)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_training_on_a_data_file(tmp_path, cache, fmt):
+    f = _toy_rows_as_file(tmp_path, fmt)
+    _, rows = run(tmp_path, cache, "--algo", "ptdpo", "--data", f, "--eval-data", f,
+                  "--prompt-key", "question")
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval_acc" in rows[-1]
+
+
+def test_bad_configs_fail_before_training(tmp_path, cache):
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        train.parse_config(["--algo", "opd"])
+    with pytest.raises(SystemExit, match="group-size must be >= 2"):
+        train.parse_config(["--algo", "grpo", "--group-size", "1"])
+    with pytest.raises(SystemExit):
+        train.parse_config(["--algo", "ppo"])
+    f = tmp_path / "no_solution.jsonl"
+    f.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--cache-dir", cache, "--algo", "opsd", "--data", str(f),
+                           "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+
+
+def test_torchrun_two_processes(tmp_path, cache):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *TINY, "--algo", "rlsd", "--cache-dir", cache, "--out", out]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))

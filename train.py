@@ -1,0 +1,520 @@
+"""One training loop for every algorithm: `python train.py` on a laptop, `torchrun` on nodes.
+
+    python train.py                                   # RLSD on the embedded toy task (CPU)
+    python train.py --algo grpo --steps 100
+    torchrun --nproc_per_node=8 train.py --algo rlsd --model Qwen/Qwen3-8B --data train.jsonl
+
+One step: sample prompts -> G rollouts each (KV cache) -> verifier rewards -> advantages ->
+privileged teacher prompts + the student's exact response ids -> the algorithm's loss from
+grpo.py / rlsd.py / distill.py -> backward per micro-batch -> clip -> AdamW -> teacher update.
+
+Per-algorithm differences are small functions: `ADV_SCALE`, `teacher_context`, `LOSSES`.
+Defaults come from the papers (`PAPER_DEFAULTS`); on the toy model the scale-dependent ones
+(learning rate, batch, lengths, steps) come from `TOY_DEFAULTS`. A flag given on the command
+line always wins.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import checkpoint as ckpt
+import data
+import grpo
+from algos import (LOSSES, Batch, Outputs, Teacher, collect, distill_rows, global_norms, masked_mean,
+                   micro_batches, srpo_weight_mean, step_examples, templates)
+from distributed import (Dist, autocast, full_state_dict, gathered, load_full_state_dict,
+                         setup_distributed, shard)
+from eval import accuracy
+from rollout import Rollouts, build_toy_model, build_toy_tokenizer, left_pad, load_model
+from rollout import response_logits
+
+ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "opd", "opsd", "sdpo", "srpo", "ptdpo", "rlsd")
+TOY_VERSION = "v1"  # bump when the toy task or model changes, to invalidate cached warm starts
+
+
+@dataclass
+class Config:
+    algo: str = "rlsd"                # one of ALGOS
+    model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
+    teacher: str = ""                 # OPD's external teacher: 'toy' or a directory / hub id
+    data: str = "toy"                 # 'toy' or a .jsonl / .parquet file
+    eval_data: str = "toy"            # 'toy' (test + ood splits) or a file; '' disables evaluation
+    prompt_key: str = "prompt"        # dataset column names
+    answer_key: str = "answer"
+    solution_key: str = "solution"
+    hint_key: str = "hint"
+    rationale_key: str = "rationale"
+    images_key: str = "images"
+    steps: int = 50                   # optimizer steps (one per rollout batch)
+    prompts_per_step: int = 32        # P prompts per step, over all ranks
+    group_size: int = 8               # G rollouts per prompt
+    micro_batch_size: int = 0         # rows per forward/backward; 0 = the whole local batch
+    max_new_tokens: int = 4096        # response length limit
+    temperature: float = 1.0          # rollout temperature; the losses use the same one
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    adv_scale: str = "group"          # 'group' (GRPO) or 'none' (Dr. GRPO)
+    loss_agg: str = "token-mean"      # see grpo.aggregate
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float = 3.0            # <= 0 disables
+    kl_coef: float = 0.0              # k3 KL to the initial model
+    teacher_mode: str = "none"        # none | live | frozen | sync | ema | trust | external
+    teacher_sync: int = 10            # RLSD: re-sync the frozen teacher every N steps (paper 10, code 20)
+    teacher_ema: float = 0.05         # SDPO/SRPO EMA rate (and trust-region mix)
+    context: str = "answer"           # privileged context: answer | solution | hint | rationale | sibling | none
+    lam0: float = 0.5                 # RLSD lambda
+    lam_decay: int = 50               # RLSD lambda decay steps (paper 50, code 60)
+    lam_warmup: int = 0
+    eps_w: float = 0.2                # RLSD weight clip
+    beta: float = 0.5                 # divergence teacher weight: 0 forward KL, 1 reverse KL
+    top_k: int = 100                  # distillation top-k (0 = full vocabulary)
+    token_clip: float = 0.0           # OPSD pointwise clip (0 = off)
+    is_clip: float = 2.0              # SDPO importance-weight cap
+    success_threshold: float = 0.5    # SDPO/SRPO: reward that counts as a success
+    srpo_beta: float = 1.0            # SRPO entropy-weight temperature
+    ptd_coef: float = 0.05            # PTD-PO lambda
+    ptd_tau: float = 1.0              # PTD-PO group-accuracy threshold
+    opd_coef: float = 1.0             # OPD KL-advantage coefficient
+    dapo_max_gen_batches: int = 3     # DAPO dynamic sampling: extra generation rounds
+    overlong_cache: int = 0           # DAPO overlong buffer L_cache (0 = off)
+    warm_start_steps: int = 1300      # toy: SFT steps of the cached warm start
+    cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
+    seed: int = 0
+    out: str = ""                     # run directory ('' = runs/<algo>)
+    resume: bool = False              # continue from the newest complete checkpoint in --out
+    eval_every: int = 0               # 0 = only before and after training
+    eval_n: int = 200                 # toy evaluation problems per split
+    save_every: int = 0               # 0 = only at the end
+    keep_checkpoints: int = 3
+    dtype: str = "float32"            # float32 | bfloat16
+    log_every: int = 1
+
+
+# Paper settings per algorithm (see the spec notes and each module's docstring).
+PAPER_DEFAULTS = {
+    "sft": dict(lr=1e-5, context="none"),
+    # DeepSeekMath: std-normalised, per-sequence mean, k3 KL 0.04, symmetric clip
+    "grpo": dict(loss_agg="seq-mean-token-mean", kl_coef=0.04, clip_high=0.2, context="none"),
+    # Dr. GRPO: no std, token sum / constant, no KL
+    "dr_grpo": dict(adv_scale="none", loss_agg="seq-mean-token-sum-norm", clip_high=0.2,
+                    context="none"),
+    # DAPO: clip-higher, token-mean, dynamic sampling, overlong shaping (4096 of 20480)
+    "dapo": dict(max_new_tokens=20480, overlong_cache=4096, context="none"),
+    # Thinking Machines OPD: external teacher, sampled-token reverse KL as the advantage
+    "opd": dict(teacher_mode="external", group_size=4, context="none"),
+    # OPSD v3: 1 rollout, T 1.1, forward KL, pointwise clip 0.05, frozen teacher, lr 5e-6
+    "opsd": dict(group_size=1, temperature=1.1, beta=0.0, top_k=0, token_clip=0.05,
+                 teacher_mode="frozen", context="solution", lr=5e-6, max_grad_norm=0.1,
+                 max_new_tokens=1024),
+    # SDPO (no rich feedback): JSD 0.5, top-100 + tail, EMA 0.05, lr 1e-5, no std
+    "sdpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
+                 adv_scale="none", lr=1e-5, max_new_tokens=8192),
+    # SRPO: Dr. GRPO advantages, SDPO branch as above, lr 5e-6
+    "srpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
+                 adv_scale="none", lr=5e-6, max_new_tokens=8192),
+    # PTD-PO: frozen reference teacher with the hint, k3 KL 0.01, clip high 0.3
+    "ptdpo": dict(teacher_mode="frozen", context="hint", kl_coef=0.01, clip_high=0.3,
+                  top_k=100, beta=0.5),
+    # RLSD: frozen teacher re-synced every 10 steps, lambda 0.5 -> 0 over 50 steps
+    "rlsd": dict(teacher_mode="sync", context="answer", max_new_tokens=4096),
+}
+# The toy task is ~1e4 times smaller than the papers' settings: learning rate, batch and
+# lengths are scaled to it; every algorithmic constant above is kept.
+TOY_DEFAULTS = dict(prompts_per_step=16, max_new_tokens=40, lr=2e-4, steps=150,
+                    eval_every=50, overlong_cache=0)
+TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=1300, eval_every=250),
+                     "opsd": dict(prompts_per_step=32, max_grad_norm=1.0)}
+
+
+def _cli_type(default):
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes", "y")
+    return type(default)
+
+
+def parse_config(argv=None) -> Config:
+    """Flags are generated from Config's fields; unset flags take the algorithm's defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        kw = dict(choices=ALGOS) if f.name == "algo" else {}
+        p.add_argument("--" + f.name.replace("_", "-"), type=_cli_type(f.default),
+                       default=argparse.SUPPRESS, **kw)
+    given = vars(p.parse_args(argv))
+    return resolve_config(given)
+
+
+def resolve_config(given: dict) -> Config:
+    algo = given.get("algo", Config.algo)
+    values = dict(PAPER_DEFAULTS[algo])
+    if given.get("model", Config.model) == "toy":
+        values.update(TOY_DEFAULTS, **TOY_ALGO_DEFAULTS.get(algo, {}))
+    values.update(given)
+    cfg = Config(**values)
+    if not cfg.out:
+        cfg.out = os.path.join("runs", cfg.algo)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config):
+    """Impossible combinations fail before anything is loaded."""
+    def bad(msg):
+        raise SystemExit(f"config error: {msg}")
+    if cfg.algo == "opd" and not cfg.teacher:
+        bad("--algo opd needs --teacher (a model directory, hub id, or 'toy')")
+    if cfg.algo in ("sdpo", "srpo", "grpo", "dr_grpo", "dapo", "rlsd", "ptdpo") and cfg.group_size < 2:
+        bad(f"--algo {cfg.algo} compares rollouts within a group: --group-size must be >= 2")
+    if cfg.teacher_mode not in ("none", "live", "frozen", "sync", "ema", "trust", "external"):
+        bad(f"unknown --teacher-mode {cfg.teacher_mode!r}")
+    if cfg.context not in ("none", "sibling") + data.CONTEXTS:
+        bad(f"unknown --context {cfg.context!r}")
+    if cfg.adv_scale not in ("group", "none"):
+        bad("--adv-scale must be 'group' or 'none'")
+    if cfg.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        bad(f"unknown --loss-agg {cfg.loss_agg!r}")
+    if cfg.prompts_per_step < 1 or cfg.steps < 0 or cfg.max_new_tokens < 1:
+        bad("--prompts-per-step and --max-new-tokens must be >= 1, --steps >= 0")
+    if not 0.0 <= cfg.beta <= 1.0:
+        bad("--beta must be in [0, 1]")
+
+
+# ----------------------------------------------------------------------------------------
+# Models: the cached toy warm start, the student, teachers
+# ----------------------------------------------------------------------------------------
+
+def cache_dir(cfg: Config) -> str:
+    return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rlsd-reference")
+
+
+def toy_checkpoint(cfg: Config, ctx: Dist, *, steps: int, name: str) -> str:
+    """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached."""
+    path = os.path.join(cache_dir(cfg), f"toy-{TOY_VERSION}-{name}-sft{steps}-seed{cfg.seed}")
+    if not os.path.exists(path) and ctx.rank == 0:
+        print(f"warm start: training the toy model with SFT for {steps} steps -> {path}", flush=True)
+        run_dir = path + ".run"
+        sft = resolve_config(dict(algo="sft", model="toy", steps=steps, seed=cfg.seed,
+                                  out=run_dir, cache_dir=cfg.cache_dir, eval_every=0,
+                                  save_every=0, keep_checkpoints=1, eval_data="toy",
+                                  eval_n=cfg.eval_n))
+        train(sft, Dist(device=ctx.device))  # always one local process
+        os.replace(ckpt.latest_checkpoint(run_dir), path)
+    ctx.barrier()
+    return path
+
+
+def load_policy(cfg: Config, ctx: Dist, name: str):
+    """(model, tokenizer) for 'toy-init' (random), 'toy' (cached warm start) or a path/hub id."""
+    dtype = torch.float32  # master weights; bf16 compute comes from FSDP's policy or autocast
+    if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
+        tok = build_toy_tokenizer()
+        return build_toy_model(tok, seed=cfg.seed).to(ctx.device), tok
+    if name == "toy":
+        name = toy_checkpoint(cfg, ctx, steps=cfg.warm_start_steps, name="student")
+    return load_model(name, dtype=dtype, device=ctx.device)
+
+
+def clip_and_step(model, opt, cfg: Config, loss_sum: float):
+    """Clip the (already synced) gradients and step, unless the loss or the norm is not finite:
+    a NaN step would poison the weights for good. Returns (grad_norm, skipped)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+    skipped = not (math.isfinite(norm) and math.isfinite(loss_sum))
+    if not skipped:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm, skipped
+
+
+def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step: int) -> dict:
+    """Loss over micro-batches with global normalizers, then one clipped optimizer step."""
+    model.train()
+    mbs = micro_batches(b, cfg)
+    norms = global_norms(b, cfg, ctx, step)
+    if cfg.algo == "srpo":
+        norms.w_mean = srpo_weight_mean(model, teacher, mbs, cfg, ctx)
+    sums, loss_sum = {}, 0.0
+    for mb in mbs:
+        ro = mb.ro
+        logits = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+        out = Outputs(logits, grpo.token_logprobs(logits, ro.resp_ids, temperature=cfg.temperature))
+        if teacher.mode != "none":
+            out.t_logits = teacher.logits(model, mb.t_ids, mb.t_mask, ro.resp_ids, ro.resp_mask)
+        if cfg.kl_coef > 0:
+            with torch.no_grad():
+                z = response_logits(ref, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+                out.ref_logp = grpo.token_logprobs(z, ro.resp_ids, temperature=cfg.temperature)
+        loss, m = LOSSES[cfg.algo](cfg, mb, out, norms)
+        # FSDP averages gradients over ranks; our normalizers are already global, so undo it
+        (loss * ctx.world).backward()
+        loss_sum += loss.item()
+        n = mb.mask.sum().item()
+        m["entropy"] = masked_mean(grpo.entropy(logits.detach(), temperature=cfg.temperature), mb.mask)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+    grad_norm, skipped = clip_and_step(model, opt, cfg, loss_sum)
+    if not skipped:  # a skipped step must not move the teacher either (EMA, sync)
+        teacher.after_step(model, step)
+    metrics = {k: ctx.sum(v).item() / max(norms.tokens, 1.0) for k, v in sums.items()}
+    metrics.update(loss=ctx.sum(loss_sum).item(), grad_norm=grad_norm, skipped=float(skipped),
+                   tokens=norms.tokens)
+    if cfg.algo == "rlsd":
+        metrics["rlsd_lambda"] = norms.lam
+    rows = distill_rows(cfg, b)
+    if rows is not None:
+        metrics["distilled_frac"] = ctx.sum(rows.float().sum()).item() / ctx.sum(len(b.ex)).item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------
+# SFT: the toy warm start, or supervised fine-tuning on a dataset's solutions
+# ----------------------------------------------------------------------------------------
+
+TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
+
+
+def sft_batch(examples, step, tok, cfg: Config, ctx: Dist) -> Batch:
+    """Prompt -> reference solution. On the toy task half the prompts carry a privileged
+    context, so that the same network can later act as a teacher that USES the answer."""
+    exs = step_examples(examples, step, cfg, ctx)
+    rng = random.Random(f"{cfg.seed}-{step}-{ctx.rank}")
+    tpl = templates(cfg)
+    prompts, targets = [], []
+    for e in exs:
+        kind = rng.choice(TOY_SFT_MIX) if cfg.data == "toy" else "student"
+        kind = kind if kind == "student" or getattr(e, kind) else "student"
+        prompts.append(data.prompt_ids(tok, data.render(tpl[kind], e)))
+        target = e.solution or e.answer
+        targets.append(tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    T = max(map(len, targets))
+    resp = torch.full((len(exs), T), tok.pad_token_id, dtype=torch.long)
+    rmask = torch.zeros((len(exs), T), dtype=torch.long)
+    for i, t in enumerate(targets):
+        resp[i, :len(t)], rmask[i, :len(t)] = torch.tensor(t), 1
+    ro = Rollouts(*(x.to(ctx.device) for x in (ids, mask, resp, rmask)),
+                  truncated=torch.zeros(len(exs), dtype=torch.bool))
+    n = len(exs)
+    return Batch(exs, ro, torch.zeros(n), torch.zeros(n), [], torch.ones(n, dtype=torch.bool,
+                 device=ctx.device))
+
+
+def sft_step(model, opt, b: Batch, cfg: Config, ctx: Dist, step: int) -> dict:
+    model.train()
+    norm = ctx.sum(b.mask.sum()).item()
+    loss_sum = 0.0
+    for mb in micro_batches(b, cfg):
+        ro = mb.ro
+        logits = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+        nll = -grpo.token_logprobs(logits, ro.resp_ids)
+        loss = grpo.aggregate(nll, mb.mask, normalizer=norm)
+        (loss * ctx.world).backward()
+        loss_sum += loss.item()
+    for g in opt.param_groups:  # linear warm-up over the first 50 steps, then constant
+        g["lr"] = cfg.lr * min(1.0, step / 50)
+    grad_norm, skipped = clip_and_step(model, opt, cfg, loss_sum)
+    return dict(loss=ctx.sum(loss_sum).item(), grad_norm=grad_norm, skipped=float(skipped),
+                tokens=norm)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+def eval_sets(cfg: Config, columns) -> dict:
+    if not cfg.eval_data:
+        return {}
+    if cfg.eval_data == "toy":
+        return {s: data.make_toy(s, cfg.eval_n, seed=0) for s in ("test", "ood")}
+    return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
+
+
+def evaluate(model, tok, sets: dict, cfg: Config, ctx: Dist) -> dict:
+    """Greedy pass@1 on each set; on the toy task also the answer-conditioned teacher's."""
+    model.eval()
+    out = {}
+    with gathered(model):
+        for name, exs in sets.items():
+            out[f"{name}_acc"] = accuracy(model, tok, exs, templates(cfg)["student"], cfg, ctx)
+            if cfg.data == "toy" and name == "test":  # does the self-teacher use the answer?
+                out["test_teacher_acc"] = accuracy(model, tok, exs, templates(cfg)["answer"], cfg, ctx)
+    return out
+
+
+def save(model, opt, teacher, tok, gen, cfg: Config, ctx: Dist, step: int):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    state = full_state_dict(model, ctx)
+    if ctx.world > 1:
+        optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        rngs = [None] * ctx.world
+        dist.all_gather_object(rngs, gen.get_state())
+    else:
+        optim, rngs = opt.state_dict(), [gen.get_state()]
+    t_state = full_state_dict(teacher.model, ctx) if teacher.has_state else None
+    if ctx.rank == 0:
+        ckpt.save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
+                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
+                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
+                                                config=dataclasses.asdict(cfg)))
+    ctx.barrier()
+
+
+def restore(model, opt, teacher, gen, cfg: Config, ctx: Dist) -> int:
+    """Continue from the newest complete checkpoint in --out: weights, optimizer, RNG, teacher."""
+    path = ckpt.latest_checkpoint(cfg.out)
+    if path is None:
+        raise SystemExit(f"--resume: no complete checkpoint in {cfg.out}")
+    from safetensors.torch import load_file
+    state = ckpt.load_trainer_state(path)
+    load_full_state_dict(model, load_file(os.path.join(path, "model.safetensors")), ctx)
+    if ctx.world > 1:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+        set_optimizer_state_dict(model, opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+    if len(state["rng"]) != ctx.world:
+        raise SystemExit(f"--resume: checkpoint was written by {len(state['rng'])} processes, "
+                         f"this run has {ctx.world}")
+    gen.set_state(state["rng"][ctx.rank])
+    t_state = ckpt.load_teacher_state(path)
+    if teacher.has_state:
+        load_full_state_dict(teacher.model, t_state, ctx)
+    if ctx.rank == 0:
+        print(f"resumed from {path} (step {state['step']})", flush=True)
+    return state["step"]
+
+
+def rollout_stats(b: Batch, ctx: Dist) -> dict:
+    n = ctx.sum(len(b.ex)).item()
+    return dict(reward_mean=ctx.sum(b.rewards.sum()).item() / n,
+                response_len_mean=ctx.sum(b.ro.resp_mask.sum()).item() / n,
+                truncated_frac=ctx.sum(b.ro.truncated.sum()).item() / n)
+
+
+def log_line(step, total, metrics, t_start):
+    done = int(20 * step / max(total, 1))
+    eta = (time.time() - t_start) / max(step, 1) * (total - step)
+    keys = ("reward_mean", "loss", "entropy", "response_len_mean", "rlsd_lambda",
+            "rlsd_weight_clip_frac", "distilled_frac", "kl", "test_acc", "ood_acc")
+    parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
+    print(f"[{'#' * done}{'.' * (20 - done)}] {step}/{total} | " + " | ".join(parts)
+          + f" | {metrics.get('step_time_s', 0):.2f}s/step eta {eta / 60:.1f}m", flush=True)
+
+
+def train(cfg: Config, ctx: Dist) -> dict:
+    torch.manual_seed(cfg.seed)
+    main_rank = ctx.rank == 0
+    columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
+    # OPSD's solution (or rationale) must be on every row; PTD-PO's hint may be missing on
+    # some rows (they are simply not distilled) but not on all
+    need = (cfg.context,) if cfg.context in ("solution", "rationale") else ()
+    examples = data.load_data(cfg.data, "train", n_toy=20000, seed=cfg.seed, columns=columns,
+                              need=need)
+    if cfg.context == "hint" and not any(e.hint for e in examples):
+        raise data.DataError(f"{cfg.data}: no row has a '{cfg.hint_key}' value, and "
+                             f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
+    sets = eval_sets(cfg, columns)
+    model, tok = load_policy(cfg, ctx, cfg.model)
+    needs_copy = cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0
+    initial = copy.deepcopy(model) if needs_copy else None
+    external = None
+    if cfg.teacher_mode == "external":
+        name = cfg.teacher
+        if name == "toy":  # a stronger toy teacher: the same SFT, three times longer
+            name = toy_checkpoint(cfg, ctx, steps=3 * cfg.warm_start_steps, name="teacher")
+        external, t_tok = load_model(name, device=ctx.device)
+        if len(t_tok) != len(tok):
+            raise SystemExit(f"--teacher {cfg.teacher}: vocabulary of {len(t_tok)} tokens, "
+                             f"the student has {len(tok)}; OPD needs a shared tokenizer")
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    for m in (model, initial, external):
+        if m is not None:
+            shard(m, ctx, dtype)
+    teacher = Teacher(cfg, initial, external)
+    ref = initial if cfg.kl_coef > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + ctx.rank)
+    start = restore(model, opt, teacher, gen, cfg, ctx) if cfg.resume else 0
+
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if main_rank:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        keep = []  # on resume, drop metrics of steps after the checkpoint (they will be redone)
+        if start and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                keep = [l for l in f if json.loads(l).get("step", 0) <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(keep)
+    ctx.barrier()
+
+    def log(record):
+        if main_rank:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    first = {}
+    if start == 0 and sets:
+        first = evaluate(model, tok, sets, cfg, ctx)
+        log({"step": 0, **first})
+        if main_rank:
+            print("before training: " + " | ".join(f"{k}={v:.3f}" for k, v in first.items()),
+                  flush=True)
+    t_start, last = time.time(), {}
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.time()
+        with autocast(cfg.dtype, ctx):
+            if cfg.algo == "sft":
+                m = sft_step(model, opt, sft_batch(examples, step, tok, cfg, ctx), cfg, ctx, step)
+            else:
+                b = collect(model, tok, examples, step, cfg, ctx, gen)
+                m = train_step(model, opt, teacher, ref, b, cfg, ctx, step)
+                m.update(rollout_stats(b, ctx))
+        m["step_time_s"] = time.time() - t0
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and sets:
+            m.update(evaluate(model, tok, sets, cfg, ctx))
+        if step == cfg.steps and sets:
+            m.update(evaluate(model, tok, sets, cfg, ctx))
+        last = {"step": step, **m}
+        log(last)
+        if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
+            log_line(step, cfg.steps, m, t_start)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save(model, opt, teacher, tok, gen, cfg, ctx, step)
+    if main_rank and first and last:
+        print("after training:  " + " | ".join(f"{k}={last[k]:.3f}" for k in first if k in last),
+              flush=True)
+    return {"before": first, "after": last}
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    ctx = setup_distributed()
+    try:
+        train(cfg, ctx)
+    except (data.DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        if ctx.world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
