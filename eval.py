@@ -94,7 +94,7 @@ def evaluate_checkpoint(path, examples, *, template, max_new_tokens, k, temperat
     if k > 1 or temperature > 0:
         texts, ro = sample(model, tok, examples, template, max_new_tokens=max_new_tokens,
                            temperature=temperature or 1.0, k=k, generator=gen)
-        correct = [sum(data.reward(texts[i * k + j], e.answer) for j in range(k))
+        correct = [int(sum(data.reward(texts[i * k + j], e.answer) for j in range(k)))
                    for i, e in enumerate(examples)]
         res[f"avg@{k}"] = sum(correct) / (k * len(examples))
         res[f"pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / len(examples)

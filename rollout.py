@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
@@ -56,6 +57,7 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
             os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{path}: model directory has no tokenizer "
                                 f"(tokenizer.json / tokenizer_config.json)")
+    transformers.logging.disable_progress_bar()  # one console line per step, not per load
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # many base models ship without one
         tokenizer.pad_token = tokenizer.eos_token

@@ -26,7 +26,7 @@ def cache(tmp_path_factory):
     """One tiny toy warm start (30 SFT steps), shared by every end-to-end test."""
     import train
     d = str(tmp_path_factory.mktemp("cache"))
-    train.main(["--algo", "grpo", "--steps", "0", "--cache-dir", d, "--eval-data", "",
+    train.main(["--algo", "grpo", "--steps", "0", "--cache-dir", d, "--eval-data", "", "--eval-n", "4",
                 "--warm-start-steps", "30", "--out", os.path.join(d, "warm")])
     return d
 
