@@ -98,10 +98,13 @@ def step_examples(examples, step: int, cfg, ctx) -> list:
     """This rank's prompts for `step`: a function of (seed, step) only, so resume needs no
     data pointer. The stream is a fresh permutation per epoch; rank r takes every world-th."""
     P, n = cfg.prompts_per_step, len(examples)
-    out = []
+    perms, out = {}, []
     for pos in range((step - 1) * P + ctx.rank, step * P, ctx.world):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + pos // n))
-        out.append(examples[perm[pos % n]])
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(
+                cfg.seed * 7919 + epoch))
+        out.append(examples[perms[epoch][pos % n]])
     return out
 
 
@@ -130,6 +133,13 @@ def _sample(model, tok, exs, cfg, gen, ctx):
 
 
 def collect(model, tok, examples, step, cfg, ctx, gen) -> Batch:
+    """G rollouts of each of this rank's prompts, their rewards and group advantages.
+
+    DAPO's dynamic sampling re-rolls the SAME prompts whose groups came back all-right or
+    all-wrong (up to dapo_max_gen_batches rounds) instead of drawing new prompts as the paper
+    does, so the data order stays a function of the step; groups still flat after that are
+    kept out of the loss (loss_rows) but still run through the forward, so every rank does
+    the same number of passes."""
     G = cfg.group_size
     exs = [e for e in step_examples(examples, step, cfg, ctx) for _ in range(G)]
     model.eval()
@@ -145,8 +155,7 @@ def collect(model, tok, examples, step, cfg, ctx, gen) -> Batch:
             ro, texts, rewards = _replace_rows(ro, texts, rewards, rows, ro2, texts2, r2, tok)
         loss_rows = ~(rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).repeat_interleave(G)
     adv = grpo.group_advantages(rewards, G, scale=cfg.adv_scale)
-    b = Batch(exs, ro, rewards, adv, texts, loss_rows.to(ctx.device))
-    b.adv, b.rewards = adv.to(ctx.device), rewards.to(ctx.device)
+    b = Batch(exs, ro, rewards.to(ctx.device), adv.to(ctx.device), texts, loss_rows.to(ctx.device))
     if cfg.teacher_mode != "none":
         add_teacher_prompts(b, tok, cfg, ctx)
     return b
@@ -155,7 +164,10 @@ def collect(model, tok, examples, step, cfg, ctx, gen) -> Batch:
 def _replace_rows(ro, texts, rewards, rows, ro2, texts2, r2, tok):
     """DAPO re-roll: swap in the new samples of the re-rolled groups (response block re-padded)."""
     T = max(ro.resp_ids.shape[1], ro2.resp_ids.shape[1])
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)
+
+    def pad(x, value):
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
     resp, rmask = pad(ro.resp_ids, tok.pad_token_id), pad(ro.resp_mask, 0)
     idx = torch.tensor(rows, device=resp.device)
     resp[idx], rmask[idx] = pad(ro2.resp_ids, tok.pad_token_id), pad(ro2.resp_mask, 0)
@@ -223,12 +235,14 @@ def masked_mean(x, mask):
     return (torch.where(mask, x.detach().float(), 0.0).sum() / mask.sum().clamp(min=1)).item()
 
 
-def _pg(cfg, mb, out, adv):
+def _pg(cfg, mb, out, adv, *, with_kl=True):
+    """The clipped surrogate (+ k3 KL to the initial model when kl_coef > 0). On-policy with one
+    optimizer step per batch, old_logp == logp.detach(), so the ratio is exactly 1."""
     per_tok, m = grpo.policy_loss(out.logp, out.logp.detach(), adv, clip_low=cfg.clip_low,
                                   clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
                                   mask=mb.mask)
     m = {k: v.item() for k, v in m.items()}
-    if cfg.kl_coef > 0 and cfg.algo != "ptdpo":
+    if cfg.kl_coef > 0 and with_kl:
         kl = grpo.kl_k3(out.logp, out.ref_logp)
         per_tok = per_tok + cfg.kl_coef * kl
         m["kl"] = masked_mean(kl, mb.mask)
@@ -295,7 +309,7 @@ def loss_srpo(cfg, mb, out, norms):
 
 
 def loss_ptdpo(cfg, mb, out, norms):
-    pg, m = _pg(cfg, mb, out, mb.adv)
+    pg, m = _pg(cfg, mb, out, mb.adv, with_kl=False)  # ptdpo_loss adds the KL, off PTD groups
     kl = grpo.kl_k3(out.logp, out.ref_logp)
     V = out.logits.shape[-1]
     ptd = D.ptd_topk_jsd(out.logits.float() / cfg.temperature, out.t_logits.float() / cfg.temperature,

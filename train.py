@@ -8,8 +8,8 @@ One step: sample prompts -> G rollouts each (KV cache) -> verifier rewards -> ad
 privileged teacher prompts + the student's exact response ids -> the algorithm's loss from
 grpo.py / rlsd.py / distill.py -> backward per micro-batch -> clip -> AdamW -> teacher update.
 
-Per-algorithm differences are small functions: `ADV_SCALE`, `teacher_context`, `LOSSES`.
-Defaults come from the papers (`PAPER_DEFAULTS`); on the toy model the scale-dependent ones
+What differs between algorithms lives in algos.py as small functions the loop calls
+(`collect`, `add_teacher_prompts`, `Teacher`, `LOSSES`). Defaults come from the papers (`PAPER_DEFAULTS`); on the toy model the scale-dependent ones
 (learning rate, batch, lengths, steps) come from `TOY_DEFAULTS`. A flag given on the command
 line always wins.
 """
@@ -225,12 +225,13 @@ def load_policy(cfg: Config, ctx: Dist, name: str):
     return load_model(name, dtype=dtype, device=ctx.device)
 
 
-def clip_and_step(model, opt, cfg: Config, loss_sum: float):
+def clip_and_step(model, opt, cfg: Config, loss: float):
     """Clip the (already synced) gradients and step, unless the loss or the norm is not finite:
-    a NaN step would poison the weights for good. Returns (grad_norm, skipped)."""
+    a NaN step would poison the weights for good. `loss` and the norm are global values, so
+    every rank takes the same decision. Returns (grad_norm, skipped)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
-    skipped = not (math.isfinite(norm) and math.isfinite(loss_sum))
+    skipped = not (math.isfinite(norm) and math.isfinite(loss))
     if not skipped:
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -263,12 +264,12 @@ def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step:
         m["entropy"] = masked_mean(grpo.entropy(logits.detach(), temperature=cfg.temperature), mb.mask)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * n
-    grad_norm, skipped = clip_and_step(model, opt, cfg, loss_sum)
+    loss = ctx.sum(loss_sum).item()
+    grad_norm, skipped = clip_and_step(model, opt, cfg, loss)
     if not skipped:  # a skipped step must not move the teacher either (EMA, sync)
         teacher.after_step(model, step)
     metrics = {k: ctx.sum(v).item() / max(norms.tokens, 1.0) for k, v in sums.items()}
-    metrics.update(loss=ctx.sum(loss_sum).item(), grad_norm=grad_norm, skipped=float(skipped),
-                   tokens=norms.tokens)
+    metrics.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norms.tokens)
     if cfg.algo == "rlsd":
         metrics["rlsd_lambda"] = norms.lam
     rows = distill_rows(cfg, b)
@@ -323,9 +324,9 @@ def sft_step(model, opt, b: Batch, cfg: Config, ctx: Dist, step: int) -> dict:
         loss_sum += loss.item()
     for g in opt.param_groups:  # linear warm-up over the first 50 steps, then constant
         g["lr"] = cfg.lr * min(1.0, step / 50)
-    grad_norm, skipped = clip_and_step(model, opt, cfg, loss_sum)
-    return dict(loss=ctx.sum(loss_sum).item(), grad_norm=grad_norm, skipped=float(skipped),
-                tokens=norm)
+    loss = ctx.sum(loss_sum).item()
+    grad_norm, skipped = clip_and_step(model, opt, cfg, loss)
+    return dict(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norm)
 
 
 # ----------------------------------------------------------------------------------------
@@ -391,8 +392,11 @@ def restore(model, opt, teacher, gen, cfg: Config, ctx: Dist) -> int:
         raise SystemExit(f"--resume: checkpoint was written by {len(state['rng'])} processes, "
                          f"this run has {ctx.world}")
     gen.set_state(state["rng"][ctx.rank])
-    t_state = ckpt.load_teacher_state(path)
     if teacher.has_state:
+        t_state = ckpt.load_teacher_state(path)
+        if t_state is None:
+            raise SystemExit(f"--resume: {path} has no teacher.safetensors, but "
+                             f"--teacher-mode {cfg.teacher_mode} needs the teacher's weights")
         load_full_state_dict(teacher.model, t_state, ctx)
     if ctx.rank == 0:
         print(f"resumed from {path} (step {state['step']})", flush=True)
@@ -417,6 +421,9 @@ def log_line(step, total, metrics, t_start):
 
 
 def train(cfg: Config, ctx: Dist) -> dict:
+    if cfg.prompts_per_step % ctx.world:  # every rank must run the same number of passes
+        raise SystemExit(f"config error: --prompts-per-step {cfg.prompts_per_step} is not "
+                         f"divisible by the {ctx.world} processes")
     torch.manual_seed(cfg.seed)
     main_rank = ctx.rank == 0
     columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
@@ -459,9 +466,10 @@ def train(cfg: Config, ctx: Dist) -> dict:
         keep = []  # on resume, drop metrics of steps after the checkpoint (they will be redone)
         if start and os.path.exists(metrics_path):
             with open(metrics_path) as f:
-                keep = [l for l in f if json.loads(l).get("step", 0) <= start]
-        with open(metrics_path, "w") as f:
+                keep = [line for line in f if json.loads(line).get("step", 0) <= start]
+        with open(metrics_path + ".tmp", "w") as f:  # replace atomically: never lose the log
             f.writelines(keep)
+        os.replace(metrics_path + ".tmp", metrics_path)
     ctx.barrier()
 
     def log(record):
@@ -487,10 +495,8 @@ def train(cfg: Config, ctx: Dist) -> dict:
                 m = train_step(model, opt, teacher, ref, b, cfg, ctx, step)
                 m.update(rollout_stats(b, ctx))
         m["step_time_s"] = time.time() - t0
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and sets:
-            m.update(evaluate(model, tok, sets, cfg, ctx))
-        if step == cfg.steps and sets:
-            m.update(evaluate(model, tok, sets, cfg, ctx))
+        if sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            m.update(evaluate(model, tok, sets, cfg, ctx))  # greedy: consumes no RNG
         last = {"step": step, **m}
         log(last)
         if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
