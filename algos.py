@@ -16,7 +16,7 @@ import torch
 import data
 import distill as D
 import grpo
-from distributed import gathered
+from distributed import gathered, reshard
 from rlsd import lambda_schedule, rlsd_loss
 from rollout import Rollouts, generate, left_pad, response_logits
 
@@ -50,6 +50,8 @@ class Teacher:
 
     @torch.no_grad()
     def after_step(self, student, step: int):
+        if self.mode in ("sync", "ema"):
+            reshard(self.model, student)  # both sharded alike, parameter by parameter
         if self.mode == "sync" and self.cfg.teacher_sync > 0 and step % self.cfg.teacher_sync == 0:
             for t, s in zip(self.model.parameters(), student.parameters(), strict=True):
                 t.copy_(s)

@@ -33,6 +33,7 @@ class Example:
     hint: str = ""
     rationale: str = ""
     images: list = field(default_factory=list)
+    where: str = ""  # "file:line" of the row, for error messages
 
 
 class DataError(ValueError):
@@ -251,12 +252,34 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
                                 f"(needed as the {name})")
         fields = {c: row.get(col[c]) for c in CONTEXTS}
         images = row.get(col["images"]) or []
+        images = [images] if isinstance(images, str) else list(images)
+        base = os.path.dirname(os.path.abspath(path))  # relative image paths: next to the file
         out.append(Example(prompt=str(row[col["prompt"]]),
                            **{c: "" if v is None else str(v) for c, v in fields.items()},
-                           images=list(images) if not isinstance(images, str) else [images]))
+                           images=[os.path.join(base, i) for i in images], where=where))
     if not out:
         raise DataError(f"{path}: no rows")
     return out
+
+
+def check_images(examples: list[Example]):
+    """Every image a row names must exist and decode, before any training starts."""
+    rows = [e for e in examples if e.images]
+    if not rows:
+        return
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"{rows[0].where}: rows have images; reading them needs pillow "
+                        f"(pip install -e '.[vision]')") from None
+    for e in rows:
+        for p in e.images:
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except Exception as err:  # PIL raises many types for a bad file
+                raise DataError(f"{e.where}: image {p} cannot be read "
+                                f"({type(err).__name__}: {err})") from None
 
 
 def load_data(spec: str, split: str, *, n_toy: int, seed: int = 0, columns=None,
@@ -264,4 +287,6 @@ def load_data(spec: str, split: str, *, n_toy: int, seed: int = 0, columns=None,
     """'toy' (generated) or a file path."""
     if spec == "toy":
         return make_toy(split, n_toy, seed=seed)
-    return load_examples(spec, columns=columns, need=need)
+    examples = load_examples(spec, columns=columns, need=need)
+    check_images(examples)
+    return examples

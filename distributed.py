@@ -96,3 +96,12 @@ def autocast(dtype_name: str, ctx: Dist):
     if dtype_name == "bfloat16" and ctx.world == 1:
         return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def reshard(*models):
+    """Put FSDP2 models back in their sharded state. The root module of a model that ran only
+    no-grad forwards (a teacher) keeps its gathered parameters, which cannot be mixed with the
+    student's sharded ones in an in-place update."""
+    for m in models:
+        if hasattr(m, "reshard"):
+            m.reshard()

@@ -89,6 +89,9 @@ class Config:
     opd_coef: float = 1.0             # OPD KL-advantage coefficient
     dapo_max_gen_batches: int = 3     # DAPO dynamic sampling: extra generation rounds
     overlong_cache: int = 0           # DAPO overlong buffer L_cache (0 = off)
+    max_prompt_tokens: int = 0        # longest student prompt allowed (0 = no limit)
+    long_prompts: str = "fail"        # a prompt over the limit: 'fail' (name the row) or 'skip' (count)
+    max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 1300      # toy: SFT steps of the cached warm start
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
     seed: int = 0
@@ -188,6 +191,8 @@ def check_config(cfg: Config):
         bad("--prompts-per-step and --max-new-tokens must be >= 1, --steps >= 0")
     if not 0.0 <= cfg.beta <= 1.0:
         bad("--beta must be in [0, 1]")
+    if cfg.long_prompts not in ("fail", "skip"):
+        bad("--long-prompts must be 'fail' or 'skip'")
 
 
 # ----------------------------------------------------------------------------------------
@@ -403,6 +408,26 @@ def restore(model, opt, teacher, gen, cfg: Config, ctx: Dist) -> int:
     return state["step"]
 
 
+def drop_long_prompts(examples, tok, cfg: Config, verbose: bool) -> list:
+    """Prompts longer than --max-prompt-tokens: fail naming the row, or skip with a count."""
+    tpl = templates(cfg)["student"]
+    keep = []
+    for e in examples:
+        n = len(data.prompt_ids(tok, data.render(tpl, e)))
+        if n <= cfg.max_prompt_tokens:
+            keep.append(e)
+        elif cfg.long_prompts == "fail":
+            raise data.DataError(f"{e.where or cfg.data}: prompt has {n} tokens, more than "
+                                 f"--max-prompt-tokens {cfg.max_prompt_tokens} "
+                                 f"(--long-prompts skip drops such rows)")
+    if verbose and len(keep) < len(examples):
+        print(f"skipped {len(examples) - len(keep)} of {len(examples)} prompts longer than "
+              f"{cfg.max_prompt_tokens} tokens", flush=True)
+    if not keep:
+        raise data.DataError(f"{cfg.data}: every prompt is longer than --max-prompt-tokens")
+    return keep
+
+
 def rollout_stats(b: Batch, ctx: Dist) -> dict:
     n = ctx.sum(len(b.ex)).item()
     return dict(reward_mean=ctx.sum(b.rewards.sum()).item() / n,
@@ -437,6 +462,8 @@ def train(cfg: Config, ctx: Dist) -> dict:
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
     sets = eval_sets(cfg, columns)
     model, tok = load_policy(cfg, ctx, cfg.model)
+    if cfg.max_prompt_tokens:
+        examples = drop_long_prompts(examples, tok, cfg, main_rank)
     needs_copy = cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0
     initial = copy.deepcopy(model) if needs_copy else None
     external = None
@@ -484,7 +511,7 @@ def train(cfg: Config, ctx: Dist) -> dict:
         if main_rank:
             print("before training: " + " | ".join(f"{k}={v:.3f}" for k, v in first.items()),
                   flush=True)
-    t_start, last = time.time(), {}
+    t_start, last, skips = time.time(), {}, 0
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.time()
         with autocast(cfg.dtype, ctx):
@@ -501,6 +528,12 @@ def train(cfg: Config, ctx: Dist) -> dict:
         log(last)
         if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
             log_line(step, cfg.steps, m, t_start)
+        skips = skips + 1 if m["skipped"] else 0
+        if skips >= cfg.max_skips:  # the weights are untouched: the last checkpoint is good
+            raise SystemExit(f"stopping at step {step}: {skips} consecutive steps with a "
+                             f"non-finite loss or gradient norm (loss={m['loss']}, "
+                             f"grad_norm={m['grad_norm']}); weights were not updated, the last "
+                             f"checkpoint in {cfg.out} is intact. Lower --lr or check the data.")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             save(model, opt, teacher, tok, gen, cfg, ctx, step)
     if main_rank and first and last:
