@@ -124,7 +124,8 @@ def _sample(model, tok, exs, cfg, gen, ctx):
     with gathered(model):
         ro = generate(model, ids.to(ctx.device), mask.to(ctx.device),
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen)
+                      eos_id=-1 if cfg.ignore_eos else tok.eos_token_id,
+                      pad_id=tok.pad_token_id, generator=gen)
     texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                              skip_special_tokens=True)
     rewards = torch.tensor([data.reward(t, e.answer) for t, e in zip(texts, exs)])

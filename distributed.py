@@ -6,6 +6,7 @@ Under plain `python` there is one process and every helper here is a no-op.
 """
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,3 +106,25 @@ def reshard(*models):
     for m in models:
         if hasattr(m, "reshard"):
             m.reshard()
+
+
+class Stopwatch:
+    """Wall time per phase of a step. On a GPU the device is synchronised at each edge, so
+    asynchronous kernels are charged to the phase that launched them."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0

@@ -32,8 +32,8 @@ import data
 import grpo
 from algos import (LOSSES, Batch, Outputs, Teacher, collect, distill_rows, global_norms, masked_mean,
                    micro_batches, srpo_weight_mean, step_examples, templates)
-from distributed import (Dist, autocast, full_state_dict, gathered, load_full_state_dict,
-                         setup_distributed, shard)
+from distributed import (Dist, Stopwatch, autocast, full_state_dict, gathered,
+                         load_full_state_dict, setup_distributed, shard)
 from eval import accuracy
 from rollout import Rollouts, build_toy_model, build_toy_tokenizer, left_pad, load_model
 from rollout import response_logits
@@ -61,6 +61,7 @@ class Config:
     micro_batch_size: int = 0         # rows per forward/backward; 0 = the whole local batch
     max_new_tokens: int = 4096        # response length limit
     temperature: float = 1.0          # rollout temperature; the losses use the same one
+    ignore_eos: bool = False          # benchmarks: always generate max_new_tokens tokens
     lr: float = 1e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -243,36 +244,43 @@ def clip_and_step(model, opt, cfg: Config, loss: float):
     return norm, skipped
 
 
-def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step: int) -> dict:
+def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step: int,
+               sw: Stopwatch) -> dict:
     """Loss over micro-batches with global normalizers, then one clipped optimizer step."""
     model.train()
     mbs = micro_batches(b, cfg)
     norms = global_norms(b, cfg, ctx, step)
     if cfg.algo == "srpo":
-        norms.w_mean = srpo_weight_mean(model, teacher, mbs, cfg, ctx)
+        with sw("teacher"):
+            norms.w_mean = srpo_weight_mean(model, teacher, mbs, cfg, ctx)
     sums, loss_sum = {}, 0.0
     for mb in mbs:
         ro = mb.ro
-        logits = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-        out = Outputs(logits, grpo.token_logprobs(logits, ro.resp_ids, temperature=cfg.temperature))
-        if teacher.mode != "none":
-            out.t_logits = teacher.logits(model, mb.t_ids, mb.t_mask, ro.resp_ids, ro.resp_mask)
-        if cfg.kl_coef > 0:
-            with torch.no_grad():
-                z = response_logits(ref, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-                out.ref_logp = grpo.token_logprobs(z, ro.resp_ids, temperature=cfg.temperature)
-        loss, m = LOSSES[cfg.algo](cfg, mb, out, norms)
-        # FSDP averages gradients over ranks; our normalizers are already global, so undo it
-        (loss * ctx.world).backward()
-        loss_sum += loss.item()
+        with sw("teacher"):  # no-grad scoring: the privileged teacher and the KL reference
+            t_logits = ref_logp = None
+            if teacher.mode != "none":
+                t_logits = teacher.logits(model, mb.t_ids, mb.t_mask, ro.resp_ids, ro.resp_mask)
+            if cfg.kl_coef > 0:
+                with torch.no_grad():
+                    z = response_logits(ref, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+                    ref_logp = grpo.token_logprobs(z, ro.resp_ids, temperature=cfg.temperature)
+        with sw("fwd_bwd"):
+            logits = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+            out = Outputs(logits, grpo.token_logprobs(logits, ro.resp_ids, temperature=cfg.temperature),
+                          t_logits, ref_logp)
+            loss, m = LOSSES[cfg.algo](cfg, mb, out, norms)
+            # FSDP averages gradients over ranks; our normalizers are already global: undo it
+            (loss * ctx.world).backward()
+            loss_sum += loss.item()
         n = mb.mask.sum().item()
         m["entropy"] = masked_mean(grpo.entropy(logits.detach(), temperature=cfg.temperature), mb.mask)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * n
     loss = ctx.sum(loss_sum).item()
-    grad_norm, skipped = clip_and_step(model, opt, cfg, loss)
-    if not skipped:  # a skipped step must not move the teacher either (EMA, sync)
-        teacher.after_step(model, step)
+    with sw("optimizer"):
+        grad_norm, skipped = clip_and_step(model, opt, cfg, loss)
+        if not skipped:  # a skipped step must not move the teacher either (EMA, sync)
+            teacher.after_step(model, step)
     metrics = {k: ctx.sum(v).item() / max(norms.tokens, 1.0) for k, v in sums.items()}
     metrics.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norms.tokens)
     if cfg.algo == "rlsd":
@@ -513,15 +521,17 @@ def train(cfg: Config, ctx: Dist) -> dict:
                   flush=True)
     t_start, last, skips = time.time(), {}, 0
     for step in range(start + 1, cfg.steps + 1):
-        t0 = time.time()
+        t0, sw = time.time(), Stopwatch(ctx.device)
         with autocast(cfg.dtype, ctx):
             if cfg.algo == "sft":
                 m = sft_step(model, opt, sft_batch(examples, step, tok, cfg, ctx), cfg, ctx, step)
             else:
-                b = collect(model, tok, examples, step, cfg, ctx, gen)
-                m = train_step(model, opt, teacher, ref, b, cfg, ctx, step)
+                with sw("rollout"):
+                    b = collect(model, tok, examples, step, cfg, ctx, gen)
+                m = train_step(model, opt, teacher, ref, b, cfg, ctx, step, sw)
                 m.update(rollout_stats(b, ctx))
         m["step_time_s"] = time.time() - t0
+        m.update({f"time_{k}_s": v for k, v in sw.times.items()})
         if sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             m.update(evaluate(model, tok, sets, cfg, ctx))  # greedy: consumes no RNG
         last = {"step": step, **m}

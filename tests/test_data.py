@@ -67,7 +67,8 @@ def test_load_jsonl_with_renamed_columns(tmp_path):
                                            {"q": "2+2", "a": "4", "images": "x.png"}])
     exs = data.load_examples(f, columns={"prompt": "q", "answer": "a"})
     assert [(e.prompt, e.answer, e.hint) for e in exs] == [("1+1", "2", "add"), ("2+2", "4", "")]
-    assert exs[1].images == ["x.png"]
+    assert exs[1].images == [str(tmp_path / "x.png")]  # relative to the data file
+    assert exs[0].where.endswith("d.jsonl:1") and exs[1].where.endswith("d.jsonl:3")
 
 
 def test_load_parquet(tmp_path):

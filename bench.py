@@ -1,0 +1,144 @@
+"""Benchmark one training step: where the time goes, tokens per second, peak memory.
+
+    python bench.py                                  # GRPO and RLSD on the toy model, and the ratio
+    python bench.py --algos rlsd --group-size 16 --max-new-tokens 256
+    python bench.py --scaling                        # step time vs group size and vs length
+
+Each configuration runs in a fresh process (so peak memory is its own): `--warmup` steps,
+then the median over `--steps` steps of the phases the trainer reports in metrics.jsonl:
+    rollout    sampling G responses per prompt with the KV cache, rewards, teacher prompts
+    teacher    no-grad scoring by the privileged teacher / KL reference
+    fwd_bwd    student forward, loss, backward
+    optimizer  gradient clipping, AdamW, teacher update
+Responses always run to --max-new-tokens (`ignore_eos`), so lengths are what was asked for.
+"Forward tok/s" is a no-grad teacher-forced forward over the same prompt + response tokens:
+how close sampling gets to the model's own throughput. The model is the toy Qwen3 with random
+weights (no warm start needed) unless --model names another.
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+PHASES = ("rollout", "teacher", "fwd_bwd", "optimizer")
+
+
+def measure(args) -> dict:
+    """Run warm-up + timed steps of one configuration in this process; return medians."""
+    import data
+    import train
+    from algos import Teacher, collect
+    from distributed import Dist, Stopwatch, gathered
+    from rollout import response_logits
+
+    given = dict(algo=args.algo, model="toy" if args.model == "toy-init" else args.model,
+                 prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                 max_new_tokens=args.max_new_tokens, ignore_eos=True, eval_data="",
+                 out=os.devnull, seed=0)
+    cfg = train.resolve_config(given)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = Dist(device=device)
+    torch.manual_seed(0)
+    model, tok = train.load_policy(cfg, ctx, args.model)
+    initial = (copy.deepcopy(model)
+               if cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0 else None)
+    teacher, ref = Teacher(cfg, initial), initial if cfg.kl_coef > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(0)
+    examples = data.make_toy("train", 2000)
+    rows = []
+    for step in range(1, args.warmup + args.steps + 1):
+        sw = Stopwatch(device)
+        t0 = time.perf_counter()
+        with sw("rollout"):
+            b = collect(model, tok, examples, step, cfg, ctx, gen)
+        train.train_step(model, opt, teacher, ref, b, cfg, ctx, step, sw)
+        step_s = time.perf_counter() - t0
+        ro = b.ro
+        fw = Stopwatch(device)
+        with torch.no_grad(), gathered(model), fw("forward"):
+            response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+        fwd_s = fw.times["forward"]
+        gen_tokens = ro.resp_mask.sum().item()
+        trained = b.mask.sum().item()
+        rows.append(dict(step_s=step_s, **{p: sw.times.get(p, 0.0) for p in PHASES},
+                         rollout_tok_s=gen_tokens / sw.times["rollout"],
+                         forward_tok_s=gen_tokens / fwd_s,
+                         trained_tok_s=trained / (sw.times["fwd_bwd"] + sw.times["optimizer"]
+                                                  + sw.times.get("teacher", 0.0))))
+    timed = rows[args.warmup:]
+    out = {k: statistics.median(r[k] for r in timed) for k in timed[0]}
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:  # ru_maxrss is KiB on Linux: the whole process, Python and libraries included
+        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out.update(algo=args.algo, G=args.group_size, L=args.max_new_tokens,
+               P=args.prompts_per_step, device=str(device), threads=torch.get_num_threads())
+    return out
+
+
+def run_isolated(args, **override) -> dict:
+    """One configuration in a fresh Python process; its JSON result."""
+    argv = [sys.executable, os.path.abspath(__file__), "--one"]
+    for k, v in {**vars(args), **override}.items():
+        if k in ("one", "scaling", "algos") or v is None:
+            continue
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"benchmark run failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def table(results) -> str:
+    head = ("| algo | G | L | step s | rollout s | teacher s | fwd+bwd s | optim s | rollout tok/s "
+            "| forward tok/s | trained tok/s | peak GB |")
+    lines = [head, "|" + "---|" * 12]
+    for r in results:
+        lines.append(f"| {r['algo']} | {r['G']} | {r['L']} | {r['step_s']:.3f} | {r['rollout']:.3f} "
+                     f"| {r['teacher']:.3f} | {r['fwd_bwd']:.3f} | {r['optimizer']:.3f} "
+                     f"| {r['rollout_tok_s']:.0f} | {r['forward_tok_s']:.0f} "
+                     f"| {r['trained_tok_s']:.0f} | {r['peak_mem_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark training steps.")
+    p.add_argument("--algos", default="grpo,rlsd", help="comma-separated algorithms")
+    p.add_argument("--algo", default="grpo", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="toy-init", help="'toy-init' (random toy Qwen3), 'toy' or a path")
+    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--scaling", action="store_true", help="group size 4/8/16 and length 64/128/256")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(measure(a)))
+        return
+    algos = a.algos.split(",")
+    results = [run_isolated(a, algo=x) for x in algos]
+    print(table(results))
+    by = {r["algo"]: r for r in results}
+    if "grpo" in by and "rlsd" in by:
+        print(f"\nRLSD / GRPO step time: {by['rlsd']['step_s'] / by['grpo']['step_s']:.2f} "
+              f"(goal <= 1.3; RLSD adds one no-grad teacher forward)")
+    if a.scaling:
+        rows = [run_isolated(a, algo=algos[0], group_size=g, max_new_tokens=64) for g in (4, 8, 16)]
+        rows += [run_isolated(a, algo=algos[0], group_size=8, max_new_tokens=n) for n in (128, 256)]
+        print("\nScaling (" + algos[0] + "):\n" + table(rows))
+    print(f"\n{results[0]['device']}, {results[0]['threads']} threads, median of {a.steps} steps "
+          f"after {a.warmup} warm-up, P={a.prompts_per_step} prompts/step")
+
+
+if __name__ == "__main__":
+    main()
