@@ -41,7 +41,7 @@ def measure(args) -> dict:
     given = dict(algo=args.algo, model="toy" if args.model == "toy-init" else args.model,
                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                  max_new_tokens=args.max_new_tokens, ignore_eos=True, eval_data="",
-                 out=os.devnull, seed=0)
+                 out=os.devnull, seed=0, kl_coef=args.kl_coef)
     cfg = train.resolve_config(given)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = Dist(device=device)
@@ -117,6 +117,8 @@ def main(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="0 (default): no reference model, so GRPO vs RLSD differs by the teacher alone")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--scaling", action="store_true", help="group size 4/8/16 and length 64/128/256")
