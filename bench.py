@@ -84,13 +84,76 @@ def measure(args) -> dict:
     return out
 
 
+def measure_trl(args) -> dict:
+    """The same configuration through TRL's GRPOTrainer (installed for the benchmark only).
+
+    Same random toy weights saved as a HF directory, same prompts rendered through the same
+    chat template, P x G completions of exactly L tokens (min_new_tokens), temperature 1,
+    one optimizer step per generation batch, no KL (beta 0), DAPO clip 0.2 / 0.28 and
+    token-level loss: GRPO as this project's bench runs it."""
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        raise SystemExit("--vs-trl needs TRL: pip install trl (a benchmark-only dependency)") from None
+    import tempfile
+
+    import data
+    from rollout import build_toy_model, build_toy_tokenizer
+
+    tmp = tempfile.mkdtemp(prefix="bench-trl-")
+    tok = build_toy_tokenizer()
+    build_toy_model(tok, seed=0).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    n_prompts = args.prompts_per_step * (args.warmup + args.steps)
+    exs = data.make_toy("train", n_prompts)
+    render = lambda e: tok.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": data.render(data.TOY_TEMPLATES["student"], e)}],
+        add_generation_prompt=True, tokenize=False)
+    ds = Dataset.from_list([{"prompt": render(e), "answer": e.answer} for e in exs])
+
+    def accuracy(completions, answer, **_):
+        return [data.reward(c, a) for c, a in zip(completions, answer)]
+
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    cfg = GRPOConfig(
+        output_dir=tmp, per_device_train_batch_size=args.prompts_per_step * args.group_size,
+        gradient_accumulation_steps=1, num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+        generation_kwargs={"min_new_tokens": args.max_new_tokens}, learning_rate=2e-4,
+        beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", max_steps=args.warmup + args.steps,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
+        seed=0, shuffle_dataset=False, disable_dropout=True)
+    trainer = GRPOTrainer(model=tmp, reward_funcs=accuracy, args=cfg, train_dataset=ds,
+                          processing_class=tok, callbacks=[StepTimer()])
+    trainer.train()
+    out = {"step_s": statistics.median(times[args.warmup:]), "algo": "trl-grpo",
+           "G": args.group_size, "L": args.max_new_tokens, "P": args.prompts_per_step,
+           "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "threads": torch.get_num_threads()}
+    out["peak_mem_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return out
+
+
 def run_isolated(args, **override) -> dict:
     """One configuration in a fresh Python process; its JSON result."""
     argv = [sys.executable, os.path.abspath(__file__), "--one"]
     for k, v in {**vars(args), **override}.items():
-        if k in ("one", "scaling", "algos") or v is None:
+        if k in ("one", "scaling", "algos", "vs_trl", "trl") or v is None:
             continue
         argv += [f"--{k.replace('_', '-')}", str(v)]
+    if override.get("trl"):
+        argv.append("--trl")
     res = subprocess.run(argv, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"benchmark run failed:\n{res.stderr[-3000:]}")
@@ -122,10 +185,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--scaling", action="store_true", help="group size 4/8/16 and length 64/128/256")
+    p.add_argument("--vs-trl", action="store_true",
+                   help="also run TRL's GRPOTrainer on the same configuration and print the ratio")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--trl", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(measure(a)))
+        print(json.dumps(measure_trl(a) if a.trl else measure(a)))
         return
     algos = a.algos.split(",")
     results = [run_isolated(a, algo=x) for x in algos]
@@ -134,6 +200,12 @@ def main(argv=None):
     if "grpo" in by and "rlsd" in by:
         print(f"\nRLSD / GRPO step time: {by['rlsd']['step_s'] / by['grpo']['step_s']:.2f} "
               f"(goal <= 1.3; RLSD adds one no-grad teacher forward)")
+    if a.vs_trl:
+        trl = run_isolated(a, algo="grpo", trl=True)
+        ours = by.get("grpo") or run_isolated(a, algo="grpo")
+        print(f"\nTRL GRPOTrainer step: {trl['step_s']:.3f} s (peak {trl['peak_mem_gb']:.2f} GB); "
+              f"ours: {ours['step_s']:.3f} s; ours / TRL = {ours['step_s'] / trl['step_s']:.2f} "
+              f"(goal <= 0.5)")
     if a.scaling:
         rows = [run_isolated(a, algo=algos[0], group_size=g, max_new_tokens=64) for g in (4, 8, 16)]
         rows += [run_isolated(a, algo=algos[0], group_size=8, max_new_tokens=n) for n in (128, 256)]

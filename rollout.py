@@ -95,7 +95,7 @@ class Rollouts:
     truncated: torch.Tensor    # (N,) bool: no <eos> within max_new_tokens
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: the sampled ids are later saved for backward
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
              eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> Rollouts:
     """Sample responses with the KV cache; temperature 0 is greedy. Stops when all hit <eos>.
@@ -105,14 +105,16 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     resumable), and costs one small forward per token.
     """
     dev = prompt_ids.device
-    mask = prompt_mask
+    Lp = prompt_ids.shape[1]
+    # the whole attention mask up front: each step passes a growing view, never a new tensor
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens)], 1)
     pos = positions(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
+                use_cache=True, logits_to_keep=1)
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=dev)
     tokens = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         if temperature == 0:
             tok = logits.argmax(-1)
@@ -124,9 +126,8 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         done = done | (tok == eos_id)
         if done.all():
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=tok[:, None], attention_mask=mask[:, :Lp + t + 1],
+                    position_ids=next_pos, past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
     resp = torch.stack(tokens, dim=1)
     # a token is part of the response iff no <eos> came strictly before it
