@@ -121,18 +121,18 @@ PAPER_DEFAULTS = {
     # OPSD v3: 1 rollout, T 1.1, forward KL, pointwise clip 0.05, frozen teacher, lr 5e-6
     "opsd": dict(group_size=1, temperature=1.1, beta=0.0, top_k=0, token_clip=0.05,
                  teacher_mode="frozen", context="solution", lr=5e-6, max_grad_norm=0.1,
-                 max_new_tokens=1024),
+                 max_new_tokens=1024, prompts_per_step=32, steps=100),
     # SDPO (no rich feedback): JSD 0.5, top-100 + tail, EMA 0.05, lr 1e-5, no std
     "sdpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
-                 adv_scale="none", lr=1e-5, max_new_tokens=8192),
+                 adv_scale="none", lr=1e-5, max_new_tokens=8192, prompts_per_step=32),
     # SRPO: Dr. GRPO advantages, SDPO branch as above, lr 5e-6
     "srpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
-                 adv_scale="none", lr=5e-6, max_new_tokens=8192),
+                 adv_scale="none", lr=5e-6, max_new_tokens=8192, prompts_per_step=32),
     # PTD-PO: frozen reference teacher with the hint, k3 KL 0.01, clip high 0.3
     "ptdpo": dict(teacher_mode="frozen", context="hint", kl_coef=0.01, clip_high=0.3,
-                  top_k=100, beta=0.5),
+                  top_k=100, beta=0.5, prompts_per_step=384),
     # RLSD: frozen teacher re-synced every 10 steps, lambda 0.5 -> 0 over 50 steps
-    "rlsd": dict(teacher_mode="sync", context="answer", max_new_tokens=4096),
+    "rlsd": dict(teacher_mode="sync", context="answer", max_new_tokens=4096, prompts_per_step=256),
 }
 # The toy task is ~1e4 times smaller than the papers' settings: learning rate, batch and
 # lengths are scaled to it; every algorithmic constant above is kept.
