@@ -425,3 +425,44 @@ def test_ptdpo_loss_reductions_and_kl_switch():
     (g_kl,) = torch.autograd.grad(D.ptdpo_loss(torch.zeros(4, 3), kl, ptd.detach(), mask,
                                                rows, group), logp)
     assert torch.equal(g_kl[:3], torch.zeros(3, 3)) and (g_kl[3] != 0).any()
+
+
+# ---- further invariants from the spec notes ----------------------------------------------------
+
+@given(seed=seeds, beta=betas, top_k=st.sampled_from([None, 3]))
+def test_masked_positions_do_not_change_the_loss(seed, beta, top_k):
+    """OPSD 2.7.5: logits at prompt/pad positions are irrelevant; duplicating rows keeps the mean."""
+    s, t = randn(seed, 2, 5, 7), randn(seed + 1, 2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    loss = grpo.aggregate(D.distill_per_token(s, t, beta=beta, top_k=top_k), mask)
+    s2, t2 = s.clone(), t.clone()
+    s2[~mask], t2[~mask] = 1e4, -1e4
+    assert torch.equal(grpo.aggregate(D.distill_per_token(s2, t2, beta=beta, top_k=top_k), mask), loss)
+    dup = grpo.aggregate(D.distill_per_token(torch.cat([s, s]), torch.cat([t, t]), beta=beta,
+                                             top_k=top_k), torch.cat([mask, mask]))
+    torch.testing.assert_close(dup, loss)
+
+
+def test_sampled_token_estimator_matches_reverse_kl_gradient():
+    """OPSD 2.7.8 / OPD: E_{y~p}[grad(-sg(A_y) log p_y)] with A = log q - log p is the exact
+    gradient of KL(p || q) w.r.t. the student logits (Monte Carlo, 5 standard errors)."""
+    z = torch.tensor([0.3, -1.0, 1.2, 0.1], dtype=torch.float64)
+    lq = torch.log_softmax(torch.tensor([1.0, 0.5, -0.5, 0.0], dtype=torch.float64), -1)
+    p = torch.softmax(z, -1)
+    exact = p * (p.log() - lq) - p * (p * (p.log() - lq)).sum()
+    n = 200_000
+    y = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    adv = D.opd_advantages(p.log()[y], lq[y])          # (n,) per-token advantages
+    onehot = torch.nn.functional.one_hot(y, 4).double()
+    per_sample = -adv[:, None] * (onehot - p)           # grad of -A log p_y w.r.t. z
+    mean, se = per_sample.mean(0), per_sample.std(0) / n ** 0.5
+    assert ((mean - exact).abs() <= 5 * se + 1e-9).all()
+
+
+@given(seed=seeds)
+def test_identical_teacher_and_student_give_zero_loss_and_gradient(seed):
+    """SDPO 3.8.10: the logit-level advantage vanishes when the teacher agrees."""
+    s = randn(seed, 2, 3, 9).requires_grad_()
+    loss = D.sdpo_per_token(s, s.detach(), torch.zeros(2, 3), torch.zeros(2, 3), top_k=4).sum()
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and s.grad.abs().max() < 1e-6

@@ -212,3 +212,17 @@ def test_aggregate_gradient_independent_of_micro_batch_split(seed, cut, mode):
     (g_split,) = torch.autograd.grad(total, logp)
     torch.testing.assert_close(g_split, g_full, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(total, full, atol=1e-6, rtol=1e-5)
+
+
+@given(seed=st.integers(0, 10_000))
+def test_seq_mean_token_mean_gradient_identity(seed):
+    """GRPO 4.1(f): rho = 1, no KL: grad = -(1/G) sum_i (A_i / |y_i|) sum_t grad logp_it."""
+    logp = randn(seed, 4, 6).requires_grad_()
+    adv = randn(seed + 1, 4)
+    lengths = torch.tensor([6, 3, 1, 4])
+    mask = torch.arange(6)[None] < lengths[:, None]
+    loss = grpo.aggregate(grpo.policy_loss(logp, logp.detach(), adv)[0], mask,
+                          mode="seq-mean-token-mean")
+    (g,) = torch.autograd.grad(loss, logp)
+    expect = -(adv / lengths)[:, None] / 4 * mask
+    torch.testing.assert_close(g, expect.float())
