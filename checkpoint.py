@@ -10,12 +10,16 @@ It is written to `<out>/checkpoint-000042.tmp/` and renamed to `checkpoint-00004
 complete; a rename within a directory is atomic, so a crash leaves either the old set of
 checkpoints or the new one, never a half-written directory that `--resume` would pick.
 """
+import dataclasses
 import os
 import re
 import shutil
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from distributed import full_state_dict, load_full_state_dict
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -33,7 +37,10 @@ def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config,
     """Rank 0 only. Writes atomically, then deletes all but the newest `keep` checkpoints."""
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # debris of a write that crashed (rank 0 is the only writer)
+        if name.startswith("checkpoint-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     os.makedirs(tmp)
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
     save_file(_plain(model_state, tied), os.path.join(tmp, "model.safetensors"),
@@ -80,3 +87,57 @@ def load_trainer_state(path: str) -> dict:
 def load_teacher_state(path: str) -> dict | None:
     f = os.path.join(path, "teacher.safetensors")
     return load_file(f) if os.path.exists(f) else None
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer's side: gather (FSDP) state, save on rank 0, restore on every rank
+# ----------------------------------------------------------------------------------------
+
+def save(model, opt, teacher, tok, gen, cfg, ctx, step: int):
+    """Gather the full (unsharded) state on rank 0 and write one checkpoint; every rank waits."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    state = full_state_dict(model, ctx)
+    if ctx.world > 1:
+        optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        rngs = [None] * ctx.world
+        dist.all_gather_object(rngs, gen.get_state())
+    else:
+        optim, rngs = opt.state_dict(), [gen.get_state()]
+    t_state = full_state_dict(teacher.model, ctx) if teacher.has_state else None
+    if ctx.rank == 0:
+        save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
+                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
+                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
+                                                config=dataclasses.asdict(cfg)))
+    ctx.barrier()
+
+
+def restore(model, opt, teacher, gen, cfg, ctx) -> int:
+    """Continue from the newest complete checkpoint in --out: weights, optimizer, RNG, teacher."""
+    path = latest_checkpoint(cfg.out)
+    if path is None:
+        raise SystemExit(f"--resume: no complete checkpoint in {cfg.out}")
+    state = load_trainer_state(path)
+    load_full_state_dict(model, load_file(os.path.join(path, "model.safetensors")), ctx)
+    if ctx.world > 1:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+        set_optimizer_state_dict(model, opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+    if len(state["rng"]) != ctx.world:
+        raise SystemExit(f"--resume: checkpoint was written by {len(state['rng'])} processes, "
+                         f"this run has {ctx.world}")
+    gen.set_state(state["rng"][ctx.rank])
+    if teacher.has_state:
+        t_state = load_teacher_state(path)
+        if t_state is None:
+            raise SystemExit(f"--resume: {path} has no teacher.safetensors, but "
+                             f"--teacher-mode {cfg.teacher_mode} needs the teacher's weights")
+        load_full_state_dict(teacher.model, t_state, ctx)
+    if ctx.rank == 0:
+        print(f"resumed from {path} (step {state['step']})", flush=True)
+    return state["step"]

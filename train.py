@@ -32,8 +32,7 @@ import data
 import grpo
 from algos import (LOSSES, Batch, Outputs, Teacher, collect, distill_rows, global_norms, masked_mean,
                    micro_batches, srpo_weight_mean, step_examples, templates)
-from distributed import (Dist, Stopwatch, autocast, full_state_dict, gathered,
-                         load_full_state_dict, setup_distributed, shard)
+from distributed import Dist, Stopwatch, autocast, gathered, setup_distributed, shard
 from eval import accuracy
 from rollout import Rollouts, build_toy_model, build_toy_tokenizer, left_pad, load_model
 from rollout import response_logits
@@ -366,56 +365,6 @@ def evaluate(model, tok, sets: dict, cfg: Config, ctx: Dist) -> dict:
     return out
 
 
-def save(model, opt, teacher, tok, gen, cfg: Config, ctx: Dist, step: int):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_optimizer_state_dict)
-    state = full_state_dict(model, ctx)
-    if ctx.world > 1:
-        optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
-        rngs = [None] * ctx.world
-        dist.all_gather_object(rngs, gen.get_state())
-    else:
-        optim, rngs = opt.state_dict(), [gen.get_state()]
-    t_state = full_state_dict(teacher.model, ctx) if teacher.has_state else None
-    if ctx.rank == 0:
-        ckpt.save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
-                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
-                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
-                                                config=dataclasses.asdict(cfg)))
-    ctx.barrier()
-
-
-def restore(model, opt, teacher, gen, cfg: Config, ctx: Dist) -> int:
-    """Continue from the newest complete checkpoint in --out: weights, optimizer, RNG, teacher."""
-    path = ckpt.latest_checkpoint(cfg.out)
-    if path is None:
-        raise SystemExit(f"--resume: no complete checkpoint in {cfg.out}")
-    from safetensors.torch import load_file
-    state = ckpt.load_trainer_state(path)
-    load_full_state_dict(model, load_file(os.path.join(path, "model.safetensors")), ctx)
-    if ctx.world > 1:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_optimizer_state_dict)
-        set_optimizer_state_dict(model, opt, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(state["optimizer"])
-    if len(state["rng"]) != ctx.world:
-        raise SystemExit(f"--resume: checkpoint was written by {len(state['rng'])} processes, "
-                         f"this run has {ctx.world}")
-    gen.set_state(state["rng"][ctx.rank])
-    if teacher.has_state:
-        t_state = ckpt.load_teacher_state(path)
-        if t_state is None:
-            raise SystemExit(f"--resume: {path} has no teacher.safetensors, but "
-                             f"--teacher-mode {cfg.teacher_mode} needs the teacher's weights")
-        load_full_state_dict(teacher.model, t_state, ctx)
-    if ctx.rank == 0:
-        print(f"resumed from {path} (step {state['step']})", flush=True)
-    return state["step"]
-
-
 def drop_long_prompts(examples, tok, cfg: Config, verbose: bool) -> list:
     """Prompts longer than --max-prompt-tokens: fail naming the row, or skip with a count."""
     tpl = templates(cfg)["student"]
@@ -491,7 +440,7 @@ def train(cfg: Config, ctx: Dist) -> dict:
     ref = initial if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + ctx.rank)
-    start = restore(model, opt, teacher, gen, cfg, ctx) if cfg.resume else 0
+    start = ckpt.restore(model, opt, teacher, gen, cfg, ctx) if cfg.resume else 0
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if main_rank:
@@ -545,7 +494,7 @@ def train(cfg: Config, ctx: Dist) -> dict:
                              f"grad_norm={m['grad_norm']}); weights were not updated, the last "
                              f"checkpoint in {cfg.out} is intact. Lower --lr or check the data.")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save(model, opt, teacher, tok, gen, cfg, ctx, step)
+            ckpt.save(model, opt, teacher, tok, gen, cfg, ctx, step)
     if main_rank and first and last:
         print("after training:  " + " | ".join(f"{k}={last[k]:.3f}" for k in first if k in last),
               flush=True)
