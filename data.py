@@ -262,6 +262,25 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
     return out
 
 
+def drop_long_prompts(examples, tokenizer, template: str, limit: int, policy: str, *,
+                      source: str = "", verbose: bool = True) -> list[Example]:
+    """Prompts longer than `limit` tokens: policy 'fail' names the row, 'skip' drops and counts."""
+    keep = []
+    for e in examples:
+        n = len(prompt_ids(tokenizer, render(template, e)))
+        if n <= limit:
+            keep.append(e)
+        elif policy == "fail":
+            raise DataError(f"{e.where or source}: prompt has {n} tokens, more than "
+                            f"--max-prompt-tokens {limit} (--long-prompts skip drops such rows)")
+    if verbose and len(keep) < len(examples):
+        print(f"skipped {len(examples) - len(keep)} of {len(examples)} prompts longer than "
+              f"{limit} tokens", flush=True)
+    if not keep:
+        raise DataError(f"{source}: every prompt is longer than --max-prompt-tokens {limit}")
+    return keep
+
+
 def check_images(examples: list[Example]):
     """Every image a row names must exist and decode, before any training starts."""
     rows = [e for e in examples if e.images]

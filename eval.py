@@ -18,6 +18,7 @@ import torch
 
 import data
 import grpo
+from distributed import gathered
 from rollout import generate, left_pad, load_model, response_logits
 
 BATCH = 256  # prompts per generation call
@@ -103,6 +104,29 @@ def evaluate_checkpoint(path, examples, *, template, max_new_tokens, k, temperat
     res["response_len_mean"] = n_tok / len(texts)
     res["entropy"] = sum(response_entropy(model, r) * r.resp_mask.sum().item() for r in ro) / max(n_tok, 1)
     return res
+
+
+def eval_sets(cfg, columns) -> dict:
+    """The trainer's evaluation sets: toy test + ood splits, or the --eval-data file."""
+    if not cfg.eval_data:
+        return {}
+    if cfg.eval_data == "toy":
+        return {s: data.make_toy(s, cfg.eval_n, seed=0) for s in ("test", "ood")}
+    return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
+
+
+def evaluate(model, tok, sets: dict, cfg, ctx) -> dict:
+    """Greedy pass@1 on each set; on the toy task also the answer-conditioned teacher's.
+    Greedy decoding consumes no random numbers, so evaluating never changes a run."""
+    tpl = data.TOY_TEMPLATES if cfg.data == "toy" else data.PAPER_TEMPLATES
+    model.eval()
+    out = {}
+    with gathered(model):
+        for name, exs in sets.items():
+            out[f"{name}_acc"] = accuracy(model, tok, exs, tpl["student"], cfg, ctx)
+            if cfg.data == "toy" and name == "test":  # does the self-teacher use the answer?
+                out["test_teacher_acc"] = accuracy(model, tok, exs, tpl["answer"], cfg, ctx)
+    return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import data
 import grpo
 from algos import (LOSSES, Batch, Outputs, Teacher, collect, distill_rows, global_norms, masked_mean,
                    micro_batches, srpo_weight_mean, step_examples, templates)
-from distributed import Dist, Stopwatch, autocast, gathered, setup_distributed, shard
-from eval import accuracy
+from distributed import Dist, Stopwatch, autocast, setup_distributed, shard
+from eval import eval_sets, evaluate
 from rollout import Rollouts, build_toy_model, build_toy_tokenizer, left_pad, load_model
 from rollout import response_logits
 
@@ -345,46 +345,6 @@ def sft_step(model, opt, b: Batch, cfg: Config, ctx: Dist, step: int) -> dict:
 # The loop
 # ----------------------------------------------------------------------------------------
 
-def eval_sets(cfg: Config, columns) -> dict:
-    if not cfg.eval_data:
-        return {}
-    if cfg.eval_data == "toy":
-        return {s: data.make_toy(s, cfg.eval_n, seed=0) for s in ("test", "ood")}
-    return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
-
-
-def evaluate(model, tok, sets: dict, cfg: Config, ctx: Dist) -> dict:
-    """Greedy pass@1 on each set; on the toy task also the answer-conditioned teacher's."""
-    model.eval()
-    out = {}
-    with gathered(model):
-        for name, exs in sets.items():
-            out[f"{name}_acc"] = accuracy(model, tok, exs, templates(cfg)["student"], cfg, ctx)
-            if cfg.data == "toy" and name == "test":  # does the self-teacher use the answer?
-                out["test_teacher_acc"] = accuracy(model, tok, exs, templates(cfg)["answer"], cfg, ctx)
-    return out
-
-
-def drop_long_prompts(examples, tok, cfg: Config, verbose: bool) -> list:
-    """Prompts longer than --max-prompt-tokens: fail naming the row, or skip with a count."""
-    tpl = templates(cfg)["student"]
-    keep = []
-    for e in examples:
-        n = len(data.prompt_ids(tok, data.render(tpl, e)))
-        if n <= cfg.max_prompt_tokens:
-            keep.append(e)
-        elif cfg.long_prompts == "fail":
-            raise data.DataError(f"{e.where or cfg.data}: prompt has {n} tokens, more than "
-                                 f"--max-prompt-tokens {cfg.max_prompt_tokens} "
-                                 f"(--long-prompts skip drops such rows)")
-    if verbose and len(keep) < len(examples):
-        print(f"skipped {len(examples) - len(keep)} of {len(examples)} prompts longer than "
-              f"{cfg.max_prompt_tokens} tokens", flush=True)
-    if not keep:
-        raise data.DataError(f"{cfg.data}: every prompt is longer than --max-prompt-tokens")
-    return keep
-
-
 def rollout_stats(b: Batch, ctx: Dist) -> dict:
     n = ctx.sum(len(b.ex)).item()
     return dict(reward_mean=ctx.sum(b.rewards.sum()).item() / n,
@@ -420,7 +380,9 @@ def train(cfg: Config, ctx: Dist) -> dict:
     sets = eval_sets(cfg, columns)
     model, tok = load_policy(cfg, ctx, cfg.model)
     if cfg.max_prompt_tokens:
-        examples = drop_long_prompts(examples, tok, cfg, main_rank)
+        examples = data.drop_long_prompts(examples, tok, templates(cfg)["student"],
+                                          cfg.max_prompt_tokens, cfg.long_prompts,
+                                          source=cfg.data, verbose=main_rank)
     needs_copy = cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0
     initial = copy.deepcopy(model) if needs_copy else None
     external = None
