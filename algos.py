@@ -18,7 +18,7 @@ import distill as D
 import grpo
 from distributed import gathered, reshard
 from rlsd import lambda_schedule, rlsd_loss
-from rollout import Rollouts, generate, left_pad, response_logits
+from rollout import Rollouts, generate, left_pad, lm_head_logits, response_hidden
 
 
 class Teacher:
@@ -40,13 +40,23 @@ class Teacher:
             self.model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def logits(self, student, *batch):
-        if self.mode == "live":
-            return response_logits(student, *batch)
-        z = response_logits(self.model, *batch)
-        if self.mode == "trust":
-            z = D.trust_region_logits(z, response_logits(student, *batch), self.cfg.teacher_ema)
-        return z
+    def chunked(self, student, *batch):
+        """A function (t0, t1) -> teacher logits (n, t1 - t0, V) for those response positions.
+
+        The teacher's hidden states are computed once here; its LM head is applied per chunk
+        when the loss asks, so the teacher's (n, T, V) logits never exist at once."""
+        m = student if self.mode == "live" else self.model
+        h = response_hidden(m, *batch)
+        h_cur = response_hidden(student, *batch) if self.mode == "trust" else None
+
+        def logits(t0: int, t1: int):
+            with torch.no_grad():
+                z = lm_head_logits(m, h[:, t0:t1])
+                if h_cur is not None:
+                    z = D.trust_region_logits(z, lm_head_logits(student, h_cur[:, t0:t1]),
+                                              self.cfg.teacher_ema)
+                return z
+        return logits
 
     @torch.no_grad()
     def after_step(self, student, step: int):
@@ -90,6 +100,13 @@ class Batch:
                 return {k: cut(v) for k, v in x.items()}
             return x[sl] if isinstance(x, list) else x
         return Batch(*(cut(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    def cols(self, t0: int, t1: int) -> "Batch":
+        """The same rows, response positions t0:t1 only (for chunked LM-head work)."""
+        ro = self.ro
+        return dataclasses.replace(self, ro=Rollouts(ro.prompt_ids, ro.prompt_mask,
+                                                     ro.resp_ids[:, t0:t1], ro.resp_mask[:, t0:t1],
+                                                     ro.truncated))
 
     @property
     def mask(self):  # (N, T) tokens in the loss
@@ -345,6 +362,19 @@ def distill_rows(cfg, b: Batch):
 # The update: micro-batches -> one optimizer step -> teacher update
 # ----------------------------------------------------------------------------------------
 
+def column_chunks(b: Batch, model, cfg) -> list:
+    """Response-position ranges for LM-head work: each chunk's logits hold ~CHUNK_ELEMENTS
+    values (--logit-chunk sets positions per chunk, -1 takes all at once). Every loss here is a
+    sum over positions divided by a global count, so chunks add up exactly; the per-sequence
+    mean (seq-mean-token-mean) is not, and gets one chunk."""
+    T = b.ro.resp_ids.shape[1]
+    if cfg.logit_chunk < 0 or cfg.loss_agg == "seq-mean-token-mean":
+        return [(0, T)]
+    V = model.get_output_embeddings().weight.shape[0]
+    step = cfg.logit_chunk or max(1, grpo.CHUNK_ELEMENTS // max(1, len(b.ex) * V))
+    return [(t, min(t + step, T)) for t in range(0, T, step)]
+
+
 def micro_batches(b: Batch, cfg):
     n = len(b.ex)
     size = cfg.micro_batch_size or n
@@ -368,9 +398,10 @@ def srpo_weight_mean(model, teacher, mbs, cfg, ctx) -> float:
     SDPO token of the batch (all ranks), so the weights have mean 1 over the whole batch."""
     total, count = 0.0, 0.0
     for mb in mbs:
-        z = teacher.logits(model, mb.t_ids, mb.t_mask, mb.ro.resp_ids, mb.ro.resp_mask)
-        m = mb.mask & mb.route["to_sdpo"][:, None]
-        raw = torch.exp(-cfg.srpo_beta * grpo.entropy(z, temperature=cfg.temperature).double())
-        total, count = total + raw[m].sum().item(), count + m.sum().item()
+        t_logits = teacher.chunked(model, mb.t_ids, mb.t_mask, mb.ro.resp_ids, mb.ro.resp_mask)
+        for t0, t1 in column_chunks(mb, model, cfg):
+            h = grpo.entropy(t_logits(t0, t1), temperature=cfg.temperature).double()
+            m = mb.cols(t0, t1).mask & mb.route["to_sdpo"][:, None]
+            total, count = total + torch.exp(-cfg.srpo_beta * h)[m].sum().item(), count + m.sum().item()
     total, count = ctx.sum(total).item(), ctx.sum(count).item()
     return total / count if count else 1.0

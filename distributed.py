@@ -52,7 +52,10 @@ def shard(model, ctx: Dist, dtype):
     for m in model.modules():
         if type(m).__name__.endswith("DecoderLayer"):
             fully_shard(m, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    # the root (embeddings, final norm, LM head) stays gathered after forward: the chunked loss
+    # applies the LM head outside the model's forward, and FSDP reduce-scatters the root's
+    # gradients in its final post-backward callback, after every chunk has contributed
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     return model
 
 
@@ -72,6 +75,7 @@ class gathered:
     def __exit__(self, *exc):
         if self.fsdp:
             self.model.set_reshard_after_forward(True)
+            self.model.set_reshard_after_forward(False, recurse=False)  # the root: see shard()
             self.model.reshard()
 
 

@@ -148,3 +148,32 @@ def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                 use_cache=False, logits_to_keep=T + 1, **model_kwargs)
     return out.logits[:, :-1]  # position t predicts token t + 1: drop the last prediction
+
+
+def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """(N, T, H) final hidden states that predict each response token, and no logits at all.
+
+    The same forward as `response_logits`, but a pre-hook takes the LM head's input (the last
+    T + 1 normed hidden states) and hands the head an empty slice, so a 150k-token vocabulary
+    never becomes an (N, T, V) tensor. Callers apply `lm_head_weight` per chunk of positions.
+    Works for causal LMs whose logits are exactly lm_head(hidden) (Qwen, Llama, Mistral...); a
+    model that post-processes logits (soft-capping, scaling) needs --logit-chunk 0.
+    """
+    captured = {}
+
+    def grab(module, args):
+        captured["h"] = args[0]
+        return (args[0][:, :0],) + tuple(args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    try:
+        response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
+    finally:
+        handle.remove()
+    return captured["h"][:, :-1]
+
+
+def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's LM head on some hidden states: (..., H) -> (..., V)."""
+    head = model.get_output_embeddings()
+    return torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None))

@@ -30,12 +30,13 @@ import torch.distributed as dist
 import checkpoint as ckpt
 import data
 import grpo
-from algos import (LOSSES, Batch, Outputs, Teacher, collect, distill_rows, global_norms, masked_mean,
-                   micro_batches, srpo_weight_mean, step_examples, templates)
+from algos import (LOSSES, Batch, Outputs, Teacher, collect, column_chunks, distill_rows,
+                   global_norms, masked_mean, micro_batches, srpo_weight_mean, step_examples,
+                   templates)
 from distributed import Dist, Stopwatch, autocast, setup_distributed, shard
 from eval import eval_sets, evaluate
-from rollout import Rollouts, build_toy_model, build_toy_tokenizer, left_pad, load_model
-from rollout import response_logits
+from rollout import (Rollouts, build_toy_model, build_toy_tokenizer, left_pad, lm_head_logits,
+                     load_model, response_hidden)
 
 ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "opd", "opsd", "sdpo", "srpo", "ptdpo", "rlsd")
 TOY_VERSION = "v1"  # bump when the toy task or model changes, to invalidate cached warm starts
@@ -61,6 +62,7 @@ class Config:
     max_new_tokens: int = 4096        # response length limit
     temperature: float = 1.0          # rollout temperature; the losses use the same one
     ignore_eos: bool = False          # benchmarks: always generate max_new_tokens tokens
+    logit_chunk: int = 0              # response positions per LM-head chunk: 0 auto (~16M logits), -1 all
     lr: float = 1e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -243,9 +245,32 @@ def clip_and_step(model, opt, cfg: Config, loss: float):
     return norm, skipped
 
 
+def ref_logprobs(ref, mb: Batch, cfg: Config, chunks) -> torch.Tensor:
+    """(n, T) log-probs of the sampled tokens under the frozen reference, chunk by chunk."""
+    ro = mb.ro
+    with torch.no_grad():
+        h = response_hidden(ref, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+        return torch.cat([grpo.token_logprobs(lm_head_logits(ref, h[:, t0:t1]), ro.resp_ids[:, t0:t1],
+                                              temperature=cfg.temperature) for t0, t1 in chunks], 1)
+
+
+def chunk_loss(h, model, mb: Batch, teacher_logits, t0, t1, ref_logp, norms, cfg: Config):
+    """The algorithm's loss on response positions t0:t1 (mb is already cut to them), from the
+    student's hidden states. Run under activation checkpointing: the student's and the teacher's
+    logits of the chunk are recomputed in backward, never stored, so memory holds one chunk's
+    logits instead of the whole (n, T, V)."""
+    logits = lm_head_logits(model, h)
+    out = Outputs(logits, grpo.token_logprobs(logits, mb.ro.resp_ids, temperature=cfg.temperature),
+                  teacher_logits(t0, t1) if teacher_logits else None, ref_logp)
+    loss, m = LOSSES[cfg.algo](cfg, mb, out, norms)
+    m["entropy"] = masked_mean(grpo.entropy(logits.detach(), temperature=cfg.temperature), mb.mask)
+    return loss, m
+
+
 def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step: int,
                sw: Stopwatch) -> dict:
-    """Loss over micro-batches with global normalizers, then one clipped optimizer step."""
+    """Loss over micro-batches and chunks of positions with global normalizers, then one
+    clipped optimizer step."""
     model.train()
     mbs = micro_batches(b, cfg)
     norms = global_norms(b, cfg, ctx, step)
@@ -255,26 +280,27 @@ def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step:
     sums, loss_sum = {}, 0.0
     for mb in mbs:
         ro = mb.ro
+        chunks = column_chunks(mb, model, cfg)
         with sw("teacher"):  # no-grad scoring: the privileged teacher and the KL reference
-            t_logits = ref_logp = None
-            if teacher.mode != "none":
-                t_logits = teacher.logits(model, mb.t_ids, mb.t_mask, ro.resp_ids, ro.resp_mask)
-            if cfg.kl_coef > 0:
-                with torch.no_grad():
-                    z = response_logits(ref, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-                    ref_logp = grpo.token_logprobs(z, ro.resp_ids, temperature=cfg.temperature)
+            t_logits = (teacher.chunked(model, mb.t_ids, mb.t_mask, ro.resp_ids, ro.resp_mask)
+                        if teacher.mode != "none" else None)
+            ref_logp = ref_logprobs(ref, mb, cfg, chunks) if cfg.kl_coef > 0 else None
         with sw("fwd_bwd"):
-            logits = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-            out = Outputs(logits, grpo.token_logprobs(logits, ro.resp_ids, temperature=cfg.temperature),
-                          t_logits, ref_logp)
-            loss, m = LOSSES[cfg.algo](cfg, mb, out, norms)
+            h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+            total = 0.0
+            for t0, t1 in chunks:
+                part = mb.cols(t0, t1)
+                loss, m = torch.utils.checkpoint.checkpoint(
+                    chunk_loss, h[:, t0:t1], model, part, t_logits, t0, t1,
+                    None if ref_logp is None else ref_logp[:, t0:t1], norms, cfg,
+                    use_reentrant=False)
+                total = total + loss
+                n = part.mask.sum().item()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v * n
             # FSDP averages gradients over ranks; our normalizers are already global: undo it
-            (loss * ctx.world).backward()
-            loss_sum += loss.item()
-        n = mb.mask.sum().item()
-        m["entropy"] = masked_mean(grpo.entropy(logits.detach(), temperature=cfg.temperature), mb.mask)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v * n
+            (total * ctx.world).backward()
+            loss_sum += float(total.detach())
     loss = ctx.sum(loss_sum).item()
     with sw("optimizer"):
         grad_norm, skipped = clip_and_step(model, opt, cfg, loss)
@@ -327,11 +353,16 @@ def sft_step(model, opt, b: Batch, cfg: Config, ctx: Dist, step: int) -> dict:
     model.train()
     norm = ctx.sum(b.mask.sum()).item()
     loss_sum = 0.0
+    def nll(h, model, part):  # checkpointed like chunk_loss: one chunk of logits at a time
+        logp = grpo.token_logprobs(lm_head_logits(model, h), part.ro.resp_ids)
+        return grpo.aggregate(-logp, part.mask, normalizer=norm)
+
     for mb in micro_batches(b, cfg):
         ro = mb.ro
-        logits = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-        nll = -grpo.token_logprobs(logits, ro.resp_ids)
-        loss = grpo.aggregate(nll, mb.mask, normalizer=norm)
+        h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+        loss = sum(torch.utils.checkpoint.checkpoint(nll, h[:, t0:t1], model, mb.cols(t0, t1),
+                                                     use_reentrant=False)
+                   for t0, t1 in column_chunks(mb, model, cfg))
         (loss * ctx.world).backward()
         loss_sum += loss.item()
     for g in opt.param_groups:  # linear warm-up over the first 50 steps, then constant

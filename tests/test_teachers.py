@@ -61,11 +61,18 @@ def test_teacher_forward_carries_no_gradient():
             super().__init__()
             self.emb = torch.nn.Embedding(5, 5)
 
+            self.head = torch.nn.Linear(5, 5, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
         def forward(self, input_ids, logits_to_keep=0, **_):
-            return SimpleNamespace(logits=self.emb(input_ids)[:, -logits_to_keep:])
+            return SimpleNamespace(logits=self.head(self.emb(input_ids)[:, -logits_to_keep:]))
 
     student, initial = Tiny(), Tiny()
     ids, mask = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)
     for mode, init in (("frozen", initial), ("live", None), ("trust", initial)):
-        z = Teacher(_cfg(mode), init).logits(student, ids, mask, ids, mask)
+        logits = Teacher(_cfg(mode), init).chunked(student, ids, mask, ids, mask)
+        z = logits(0, 2)
         assert z.shape == (1, 2, 5) and not z.requires_grad
+        assert torch.equal(logits(1, 2), z[:, 1:])

@@ -139,3 +139,25 @@ def test_torchrun_two_processes(tmp_path, cache, algo):
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))
+
+
+def test_chunked_lm_head_gradient_under_fsdp_matches_one_process():
+    """The LM head applied per chunk of positions outside the model's forward, under FSDP2
+    with 2 processes, gives the single-process full-logits gradient for every parameter."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "fsdp_grad_check.py")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 0: 35 gradients match" in res.stdout and "rank 1: 35 gradients match" in res.stdout
+
+
+@pytest.mark.parametrize("algo", ["rlsd", "srpo", "ptdpo", "opsd"])
+def test_chunked_logits_equal_full_logits(tmp_path, cache, algo):
+    """--logit-chunk 3 (LM head per 3 positions, recomputed in backward) vs -1 (all at once)."""
+    extra = ["--group-size", "1"] if algo == "opsd" else []
+    _, a = run(tmp_path / "a", cache, "--algo", algo, "--logit-chunk", "3", *extra)
+    _, b = run(tmp_path / "b", cache, "--algo", algo, "--logit-chunk", "-1", *extra)
+    for ra, rb in zip(a[1:], b[1:]):
+        for k in ("loss", "grad_norm", "entropy"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (algo, k)

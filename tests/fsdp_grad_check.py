@@ -1,0 +1,50 @@
+"""Run by test_train.py under `torchrun --nproc_per_node=2`: the chunked LM-head loss under
+FSDP2 must give the same gradient as the full-logits loss in one process."""
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grpo  # noqa: E402
+from distributed import Dist, shard  # noqa: E402
+from rollout import (build_toy_model, build_toy_tokenizer, lm_head_logits, response_hidden,  # noqa: E402
+                     response_logits)
+
+dist.init_process_group("gloo")
+ctx = Dist(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+tok = build_toy_tokenizer()
+model = build_toy_model(tok, seed=0)
+reference = copy.deepcopy(model)
+g = torch.Generator().manual_seed(0)
+prompt = torch.randint(3, len(tok), (4, 5), generator=g)
+pmask = torch.ones_like(prompt)
+pmask[1, :2] = 0
+resp = torch.randint(3, len(tok), (4, 7), generator=g)
+rmask = torch.ones_like(resp)
+rmask[2, 5:] = 0
+norm = rmask.sum()
+
+shard(model, ctx, torch.float32)
+rows = slice(ctx.rank, None, ctx.world)
+h = response_hidden(model, prompt[rows], pmask[rows], resp[rows], rmask[rows])
+
+
+def nll(h_chunk, t0, t1):
+    logp = grpo.token_logprobs(lm_head_logits(model, h_chunk), resp[rows][:, t0:t1])
+    return grpo.aggregate(-logp, rmask[rows][:, t0:t1], normalizer=norm)
+
+
+loss = sum(torch.utils.checkpoint.checkpoint(nll, h[:, t0:t0 + 3], t0, min(t0 + 3, 7),
+                                             use_reentrant=False) for t0 in range(0, 7, 3))
+(loss * ctx.world).backward()
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+logits = response_logits(reference, prompt, pmask, resp, rmask)
+grpo.aggregate(-grpo.token_logprobs(logits, resp), rmask, normalizer=norm).backward()
+for n, p in reference.named_parameters():
+    torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+print(f"rank {ctx.rank}: {len(grads)} gradients match", flush=True)
+dist.destroy_process_group()
