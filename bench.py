@@ -34,9 +34,9 @@ def measure(args) -> dict:
     """Run warm-up + timed steps of one configuration in this process; return medians."""
     import data
     import train
-    from algos import Teacher, collect
+    from algos import Teacher, collect, column_chunks
     from distributed import Dist, Stopwatch, gathered
-    from rollout import response_logits
+    from rollout import lm_head_logits, response_hidden
 
     given = dict(algo=args.algo, model="toy" if args.model == "toy-init" else args.model,
                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
@@ -46,7 +46,14 @@ def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = Dist(device=device)
     torch.manual_seed(0)
-    model, tok = train.load_policy(cfg, ctx, args.model)
+    if args.vocab:  # the wide-vocabulary memory configuration: tiny model, huge LM head
+        from rollout import build_toy_model, build_toy_tokenizer
+        tok = build_toy_tokenizer()
+        model = build_toy_model(tok, vocab_size=args.vocab, hidden_size=args.hidden,
+                                intermediate_size=2 * args.hidden, head_dim=args.hidden // 4,
+                                num_hidden_layers=2, max_position_embeddings=2048).to(device)
+    else:
+        model, tok = train.load_policy(cfg, ctx, args.model)
     initial = (copy.deepcopy(model)
                if cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0 else None)
     teacher, ref = Teacher(cfg, initial), initial if cfg.kl_coef > 0 else None
@@ -63,8 +70,10 @@ def measure(args) -> dict:
         step_s = time.perf_counter() - t0
         ro = b.ro
         fw = Stopwatch(device)
-        with torch.no_grad(), gathered(model), fw("forward"):
-            response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+        with torch.no_grad(), gathered(model), fw("forward"):  # the same chunked LM head
+            h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+            for t0, t1 in column_chunks(b, model, cfg):
+                lm_head_logits(model, h[:, t0:t1])
         fwd_s = fw.times["forward"]
         gen_tokens = ro.resp_mask.sum().item()
         trained = b.mask.sum().item()
@@ -79,6 +88,9 @@ def measure(args) -> dict:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     else:  # ru_maxrss is KiB on Linux: the whole process, Python and libraries included
         out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # what one (rows, T, V) float32 logits tensor of a micro-batch would take, had it existed
+    out["full_logits_gb"] = (len(b.ex) * args.max_new_tokens
+                             * model.get_output_embeddings().weight.shape[0] * 4 / 2**30)
     out.update(algo=args.algo, G=args.group_size, L=args.max_new_tokens,
                P=args.prompts_per_step, device=str(device), threads=torch.get_num_threads())
     return out
@@ -162,13 +174,14 @@ def run_isolated(args, **override) -> dict:
 
 def table(results) -> str:
     head = ("| algo | G | L | step s | rollout s | teacher s | fwd+bwd s | optim s | rollout tok/s "
-            "| forward tok/s | trained tok/s | peak GB |")
-    lines = [head, "|" + "---|" * 12]
+            "| forward tok/s | trained tok/s | peak GB | one full fp32 logits GB |")
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         lines.append(f"| {r['algo']} | {r['G']} | {r['L']} | {r['step_s']:.3f} | {r['rollout']:.3f} "
                      f"| {r['teacher']:.3f} | {r['fwd_bwd']:.3f} | {r['optimizer']:.3f} "
                      f"| {r['rollout_tok_s']:.0f} | {r['forward_tok_s']:.0f} "
-                     f"| {r['trained_tok_s']:.0f} | {r['peak_mem_gb']:.2f} |")
+                     f"| {r['trained_tok_s']:.0f} | {r['peak_mem_gb']:.2f} "
+                     f"| {r['full_logits_gb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -182,6 +195,9 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--kl-coef", type=float, default=0.0,
                    help="0 (default): no reference model, so GRPO vs RLSD differs by the teacher alone")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="memory benchmark: a 2-layer toy Qwen3 with this vocabulary (e.g. 151936)")
+    p.add_argument("--hidden", type=int, default=32, help="its hidden size (with --vocab)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--scaling", action="store_true", help="group size 4/8/16 and length 64/128/256")

@@ -39,14 +39,16 @@ def build_toy_tokenizer():
     return hf
 
 
-def build_toy_model(tokenizer, *, seed: int = 0):
-    """A ~0.3M-parameter Qwen3 (a real HF architecture) with random weights."""
+def build_toy_model(tokenizer, *, seed: int = 0, **overrides):
+    """A ~0.3M-parameter Qwen3 (a real HF architecture) with random weights. `overrides` change
+    config fields (the memory benchmark uses vocab_size=151936 with a tiny hidden size)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=288,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=24, max_position_embeddings=256, tie_word_embeddings=True,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=None)
+    fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=288,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=24, max_position_embeddings=256, tie_word_embeddings=True,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=None)
+    cfg = Qwen3Config(**{**fields, **overrides})
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(cfg)
 
@@ -156,8 +158,8 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     The same forward as `response_logits`, but a pre-hook takes the LM head's input (the last
     T + 1 normed hidden states) and hands the head an empty slice, so a 150k-token vocabulary
     never becomes an (N, T, V) tensor. Callers apply `lm_head_weight` per chunk of positions.
-    Works for causal LMs whose logits are exactly lm_head(hidden) (Qwen, Llama, Mistral...); a
-    model that post-processes logits (soft-capping, scaling) needs --logit-chunk 0.
+    Correct for causal LMs whose logits are exactly lm_head(hidden) (Qwen, Llama, Mistral...);
+    models that post-process logits (soft-capping, logit scale) are not supported.
     """
     captured = {}
 

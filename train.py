@@ -23,6 +23,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -288,12 +289,13 @@ def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step:
         with sw("fwd_bwd"):
             h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
             total = 0.0
+            # one chunk (a small vocabulary): nothing to save by recomputing it in backward
+            run = chunk_loss if len(chunks) == 1 else partial(
+                torch.utils.checkpoint.checkpoint, chunk_loss, use_reentrant=False)
             for t0, t1 in chunks:
                 part = mb.cols(t0, t1)
-                loss, m = torch.utils.checkpoint.checkpoint(
-                    chunk_loss, h[:, t0:t1], model, part, t_logits, t0, t1,
-                    None if ref_logp is None else ref_logp[:, t0:t1], norms, cfg,
-                    use_reentrant=False)
+                loss, m = run(h[:, t0:t1], model, part, t_logits, t0, t1,
+                              None if ref_logp is None else ref_logp[:, t0:t1], norms, cfg)
                 total = total + loss
                 n = part.mask.sum().item()
                 for k, v in m.items():
@@ -360,9 +362,10 @@ def sft_step(model, opt, b: Batch, cfg: Config, ctx: Dist, step: int) -> dict:
     for mb in micro_batches(b, cfg):
         ro = mb.ro
         h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-        loss = sum(torch.utils.checkpoint.checkpoint(nll, h[:, t0:t1], model, mb.cols(t0, t1),
-                                                     use_reentrant=False)
-                   for t0, t1 in column_chunks(mb, model, cfg))
+        chunks = column_chunks(mb, model, cfg)
+        run = nll if len(chunks) == 1 else partial(torch.utils.checkpoint.checkpoint, nll,
+                                                   use_reentrant=False)
+        loss = sum(run(h[:, t0:t1], model, mb.cols(t0, t1)) for t0, t1 in chunks)
         (loss * ctx.world).backward()
         loss_sum += loss.item()
     for g in opt.param_groups:  # linear warm-up over the first 50 steps, then constant
