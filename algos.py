@@ -32,6 +32,11 @@ class Teacher:
     external  another model                                     (OPD)
     """
 
+    @staticmethod
+    def needs_initial_copy(cfg) -> bool:
+        """A frozen copy of the initial weights: as the teacher, or as the KL reference."""
+        return cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0
+
     def __init__(self, cfg, initial_copy, external=None):
         self.mode, self.cfg = cfg.teacher_mode, cfg
         self.model = {"frozen": initial_copy, "sync": initial_copy, "ema": initial_copy,
@@ -127,16 +132,12 @@ def step_examples(examples, step: int, cfg, ctx) -> list:
     return out
 
 
-def templates(cfg):
-    return data.TOY_TEMPLATES if cfg.data == "toy" else data.PAPER_TEMPLATES
-
-
 def _strip_thinking(text: str) -> str:  # SDPO remove_thinking_from_demonstration
     return text.split("</think>")[-1].strip() if "</think>" in text else text
 
 
 def _sample(model, tok, exs, cfg, gen, ctx):
-    tpl = templates(cfg)["student"]
+    tpl = data.templates(cfg.data)["student"]
     ids, mask = left_pad([data.prompt_ids(tok, data.render(tpl, e)) for e in exs], tok.pad_token_id)
     with gathered(model):
         ro = generate(model, ids.to(ctx.device), mask.to(ctx.device),
@@ -203,7 +204,7 @@ def _replace_rows(ro, texts, rewards, rows, ro2, texts2, r2, tok):
 def add_teacher_prompts(b: Batch, tok, cfg, ctx):
     """The teacher's prompt per row: the student prompt plus the privileged context. Rows with
     no context (no correct sibling, no hint) get the plain prompt and teach_rows = False."""
-    tpl = templates(cfg)
+    tpl = data.templates(cfg.data)
     G = cfg.group_size
     if cfg.context == "sibling":
         to_sdpo, sibling = D.srpo_route(b.rewards.cpu(), G, threshold=cfg.success_threshold)

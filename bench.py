@@ -54,8 +54,7 @@ def measure(args) -> dict:
                                 num_hidden_layers=2, max_position_embeddings=2048).to(device)
     else:
         model, tok = train.load_policy(cfg, ctx, args.model)
-    initial = (copy.deepcopy(model)
-               if cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0 else None)
+    initial = copy.deepcopy(model) if Teacher.needs_initial_copy(cfg) else None
     teacher, ref = Teacher(cfg, initial), initial if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(0)

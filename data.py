@@ -122,6 +122,11 @@ LEAK_PHRASES = ("reference solution", "the hint", "the answer is given", "correc
 TOY_LEAK_MARKERS = ("Q", "A", "S", "H", "R")  # toy privileged-context markers
 
 
+def templates(data_spec: str) -> dict:
+    """The toy task's compact templates, or the papers' wording for real data."""
+    return TOY_TEMPLATES if data_spec == "toy" else PAPER_TEMPLATES
+
+
 def render(template: str, ex: Example, sibling: str = "") -> str:
     return template.format(prompt=ex.prompt, answer=ex.answer, solution=ex.solution,
                            hint=ex.hint, rationale=ex.rationale, sibling=sibling)

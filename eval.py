@@ -118,7 +118,7 @@ def eval_sets(cfg, columns) -> dict:
 def evaluate(model, tok, sets: dict, cfg, ctx) -> dict:
     """Greedy pass@1 on each set; on the toy task also the answer-conditioned teacher's.
     Greedy decoding consumes no random numbers, so evaluating never changes a run."""
-    tpl = data.TOY_TEMPLATES if cfg.data == "toy" else data.PAPER_TEMPLATES
+    tpl = data.templates(cfg.data)
     model.eval()
     out = {}
     with gathered(model):
@@ -207,7 +207,7 @@ def main(argv=None):
         phrases = list(data.LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
         if toy:
             phrases += list(data.TOY_LEAK_MARKERS)
-        tpl = (data.TOY_TEMPLATES if toy else data.PAPER_TEMPLATES)["student"]
+        tpl = data.templates(a.data)["student"]
         for name, exs in sets.items():
             res = evaluate_checkpoint(a.checkpoint, exs, template=tpl, k=a.k,
                                       temperature=a.temperature, phrases=phrases,

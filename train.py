@@ -32,8 +32,7 @@ import checkpoint as ckpt
 import data
 import grpo
 from algos import (LOSSES, Batch, Outputs, Teacher, collect, column_chunks, distill_rows,
-                   global_norms, masked_mean, micro_batches, srpo_weight_mean, step_examples,
-                   templates)
+                   global_norms, masked_mean, micro_batches, srpo_weight_mean, step_examples)
 from distributed import Dist, Stopwatch, autocast, setup_distributed, shard
 from eval import eval_sets, evaluate
 from rollout import (Rollouts, build_toy_model, build_toy_tokenizer, left_pad, lm_head_logits,
@@ -330,7 +329,7 @@ def sft_batch(examples, step, tok, cfg: Config, ctx: Dist) -> Batch:
     context, so that the same network can later act as a teacher that USES the answer."""
     exs = step_examples(examples, step, cfg, ctx)
     rng = random.Random(f"{cfg.seed}-{step}-{ctx.rank}")
-    tpl = templates(cfg)
+    tpl = data.templates(cfg.data)
     prompts, targets = [], []
     for e in exs:
         kind = rng.choice(TOY_SFT_MIX) if cfg.data == "toy" else "student"
@@ -414,11 +413,10 @@ def train(cfg: Config, ctx: Dist) -> dict:
     sets = eval_sets(cfg, columns)
     model, tok = load_policy(cfg, ctx, cfg.model)
     if cfg.max_prompt_tokens:
-        examples = data.drop_long_prompts(examples, tok, templates(cfg)["student"],
+        examples = data.drop_long_prompts(examples, tok, data.templates(cfg.data)["student"],
                                           cfg.max_prompt_tokens, cfg.long_prompts,
                                           source=cfg.data, verbose=main_rank)
-    needs_copy = cfg.teacher_mode in ("frozen", "sync", "ema", "trust") or cfg.kl_coef > 0
-    initial = copy.deepcopy(model) if needs_copy else None
+    initial = copy.deepcopy(model) if Teacher.needs_initial_copy(cfg) else None
     external = None
     if cfg.teacher_mode == "external":
         name = cfg.teacher
