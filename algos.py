@@ -94,6 +94,7 @@ class Batch:
     t_mask: torch.Tensor | None = None
     teach_rows: torch.Tensor | None = None  # (N,) bool: rows with a privileged context
     route: dict | None = None     # algorithm-specific row masks (SRPO, PTD-PO)
+    row_tokens: torch.Tensor | None = None  # (N,) loss tokens of each whole row, set by `cols`
 
     def rows(self, sl: slice) -> "Batch":
         def cut(x):
@@ -107,11 +108,13 @@ class Batch:
         return Batch(*(cut(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def cols(self, t0: int, t1: int) -> "Batch":
-        """The same rows, response positions t0:t1 only (for chunked LM-head work)."""
+        """The same rows, response positions t0:t1 only (for chunked LM-head work). The rows'
+        whole token counts are kept for per-sequence means (seq-mean-token-mean)."""
         ro = self.ro
-        return dataclasses.replace(self, ro=Rollouts(ro.prompt_ids, ro.prompt_mask,
-                                                     ro.resp_ids[:, t0:t1], ro.resp_mask[:, t0:t1],
-                                                     ro.truncated))
+        whole = self.row_tokens if self.row_tokens is not None else self.mask.sum(1)
+        return dataclasses.replace(self, row_tokens=whole,
+                                   ro=Rollouts(ro.prompt_ids, ro.prompt_mask, ro.resp_ids[:, t0:t1],
+                                               ro.resp_mask[:, t0:t1], ro.truncated))
 
     @property
     def mask(self):  # (N, T) tokens in the loss
@@ -143,7 +146,7 @@ def _sample(model, tok, exs, cfg, gen, ctx):
         ro = generate(model, ids.to(ctx.device), mask.to(ctx.device),
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       eos_id=-1 if cfg.ignore_eos else tok.eos_token_id,
-                      pad_id=tok.pad_token_id, generator=gen)
+                      pad_id=tok.pad_token_id, generator=gen, mode=cfg.generation)
     texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                              skip_special_tokens=True)
     rewards = torch.tensor([data.reward(t, e.answer) for t, e in zip(texts, exs)])
@@ -253,7 +256,9 @@ class Outputs:
 
 
 def masked_mean(x, mask):
-    return (torch.where(mask, x.detach().float(), 0.0).sum() / mask.sum().clamp(min=1)).item()
+    """A metric: a detached 0-dim tensor, so the GPU is not synchronised once per chunk
+    (train_step reads all metrics once per step)."""
+    return torch.where(mask, x.detach().float(), 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def _pg(cfg, mb, out, adv, *, with_kl=True):
@@ -262,7 +267,7 @@ def _pg(cfg, mb, out, adv, *, with_kl=True):
     per_tok, m = grpo.policy_loss(out.logp, out.logp.detach(), adv, clip_low=cfg.clip_low,
                                   clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
                                   mask=mb.mask)
-    m = {k: v.item() for k, v in m.items()}
+    m = {k: v.detach() for k, v in m.items()}
     if cfg.kl_coef > 0 and with_kl:
         kl = grpo.kl_k3(out.logp, out.ref_logp)
         per_tok = per_tok + cfg.kl_coef * kl
@@ -276,7 +281,8 @@ def loss_grpo(cfg, mb, out, norms):
     per_tok, m = _pg(cfg, mb, out, mb.adv)
     norm = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
             "seq-mean-token-sum-norm": norms.rows_x_len}[cfg.loss_agg]
-    return grpo.aggregate(per_tok, mb.mask, mode=cfg.loss_agg, normalizer=norm), m
+    return grpo.aggregate(per_tok, mb.mask, mode=cfg.loss_agg, normalizer=norm,
+                          row_tokens=mb.row_tokens), m
 
 
 def loss_rlsd(cfg, mb, out, norms):
@@ -284,7 +290,7 @@ def loss_rlsd(cfg, mb, out, norms):
     loss, m = rlsd_loss(out.logp, out.logp.detach(), mb.adv, t_logp, mb.mask, lam=norms.lam,
                         eps_w=cfg.eps_w, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                         dual_clip=cfg.dual_clip or None, normalizer=norms.tokens)
-    return loss, {k: v.item() for k, v in m.items()}
+    return loss, {k: v.detach() for k, v in m.items()}
 
 
 def loss_opd(cfg, mb, out, norms):
@@ -367,19 +373,27 @@ def distill_rows(cfg, b: Batch):
 # float32 copies of a chunk, so this bounds their memory at a few hundred MiB for any vocabulary.
 # Measured on CPU: 2**23 gave a much HIGHER peak RSS (glibc keeps 32 MiB blocks on its heap,
 # which fragments, while 64 MiB blocks are mmapped and returned on free).
-LOGIT_CHUNK_ELEMENTS = 2**24
+# A chunk also has a fixed cost: about 300 tensor ops for forward, recompute and backward (GRPO
+# 281, RLSD 367, SDPO 306: `python bench.py --algos grpo,rlsd,sdpo --ops-per-chunk`). On a
+# GPU each is a kernel launch, which dominates small chunks: on an H100 with 2**24 (Qwen3-0.6B
+# shape, 16 rows), RLSD's 344 chunks per step made its fwd+bwd 2.1 s slower than GRPO's
+# then-unchunked one. So GPU chunks are 8x larger (512 MiB in float32); that value is
+# reasoned, not yet timed.
+LOGIT_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**27}
 
 
 def column_chunks(b: Batch, model, cfg) -> list:
-    """Response-position ranges for LM-head work: each chunk's logits hold ~LOGIT_CHUNK_ELEMENTS
-    values (--logit-chunk sets positions per chunk, -1 takes all at once). Every loss here is a
-    sum over positions divided by a global count, so chunks add up exactly; the per-sequence
-    mean (seq-mean-token-mean) is not, and gets one chunk."""
+    """Response-position ranges for LM-head work: each chunk's logits hold about
+    LOGIT_CHUNK_ELEMENTS[device] values (--logit-chunk sets positions per chunk, -1 takes all
+    at once). Every loss here is a sum over positions divided by a global count (the
+    per-sequence mean divides by the whole row's length, `Batch.row_tokens`), so chunks add
+    up exactly."""
     T = b.ro.resp_ids.shape[1]
-    if cfg.logit_chunk < 0 or cfg.loss_agg == "seq-mean-token-mean":
+    if cfg.logit_chunk < 0:
         return [(0, T)]
-    V = model.get_output_embeddings().weight.shape[0]
-    step = cfg.logit_chunk or max(1, LOGIT_CHUNK_ELEMENTS // max(1, len(b.ex) * V))
+    head = model.get_output_embeddings().weight
+    budget = LOGIT_CHUNK_ELEMENTS.get(head.device.type, LOGIT_CHUNK_ELEMENTS["cpu"])
+    step = cfg.logit_chunk or max(1, budget // max(1, len(b.ex) * head.shape[0]))
     return [(t, min(t + step, T)) for t in range(0, T, step)]
 
 

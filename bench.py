@@ -13,7 +13,10 @@ then the median over `--steps` steps of the phases the trainer reports in metric
 Responses always run to --max-new-tokens (`ignore_eos`), so lengths are what was asked for.
 "Forward tok/s" is a no-grad teacher-forced forward over the same prompt + response tokens:
 how close sampling gets to the model's own throughput. The model is the toy Qwen3 with random
-weights (no warm start needed) unless --model names another.
+weights (no warm start needed) unless --model names another, or --shape builds a real model's
+architecture from its config with random weights (no download):
+
+    python bench.py --shape qwen3-0.6b --dtype bfloat16 --generation compiled   # on a GPU
 """
 import argparse
 import copy
@@ -28,6 +31,12 @@ import time
 import torch
 
 PHASES = ("rollout", "teacher", "fwd_bwd", "optimizer")
+# Config fields of real checkpoints (from their config.json), built with random weights. The
+# toy tokenizer writes the prompts; the model still has its full vocabulary and LM head.
+SHAPES = {"qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                             num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                             head_dim=128, max_position_embeddings=40960, rope_theta=1e6,
+                             rms_norm_eps=1e-6, tie_word_embeddings=True)}
 
 
 def measure(args) -> dict:
@@ -35,23 +44,28 @@ def measure(args) -> dict:
     import data
     import train
     from algos import Teacher, collect, column_chunks
-    from distributed import Dist, Stopwatch, gathered
-    from rollout import lm_head_logits, response_hidden
+    from distributed import Dist, Stopwatch, autocast, gathered, limit_heap_fragmentation
+    from rollout import build_toy_model, build_toy_tokenizer, lm_head_logits, response_hidden
 
     given = dict(algo=args.algo, model="toy" if args.model == "toy-init" else args.model,
                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                  max_new_tokens=args.max_new_tokens, ignore_eos=True, eval_data="",
-                 out=os.devnull, seed=0, kl_coef=args.kl_coef)
+                 out=os.devnull, seed=0, kl_coef=args.kl_coef, dtype=args.dtype,
+                 generation=args.generation, micro_batch_size=args.micro_batch_size)
     cfg = train.resolve_config(given)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = Dist(device=device)
+    if device.type == "cpu" and args.malloc_threshold > 0:
+        limit_heap_fragmentation(args.malloc_threshold)  # as train.py --malloc-threshold
     torch.manual_seed(0)
     if args.vocab:  # the wide-vocabulary memory configuration: tiny model, huge LM head
-        from rollout import build_toy_model, build_toy_tokenizer
         tok = build_toy_tokenizer()
         model = build_toy_model(tok, vocab_size=args.vocab, hidden_size=args.hidden,
                                 intermediate_size=2 * args.hidden, head_dim=args.hidden // 4,
                                 num_hidden_layers=2, max_position_embeddings=2048).to(device)
+    elif args.shape:
+        tok = build_toy_tokenizer()
+        model = build_toy_model(tok, **SHAPES[args.shape]).to(device)
     else:
         model, tok = train.load_policy(cfg, ctx, args.model)
     initial = copy.deepcopy(model) if Teacher.needs_initial_copy(cfg) else None
@@ -63,15 +77,16 @@ def measure(args) -> dict:
     for step in range(1, args.warmup + args.steps + 1):
         sw = Stopwatch(device)
         t0 = time.perf_counter()
-        with sw("rollout"):
-            b = collect(model, tok, examples, step, cfg, ctx, gen)
-        train.train_step(model, opt, teacher, ref, b, cfg, ctx, step, sw)
+        with autocast(cfg.dtype, ctx):  # as train.train does
+            with sw("rollout"):
+                b = collect(model, tok, examples, step, cfg, ctx, gen)
+            train.train_step(model, opt, teacher, ref, b, cfg, ctx, step, sw)
         step_s = time.perf_counter() - t0
         ro = b.ro
         fw = Stopwatch(device)
-        with torch.no_grad(), gathered(model), fw("forward"):  # the same chunked LM head
+        with torch.no_grad(), gathered(model), autocast(cfg.dtype, ctx), fw("forward"):
             h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-            for t0, t1 in column_chunks(b, model, cfg):
+            for t0, t1 in column_chunks(b, model, cfg):  # the same chunked LM head
                 lm_head_logits(model, h[:, t0:t1])
         fwd_s = fw.times["forward"]
         gen_tokens = ro.resp_mask.sum().item()
@@ -91,8 +106,46 @@ def measure(args) -> dict:
     out["full_logits_gb"] = (len(b.ex) * args.max_new_tokens
                              * model.get_output_embeddings().weight.shape[0] * 4 / 2**30)
     out.update(algo=args.algo, G=args.group_size, L=args.max_new_tokens,
-               P=args.prompts_per_step, device=str(device), threads=torch.get_num_threads())
+               P=args.prompts_per_step, threads=torch.get_num_threads(),
+               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6)
     return out
+
+
+def ops_per_chunk(algo: str) -> float:
+    """Tensor ops (aten calls: kernel launches on a GPU) that one LM-head chunk adds to a
+    training step, forward + recompute + backward: a step with 16 chunks minus one with 8."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import data
+    import train
+    from algos import Teacher, collect
+    from distributed import Dist, Stopwatch
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for chunk in (1, 2):  # 16 and 8 chunks of a 16-token response
+        cfg = train.resolve_config(dict(algo=algo, model="toy", prompts_per_step=4, group_size=2,
+                                        max_new_tokens=16, ignore_eos=True, eval_data="",
+                                        out=os.devnull, logit_chunk=chunk, kl_coef=0.0))
+        ctx = Dist(device=torch.device("cpu"))
+        tok = train.build_toy_tokenizer()
+        model = train.build_toy_model(tok)
+        teacher = Teacher(cfg, copy.deepcopy(model) if Teacher.needs_initial_copy(cfg) else None)
+        opt = torch.optim.AdamW(model.parameters())
+        b = collect(model, tok, data.make_toy("train", 100), 1, cfg, ctx, torch.Generator().manual_seed(0))
+        if b.teach_rows is not None:
+            b.teach_rows[:] = True  # distil every row, whatever the untrained model sampled
+        counter = Count()
+        counter.n = 0
+        with counter:
+            train.train_step(model, opt, teacher, None, b, cfg, ctx, 1, Stopwatch(ctx.device))
+        counts.append(counter.n)
+    return (counts[0] - counts[1]) / 8
 
 
 def measure_trl(args) -> dict:
@@ -160,7 +213,7 @@ def run_isolated(args, **override) -> dict:
     """One configuration in a fresh Python process; its JSON result."""
     argv = [sys.executable, os.path.abspath(__file__), "--one"]
     for k, v in {**vars(args), **override}.items():
-        if k in ("one", "scaling", "algos", "vs_trl", "trl") or v is None:
+        if k in ("one", "scaling", "algos", "vs_trl", "trl", "ops_per_chunk") or v is None:
             continue
         argv += [f"--{k.replace('_', '-')}", str(v)]
     if override.get("trl"):
@@ -192,16 +245,28 @@ def main(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=0,
+                   help="rows per forward/backward (0: the whole batch at once)")
     p.add_argument("--kl-coef", type=float, default=0.0,
                    help="0 (default): no reference model, so GRPO vs RLSD differs by the teacher alone")
     p.add_argument("--vocab", type=int, default=0,
                    help="memory benchmark: a 2-layer toy Qwen3 with this vocabulary (e.g. 151936)")
     p.add_argument("--hidden", type=int, default=32, help="its hidden size (with --vocab)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="a real architecture from its config, random weights (no download)")
+    p.add_argument("--malloc-threshold", type=int, default=0,
+                   help="CPU: glibc mmap threshold in bytes, as train.py's (0: glibc's adaptive default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: autocast compute over float32 master weights, as train.py")
+    p.add_argument("--generation", default="dynamic", choices=("dynamic", "static", "compiled"),
+                   help="rollout KV cache (rollout.generate); 'compiled' needs CUDA")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--scaling", action="store_true", help="group size 4/8/16 and length 64/128/256")
     p.add_argument("--vs-trl", action="store_true",
                    help="also run TRL's GRPOTrainer on the same configuration and print the ratio")
+    p.add_argument("--ops-per-chunk", action="store_true",
+                   help="count the tensor ops one LM-head chunk costs, per algorithm in --algos")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trl", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -209,6 +274,10 @@ def main(argv=None):
         print(json.dumps(measure_trl(a) if a.trl else measure(a)))
         return
     algos = a.algos.split(",")
+    if a.ops_per_chunk:
+        for x in algos:
+            print(f"{x}: {ops_per_chunk(x):.0f} tensor ops per LM-head chunk (forward, recompute, backward)")
+        return
     results = [run_isolated(a, algo=x) for x in algos]
     print(table(results))
     by = {r["algo"]: r for r in results}
@@ -225,8 +294,10 @@ def main(argv=None):
         rows = [run_isolated(a, algo=algos[0], group_size=g, max_new_tokens=64) for g in (4, 8, 16)]
         rows += [run_isolated(a, algo=algos[0], group_size=8, max_new_tokens=n) for n in (128, 256)]
         print("\nScaling (" + algos[0] + "):\n" + table(rows))
-    print(f"\n{results[0]['device']}, {results[0]['threads']} threads, median of {a.steps} steps "
-          f"after {a.warmup} warm-up, P={a.prompts_per_step} prompts/step")
+    r0 = results[0]
+    print(f"\n{r0['device']}, {r0['threads']} threads, {r0['params_m']:.1f}M parameters, "
+          f"{a.dtype}, {a.generation} KV cache, median of {a.steps} steps after {a.warmup} "
+          f"warm-up, P={a.prompts_per_step} prompts/step")
 
 
 if __name__ == "__main__":

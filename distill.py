@@ -125,8 +125,9 @@ def distill_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     logits are divided by the ROLLOUT temperature (OPSD uses 1.1, SDPO 1.0), as all codes do.
     The trainer calls this on chunks of positions so that (N,T,V) float32 never exists at once.
     """
-    s = _f32(student_logits) / temperature
-    t = _f32(teacher_logits.detach()) / temperature
+    s, t = _f32(student_logits), _f32(teacher_logits.detach())
+    if temperature != 1.0:  # a division by 1 would still copy two (.., V) tensors
+        s, t = s / temperature, t / temperature
     if top_k is None:
         ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     else:

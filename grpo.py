@@ -202,7 +202,8 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, *, mode: str = "token-mean",
-              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+              normalizer: float | torch.Tensor | None = None,
+              row_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """(N,T) per-token loss and mask -> scalar.
 
     token-mean              sum(l * m) / normalizer, normalizer defaults to sum(m). DAPO Eq. 12.
@@ -210,6 +211,9 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, *, mode: str = "
                             gradients of micro-batches (and ranks) gives the full-batch gradient.
     seq-mean-token-mean     mean over non-empty rows of each row's token mean. GRPO Eq. 3.
                             `normalizer`, if given, replaces the number of rows (global rows).
+                            `row_tokens` (N,), if given, replaces each row's token count: the
+                            trainer passes the WHOLE row's count when `per_token_loss` holds
+                            only a chunk of its positions, so that chunks add up exactly.
     seq-mean-token-sum-norm sum(l * m) / normalizer, normalizer required: Dr. GRPO divides by
                             a constant (rows x max response length), never by the tokens present.
     An all-zero mask gives 0, never NaN. Masked positions are selected away, not multiplied by
@@ -221,7 +225,7 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, *, mode: str = "
         denom = m.sum() if normalizer is None else normalizer
         return loss.sum() / torch.clamp(torch.as_tensor(denom, dtype=loss.dtype), min=1.0)
     if mode == "seq-mean-token-mean":
-        count_N = m.sum(dim=-1)
+        count_N = m.sum(dim=-1) if row_tokens is None else row_tokens
         row_mean_N = loss.sum(dim=-1) / count_N.clamp(min=1).to(loss.dtype)
         denom = (count_N > 0).sum() if normalizer is None else normalizer
         return row_mean_N.sum() / torch.clamp(torch.as_tensor(denom, dtype=loss.dtype), min=1.0)

@@ -11,6 +11,7 @@ whose prompt (the student prompt plus a privileged context) is concatenated with
 response ids. Teachers therefore score exactly the tokens the student sampled.
 """
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -97,27 +98,78 @@ class Rollouts:
     truncated: torch.Tensor    # (N,) bool: no <eos> within max_new_tokens
 
 
+GENERATION_MODES = ("dynamic", "static", "compiled")
+STATIC_BUCKET = 128  # static caches come in widths that are multiples of this: few recompiles
+_static = weakref.WeakKeyDictionary()  # model -> its decode function and its last StaticCache
+
+
+def _static_cache(config, width: int):
+    from transformers import StaticCache
+
+    class Cache(StaticCache):
+        """Under bf16 autocast, Qwen3's q/k RMSNorm hands the cache float32 keys next to
+        bfloat16 values, and a static buffer has one dtype. Attention casts both to bf16
+        anyway, so storing the keys in the values' dtype changes no number."""
+        def update(self, key_states, value_states, *args, **kwargs):
+            return super().update(key_states.to(value_states.dtype), value_states, *args, **kwargs)
+
+    return Cache(config=config, max_cache_len=width)
+
+
+def _static_decoder(model, rows: int, width: int, compiled: bool):
+    """A StaticCache of `width` slots for `rows` sequences and the function that runs one
+    decode step as step(model, **inputs). The function is compiled once per model (torch.compile
+    then specialises it per shape; unbound, so the table does not keep the model alive); the
+    cache is reused while the shape stays the same, since a CUDA graph is recorded for the
+    buffer addresses it saw."""
+    entry = _static.setdefault(model, {})
+    if entry.get("compiled") != compiled:
+        step = (torch.compile(type(model).forward, mode="reduce-overhead") if compiled
+                else lambda m, **inputs: m(**inputs))  # eager: through __call__ and its hooks
+        entry.update(compiled=compiled, shape=None, step=step)
+    if entry["shape"] != (rows, width):  # keep one cache: a KV cache can be gigabytes
+        entry.update(shape=(rows, width), cache=_static_cache(model.config, width))
+    entry["cache"].reset()  # zero the keys/values and the fill position
+    return entry["cache"], entry["step"]
+
+
 @torch.no_grad()  # not inference_mode: the sampled ids are later saved for backward
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
-             eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> Rollouts:
+             eos_id: int, pad_id: int, generator: torch.Generator | None = None,
+             mode: str = "dynamic") -> Rollouts:
     """Sample responses with the KV cache; temperature 0 is greedy. Stops when all hit <eos>.
 
     Written out instead of `model.generate` so that sampling is exactly softmax(z / T) over
     the full vocabulary (no default top-k), uses our own torch.Generator (reproducible and
     resumable), and costs one small forward per token.
+
+    mode: "dynamic" grows the cache by concatenation (transformers' default, any device).
+    "static" preallocates it (`StaticCache`, width rounded up to STATIC_BUCKET) so every decode
+    step has the same shapes; "compiled" adds `torch.compile(mode="reduce-overhead")` on the
+    decode step, which replays it as one CUDA graph instead of hundreds of small kernel
+    launches (the prefill stays eager). "compiled" is for one CUDA process; the first call
+    per shape compiles (tens of seconds).
     """
-    dev = prompt_ids.device
-    Lp = prompt_ids.shape[1]
-    # the whole attention mask up front: each step passes a growing view, never a new tensor
-    mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens)], 1)
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"generation mode {mode!r}: expected one of {GENERATION_MODES}")
+    N, Lp = prompt_ids.shape
+    width = Lp + max_new_tokens
+    cache, step = None, lambda m, **inputs: m(**inputs)  # no cache: the model makes a DynamicCache
+    if mode != "dynamic":
+        width = -(-width // STATIC_BUCKET) * STATIC_BUCKET
+        cache, step = _static_decoder(model, N, width, compiled=mode == "compiled")
+    # the whole attention mask up front: each step passes a view (dynamic: a growing one;
+    # static: all of it, as slots not yet written are hidden by the causal mask)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, width - Lp)], 1)
     pos = positions(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1)
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
     next_pos = pos[:, -1:] + 1
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()  # used up before the next step (a CUDA graph reuses it)
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
@@ -128,8 +180,9 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         done = done | (tok == eos_id)
         if done.all():
             break
-        out = model(input_ids=tok[:, None], attention_mask=mask[:, :Lp + t + 1],
-                    position_ids=next_pos, past_key_values=out.past_key_values, use_cache=True)
+        out = step(model, input_ids=tok[:, None], position_ids=next_pos, past_key_values=cache,
+                   attention_mask=mask if mode != "dynamic" else mask[:, :Lp + t + 1],
+                   use_cache=True)
         next_pos = next_pos + 1
     resp = torch.stack(tokens, dim=1)
     # a token is part of the response iff no <eos> came strictly before it

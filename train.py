@@ -33,10 +33,11 @@ import data
 import grpo
 from algos import (LOSSES, Batch, Outputs, Teacher, collect, column_chunks, distill_rows,
                    global_norms, masked_mean, micro_batches, srpo_weight_mean, step_examples)
-from distributed import Dist, Stopwatch, autocast, setup_distributed, shard
+from distributed import (Dist, Stopwatch, autocast, limit_heap_fragmentation, setup_distributed,
+                         shard)
 from eval import eval_sets, evaluate
-from rollout import (Rollouts, build_toy_model, build_toy_tokenizer, left_pad, lm_head_logits,
-                     load_model, response_hidden)
+from rollout import (GENERATION_MODES, Rollouts, build_toy_model, build_toy_tokenizer, left_pad,
+                     lm_head_logits, load_model, response_hidden)
 
 ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "opd", "opsd", "sdpo", "srpo", "ptdpo", "rlsd")
 TOY_VERSION = "v1"  # bump when the toy task or model changes, to invalidate cached warm starts
@@ -62,7 +63,8 @@ class Config:
     max_new_tokens: int = 4096        # response length limit
     temperature: float = 1.0          # rollout temperature; the losses use the same one
     ignore_eos: bool = False          # benchmarks: always generate max_new_tokens tokens
-    logit_chunk: int = 0              # response positions per LM-head chunk: 0 auto (~16M logits), -1 all
+    generation: str = "dynamic"       # KV cache: dynamic | static | compiled (CUDA, one process)
+    logit_chunk: int = 0              # positions per LM-head chunk: 0 auto (16M logits CPU, 128M GPU), -1 all
     lr: float = 1e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -104,6 +106,7 @@ class Config:
     save_every: int = 0               # 0 = only at the end
     keep_checkpoints: int = 3
     dtype: str = "float32"            # float32 | bfloat16
+    malloc_threshold: int = 0         # CPU: glibc mmap threshold in bytes, 0 = glibc's default (README)
     log_every: int = 1
 
 
@@ -195,6 +198,10 @@ def check_config(cfg: Config):
         bad("--beta must be in [0, 1]")
     if cfg.long_prompts not in ("fail", "skip"):
         bad("--long-prompts must be 'fail' or 'skip'")
+    if cfg.generation not in GENERATION_MODES:
+        bad(f"--generation must be one of {', '.join(GENERATION_MODES)}")
+    if cfg.generation == "compiled" and not torch.cuda.is_available():
+        bad("--generation compiled replays CUDA graphs and needs a GPU (use 'dynamic' on CPU)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,9 +303,9 @@ def train_step(model, opt, teacher, ref, b: Batch, cfg: Config, ctx: Dist, step:
                 loss, m = run(h[:, t0:t1], model, part, t_logits, t0, t1,
                               None if ref_logp is None else ref_logp[:, t0:t1], norms, cfg)
                 total = total + loss
-                n = part.mask.sum().item()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
+                n = part.mask.sum()
+                for k, v in m.items():  # tensors: read once per step, not once per chunk
+                    sums[k] = sums.get(k, 0.0) + v.double() * n
             # FSDP averages gradients over ranks; our normalizers are already global: undo it
             (total * ctx.world).backward()
             loss_sum += float(total.detach())
@@ -399,6 +406,11 @@ def train(cfg: Config, ctx: Dist) -> dict:
     if cfg.prompts_per_step % ctx.world:  # every rank must run the same number of passes
         raise SystemExit(f"config error: --prompts-per-step {cfg.prompts_per_step} is not "
                          f"divisible by the {ctx.world} processes")
+    if cfg.generation == "compiled" and ctx.world > 1:  # FSDP hooks inside a CUDA graph: untested
+        raise SystemExit("config error: --generation compiled runs in one process; under "
+                         "torchrun use --generation static or dynamic")
+    if cfg.malloc_threshold > 0 and ctx.device.type == "cpu":
+        limit_heap_fragmentation(cfg.malloc_threshold)
     torch.manual_seed(cfg.seed)
     main_rank = ctx.rank == 0
     columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}

@@ -226,3 +226,26 @@ def test_seq_mean_token_mean_gradient_identity(seed):
     (g,) = torch.autograd.grad(loss, logp)
     expect = -(adv / lengths)[:, None] / 4 * mask
     torch.testing.assert_close(g, expect.float())
+
+
+@given(seed=st.integers(0, 10_000), cut=st.integers(1, 6),
+       mode=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]))
+def test_aggregate_adds_up_over_column_chunks(seed, cut, mode):
+    """Chunks of response positions (the chunked LM head) with global normalizers and the whole
+    rows' token counts add up to the full loss, the per-sequence mean included."""
+    loss = randn(seed, 5, 7).requires_grad_()
+    lengths = torch.randint(0, 8, (5,), generator=torch.Generator().manual_seed(seed))
+    mask = torch.arange(7)[None] < lengths[:, None]
+    norm = {"token-mean": mask.sum(), "seq-mean-token-mean": (mask.sum(1) > 0).sum(),
+            "seq-mean-token-sum-norm": 5 * 7}[mode]
+    full = grpo.aggregate(loss, mask, mode=mode, normalizer=norm)
+    chunks = sum(grpo.aggregate(loss[:, c], mask[:, c], mode=mode, normalizer=norm,
+                                row_tokens=mask.sum(1)) for c in (slice(0, cut), slice(cut, 7)))
+    torch.testing.assert_close(chunks, full, atol=1e-6, rtol=1e-5)
+    (g_full,) = torch.autograd.grad(full, loss)
+    (g_chunks,) = torch.autograd.grad(chunks, loss)
+    torch.testing.assert_close(g_chunks, g_full, atol=1e-6, rtol=1e-5)
+    if mode == "seq-mean-token-mean" and 0 < cut < int(lengths.max()):  # without: a wrong mean
+        wrong = sum(grpo.aggregate(loss[:, c], mask[:, c], mode=mode, normalizer=norm)
+                    for c in (slice(0, cut), slice(cut, 7)))
+        assert not torch.allclose(wrong, full)

@@ -118,6 +118,11 @@ def test_bad_configs_fail_before_training(tmp_path, cache):
         train.parse_config(["--algo", "grpo", "--group-size", "1"])
     with pytest.raises(SystemExit):
         train.parse_config(["--algo", "ppo"])
+    with pytest.raises(SystemExit, match="--generation must be one of"):
+        train.parse_config(["--generation", "paged"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a GPU"):
+            train.parse_config(["--generation", "compiled"])
     f = tmp_path / "no_solution.jsonl"
     f.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
     with pytest.raises(SystemExit) as e:
@@ -152,7 +157,7 @@ def test_chunked_lm_head_gradient_under_fsdp_matches_one_process():
     assert "rank 0: 35 gradients match" in res.stdout and "rank 1: 35 gradients match" in res.stdout
 
 
-@pytest.mark.parametrize("algo", ["rlsd", "srpo", "ptdpo", "opsd"])
+@pytest.mark.parametrize("algo", ["grpo", "rlsd", "srpo", "ptdpo", "opsd"])
 def test_chunked_logits_equal_full_logits(tmp_path, cache, algo):
     """--logit-chunk 3 (LM head per 3 positions, recomputed in backward) vs -1 (all at once)."""
     extra = ["--group-size", "1"] if algo == "opsd" else []
@@ -161,3 +166,12 @@ def test_chunked_logits_equal_full_logits(tmp_path, cache, algo):
     for ra, rb in zip(a[1:], b[1:]):
         for k in ("loss", "grad_norm", "entropy"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (algo, k)
+
+
+def test_static_cache_generation_trains_like_dynamic(tmp_path, cache):
+    """--generation static samples the same tokens, so the whole run matches."""
+    _, a = run(tmp_path / "a", cache, "--algo", "rlsd", "--generation", "static")
+    _, b = run(tmp_path / "b", cache, "--algo", "rlsd")
+    for ra, rb in zip(a[1:], b[1:]):
+        for k in ("loss", "grad_norm", "reward_mean", "response_len_mean"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k
