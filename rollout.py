@@ -103,17 +103,13 @@ STATIC_BUCKET = 128  # static caches come in widths that are multiples of this: 
 _static = weakref.WeakKeyDictionary()  # model -> its decode function and its last StaticCache
 
 
-def _static_cache(config, width: int):
-    from transformers import StaticCache
+class _StaticCache(transformers.StaticCache):
+    """A preallocated KV cache holding keys in the values' dtype. Under bf16 autocast, Qwen3's
+    q/k RMSNorm hands the cache float32 keys next to bfloat16 values, and a static buffer has
+    one dtype; attention casts both to bf16 anyway, so this changes no number."""
 
-    class Cache(StaticCache):
-        """Under bf16 autocast, Qwen3's q/k RMSNorm hands the cache float32 keys next to
-        bfloat16 values, and a static buffer has one dtype. Attention casts both to bf16
-        anyway, so storing the keys in the values' dtype changes no number."""
-        def update(self, key_states, value_states, *args, **kwargs):
-            return super().update(key_states.to(value_states.dtype), value_states, *args, **kwargs)
-
-    return Cache(config=config, max_cache_len=width)
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(key_states.to(value_states.dtype), value_states, *args, **kwargs)
 
 
 def _static_decoder(model, rows: int, width: int, compiled: bool):
@@ -128,7 +124,7 @@ def _static_decoder(model, rows: int, width: int, compiled: bool):
                 else lambda m, **inputs: m(**inputs))  # eager: through __call__ and its hooks
         entry.update(compiled=compiled, shape=None, step=step)
     if entry["shape"] != (rows, width):  # keep one cache: a KV cache can be gigabytes
-        entry.update(shape=(rows, width), cache=_static_cache(model.config, width))
+        entry.update(shape=(rows, width), cache=_StaticCache(config=model.config, max_cache_len=width))
     entry["cache"].reset()  # zero the keys/values and the fill position
     return entry["cache"], entry["step"]
 

@@ -131,12 +131,14 @@ def test_bad_configs_fail_before_training(tmp_path, cache):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("algo", ["rlsd", "sdpo", "ptdpo"])  # synced, EMA, frozen teachers
-def test_torchrun_two_processes(tmp_path, cache, algo):
+# synced, EMA, frozen teachers; the static KV cache under FSDP2 once
+@pytest.mark.parametrize("algo,generation", [("rlsd", "dynamic"), ("sdpo", "dynamic"),
+                                             ("ptdpo", "static")])
+def test_torchrun_two_processes(tmp_path, cache, algo, generation):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *TINY, "--algo", algo, "--cache-dir", cache,
-           "--out", out, "--teacher-sync", "1"]
+           "--out", out, "--teacher-sync", "1", "--generation", generation]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
