@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from rollout import GENERATION_MODES
+
 PHASES = ("rollout", "teacher", "fwd_bwd", "optimizer")
 # Config fields of real checkpoints (from their config.json), built with random weights. The
 # toy tokenizer writes the prompts; the model still has its full vocabulary and LM head.
@@ -41,6 +43,7 @@ SHAPES = {"qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_s
 
 def measure(args) -> dict:
     """Run warm-up + timed steps of one configuration in this process; return medians."""
+    import config
     import data
     import train
     from algos import Teacher, collect, column_chunks
@@ -52,7 +55,7 @@ def measure(args) -> dict:
                  max_new_tokens=args.max_new_tokens, ignore_eos=True, eval_data="",
                  out=os.devnull, seed=0, kl_coef=args.kl_coef, dtype=args.dtype,
                  generation=args.generation, micro_batch_size=args.micro_batch_size)
-    cfg = train.resolve_config(given)
+    cfg = config.resolve_config(given)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = Dist(device=device)
     if device.type == "cpu" and args.malloc_threshold > 0:
@@ -117,19 +120,22 @@ def ops_per_chunk(algo: str) -> float:
     training step, forward + recompute + backward: a step with 16 chunks minus one with 8."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    import config
     import data
     import train
     from algos import Teacher, collect
     from distributed import Dist, Stopwatch
 
     class Count(TorchDispatchMode):
+        n = 0
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n += 1
             return func(*args, **(kwargs or {}))
 
     counts = []
     for chunk in (1, 2):  # 16 and 8 chunks of a 16-token response
-        cfg = train.resolve_config(dict(algo=algo, model="toy", prompts_per_step=4, group_size=2,
+        cfg = config.resolve_config(dict(algo=algo, model="toy", prompts_per_step=4, group_size=2,
                                         max_new_tokens=16, ignore_eos=True, eval_data="",
                                         out=os.devnull, logit_chunk=chunk, kl_coef=0.0))
         ctx = Dist(device=torch.device("cpu"))
@@ -140,9 +146,7 @@ def ops_per_chunk(algo: str) -> float:
         b = collect(model, tok, data.make_toy("train", 100), 1, cfg, ctx, torch.Generator().manual_seed(0))
         if b.teach_rows is not None:
             b.teach_rows[:] = True  # distil every row, whatever the untrained model sampled
-        counter = Count()
-        counter.n = 0
-        with counter:
+        with Count() as counter:
             train.train_step(model, opt, teacher, None, b, cfg, ctx, 1, Stopwatch(ctx.device))
         counts.append(counter.n)
     return (counts[0] - counts[1]) / 8
@@ -258,7 +262,7 @@ def main(argv=None):
                    help="CPU: glibc mmap threshold in bytes, as train.py's (0: glibc's adaptive default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="bfloat16: autocast compute over float32 master weights, as train.py")
-    p.add_argument("--generation", default="dynamic", choices=("dynamic", "static", "compiled"),
+    p.add_argument("--generation", default="dynamic", choices=GENERATION_MODES,
                    help="rollout KV cache (rollout.generate); 'compiled' needs CUDA")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)

@@ -22,7 +22,7 @@ schedule numbers, where the paper's values are the default and the script's are 
   * lambda: the paper's Eq. 15 has no lambda; its prose and the code mix (1-lam) + lam*clip(w).
     lam0 = 0.5, linear decay to 0 over 50 steps (paper; the released script uses 60).
   * teacher: a frozen copy of the initial weights re-synced from the student every 10 steps
-    (paper; the script uses 20). The sync lives in train.py; this file is pure math.
+    (paper; the script uses 20). The sync lives in algos.Teacher; this file is pure math.
   * Eq. 16 as translated puts w_t inside the PPO min/clip in place of rho_t. Read as a typo:
     the code, the README and every third-party port use the ordinary surrogate in rho_t
     with A_t as the advantage, and so do we.

@@ -112,6 +112,10 @@ class _StaticCache(transformers.StaticCache):
         return super().update(key_states.to(value_states.dtype), value_states, *args, **kwargs)
 
 
+def _eager_step(model, **inputs):
+    return model(**inputs)  # through __call__, so module hooks (FSDP's) run
+
+
 def _static_decoder(model, rows: int, width: int, compiled: bool):
     """A StaticCache of `width` slots for `rows` sequences and the function that runs one
     decode step as step(model, **inputs). The function is compiled once per model (torch.compile
@@ -121,7 +125,7 @@ def _static_decoder(model, rows: int, width: int, compiled: bool):
     entry = _static.setdefault(model, {})
     if entry.get("compiled") != compiled:
         step = (torch.compile(type(model).forward, mode="reduce-overhead") if compiled
-                else lambda m, **inputs: m(**inputs))  # eager: through __call__ and its hooks
+                else _eager_step)
         entry.update(compiled=compiled, shape=None, step=step)
     if entry["shape"] != (rows, width):  # keep one cache: a KV cache can be gigabytes
         entry.update(shape=(rows, width), cache=_StaticCache(config=model.config, max_cache_len=width))
@@ -150,7 +154,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         raise ValueError(f"generation mode {mode!r}: expected one of {GENERATION_MODES}")
     N, Lp = prompt_ids.shape
     width = Lp + max_new_tokens
-    cache, step = None, lambda m, **inputs: m(**inputs)  # no cache: the model makes a DynamicCache
+    cache, step = None, _eager_step  # no cache given: the model makes a DynamicCache
     if mode != "dynamic":
         width = -(-width // STATIC_BUCKET) * STATIC_BUCKET
         cache, step = _static_decoder(model, N, width, compiled=mode == "compiled")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ def run(tmp_path, cache, *args):
         return out, [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("algo", [a for a in train.ALGOS if a != "opd"])
+@pytest.mark.parametrize("algo", [a for a in config.ALGOS if a != "opd"])
 def test_every_algorithm_runs_two_steps(tmp_path, cache, algo):
     extra = ["--group-size", "1"] if algo == "opsd" else []
     out, rows = run(tmp_path, cache, "--algo", algo, *extra)
@@ -113,16 +114,16 @@ def test_training_on_a_data_file(tmp_path, cache, fmt):
 
 def test_bad_configs_fail_before_training(tmp_path, cache):
     with pytest.raises(SystemExit, match="needs --teacher"):
-        train.parse_config(["--algo", "opd"])
+        config.parse_config(["--algo", "opd"])
     with pytest.raises(SystemExit, match="group-size must be >= 2"):
-        train.parse_config(["--algo", "grpo", "--group-size", "1"])
+        config.parse_config(["--algo", "grpo", "--group-size", "1"])
     with pytest.raises(SystemExit):
-        train.parse_config(["--algo", "ppo"])
+        config.parse_config(["--algo", "ppo"])
     with pytest.raises(SystemExit, match="--generation must be one of"):
-        train.parse_config(["--generation", "paged"])
+        config.parse_config(["--generation", "paged"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a GPU"):
-            train.parse_config(["--generation", "compiled"])
+            config.parse_config(["--generation", "compiled"])
     f = tmp_path / "no_solution.jsonl"
     f.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
     with pytest.raises(SystemExit) as e:
