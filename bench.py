@@ -19,13 +19,13 @@ architecture from its config with random weights (no download):
     python bench.py --shape qwen3-0.6b --dtype bfloat16 --generation compiled   # on a GPU
 """
 import argparse
-import copy
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -46,20 +46,21 @@ def measure(args) -> dict:
     import config
     import data
     import train
-    from algos import Teacher, collect, column_chunks
-    from distributed import Dist, Stopwatch, autocast, gathered, limit_heap_fragmentation
-    from rollout import build_toy_model, build_toy_tokenizer, lm_head_logits, response_hidden
+    from distributed import Dist, Stopwatch, autocast, gathered
+    from rollout import build_toy_model, build_toy_tokenizer
+    from teachers import lm_head_logits, response_hidden
 
     given = dict(algo=args.algo, model="toy" if args.model == "toy-init" else args.model,
                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                  max_new_tokens=args.max_new_tokens, ignore_eos=True, eval_data="",
-                 out=os.devnull, seed=0, kl_coef=args.kl_coef, dtype=args.dtype,
-                 generation=args.generation, micro_batch_size=args.micro_batch_size)
+                 out=tempfile.mkdtemp(prefix="bench-"), seed=0, dtype=args.dtype,
+                 generation=args.generation,
+                 micro_batch_size=args.micro_batch_size)
+    if args.algo in config.USED_BY["kl_coef"]:
+        given["kl_coef"] = args.kl_coef
     cfg = config.resolve_config(given)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = Dist(device=device)
-    if device.type == "cpu" and args.malloc_threshold > 0:
-        limit_heap_fragmentation(args.malloc_threshold)  # as train.py --malloc-threshold
+    dist = Dist(device=device)
     torch.manual_seed(0)
     if args.vocab:  # the wide-vocabulary memory configuration: tiny model, huge LM head
         tok = build_toy_tokenizer()
@@ -70,9 +71,8 @@ def measure(args) -> dict:
         tok = build_toy_tokenizer()
         model = build_toy_model(tok, **SHAPES[args.shape]).to(device)
     else:
-        model, tok = train.load_policy(cfg, ctx, args.model)
-    initial = copy.deepcopy(model) if Teacher.needs_initial_copy(cfg) else None
-    teacher, ref = Teacher(cfg, initial), initial if cfg.kl_coef > 0 else None
+        model, tok = train.load_policy(cfg, dist, args.model)
+    teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(0)
     examples = data.make_toy("train", 2000)
@@ -80,16 +80,17 @@ def measure(args) -> dict:
     for step in range(1, args.warmup + args.steps + 1):
         sw = Stopwatch(device)
         t0 = time.perf_counter()
-        with autocast(cfg.dtype, ctx):  # as train.train does
-            with sw("rollout"):
-                b = collect(model, tok, examples, step, cfg, ctx, gen)
-            train.train_step(model, opt, teacher, ref, b, cfg, ctx, step, sw)
+        with autocast(cfg.dtype, dist):  # as train.train does
+            _, b = train.train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
+                                    examples=examples, step=step, cfg=cfg, dist=dist, gen=gen,
+                                    sw=sw)
         step_s = time.perf_counter() - t0
-        ro = b.ro
+        ro = b
         fw = Stopwatch(device)
-        with torch.no_grad(), gathered(model), autocast(cfg.dtype, ctx), fw("forward"):
+        with torch.no_grad(), gathered(model), autocast(cfg.dtype, dist), fw("forward"):
             h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-            for t0, t1 in column_chunks(b, model, cfg):  # the same chunked LM head
+            for t0, t1 in train.column_chunks(len(b.examples), ro.resp_ids.shape[1], model,
+                                              cfg.logit_chunk):  # the same chunked LM head
                 lm_head_logits(model, h[:, t0:t1])
         fwd_s = fw.times["forward"]
         gen_tokens = ro.resp_mask.sum().item()
@@ -106,7 +107,7 @@ def measure(args) -> dict:
     else:  # ru_maxrss is KiB on Linux: the whole process, Python and libraries included
         out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # what one (rows, T, V) float32 logits tensor of a micro-batch would take, had it existed
-    out["full_logits_gb"] = (len(b.ex) * args.max_new_tokens
+    out["full_logits_gb"] = (len(b.examples) * args.max_new_tokens
                              * model.get_output_embeddings().weight.shape[0] * 4 / 2**30)
     out.update(algo=args.algo, G=args.group_size, L=args.max_new_tokens,
                P=args.prompts_per_step, threads=torch.get_num_threads(),
@@ -123,7 +124,6 @@ def ops_per_chunk(algo: str) -> float:
     import config
     import data
     import train
-    from algos import Teacher, collect
     from distributed import Dist, Stopwatch
 
     class Count(TorchDispatchMode):
@@ -134,20 +134,21 @@ def ops_per_chunk(algo: str) -> float:
             return func(*args, **(kwargs or {}))
 
     counts = []
-    for chunk in (1, 2):  # 16 and 8 chunks of a 16-token response
+    for chunk in (1, 2):  # 16 and 8 chunks of a 16-token response; the rollouts are identical
         cfg = config.resolve_config(dict(algo=algo, model="toy", prompts_per_step=4, group_size=2,
                                         max_new_tokens=16, ignore_eos=True, eval_data="",
-                                        out=os.devnull, logit_chunk=chunk, kl_coef=0.0))
-        ctx = Dist(device=torch.device("cpu"))
+                                        out=tempfile.mkdtemp(prefix="bench-"), logit_chunk=chunk,
+                                        **({"kl_coef": 0.0} if algo in config.USED_BY["kl_coef"]
+                                           else {})))
+        dist = Dist(device=torch.device("cpu"))
         tok = train.build_toy_tokenizer()
         model = train.build_toy_model(tok)
-        teacher = Teacher(cfg, copy.deepcopy(model) if Teacher.needs_initial_copy(cfg) else None)
+        teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
         opt = torch.optim.AdamW(model.parameters())
-        b = collect(model, tok, data.make_toy("train", 100), 1, cfg, ctx, torch.Generator().manual_seed(0))
-        if b.teach_rows is not None:
-            b.teach_rows[:] = True  # distil every row, whatever the untrained model sampled
         with Count() as counter:
-            train.train_step(model, opt, teacher, None, b, cfg, ctx, 1, Stopwatch(ctx.device))
+            train.train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
+                             examples=data.make_toy("train", 100), step=1, cfg=cfg, dist=dist,
+                             gen=torch.Generator().manual_seed(0), sw=Stopwatch(dist.device))
         counts.append(counter.n)
     return (counts[0] - counts[1]) / 8
 
@@ -165,8 +166,6 @@ def measure_trl(args) -> dict:
         from trl import GRPOConfig, GRPOTrainer
     except ImportError:
         raise SystemExit("--vs-trl needs TRL: pip install trl (a benchmark-only dependency)") from None
-    import tempfile
-
     import data
     from rollout import build_toy_model, build_toy_tokenizer
 
@@ -258,8 +257,6 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=32, help="its hidden size (with --vocab)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="a real architecture from its config, random weights (no download)")
-    p.add_argument("--malloc-threshold", type=int, default=0,
-                   help="CPU: glibc mmap threshold in bytes, as train.py's (0: glibc's adaptive default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="bfloat16: autocast compute over float32 master weights, as train.py")
     p.add_argument("--generation", default="dynamic", choices=GENERATION_MODES,

@@ -16,7 +16,7 @@ import re
 import shutil
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
 from distributed import full_state_dict, load_full_state_dict
@@ -93,51 +93,51 @@ def load_teacher_state(path: str) -> dict | None:
 # The trainer's side: gather (FSDP) state, save on rank 0, restore on every rank
 # ----------------------------------------------------------------------------------------
 
-def save(model, opt, teacher, tok, gen, cfg, ctx, step: int):
+def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
     """Gather the full (unsharded) state on rank 0 and write one checkpoint; every rank waits."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_optimizer_state_dict)
-    state = full_state_dict(model, ctx)
-    if ctx.world > 1:
+    state = full_state_dict(model, dist)
+    if dist.world > 1:
         optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
-        rngs = [None] * ctx.world
-        dist.all_gather_object(rngs, gen.get_state())
+        rngs = [None] * dist.world
+        tdist.all_gather_object(rngs, gen.get_state())
     else:
         optim, rngs = opt.state_dict(), [gen.get_state()]
-    t_state = full_state_dict(teacher.model, ctx) if teacher.has_state else None
-    if ctx.rank == 0:
+    t_state = full_state_dict(teacher.model, dist) if teacher.has_state else None
+    if dist.rank == 0:
         save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
                              tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
                              trainer_state=dict(step=step, optimizer=optim, rng=rngs,
                                                 config=dataclasses.asdict(cfg)))
-    ctx.barrier()
+    dist.barrier()
 
 
-def restore(model, opt, teacher, gen, cfg, ctx) -> int:
+def restore(model, opt, teacher, gen, cfg, dist) -> int:
     """Continue from the newest complete checkpoint in --out: weights, optimizer, RNG, teacher."""
     path = latest_checkpoint(cfg.out)
     if path is None:
         raise SystemExit(f"--resume: no complete checkpoint in {cfg.out}")
     state = load_trainer_state(path)
-    load_full_state_dict(model, load_file(os.path.join(path, "model.safetensors")), ctx)
-    if ctx.world > 1:
+    load_full_state_dict(model, load_file(os.path.join(path, "model.safetensors")), dist)
+    if dist.world > 1:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
         set_optimizer_state_dict(model, opt, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(state["optimizer"])
-    if len(state["rng"]) != ctx.world:
+    if len(state["rng"]) != dist.world:
         raise SystemExit(f"--resume: checkpoint was written by {len(state['rng'])} processes, "
-                         f"this run has {ctx.world}")
-    gen.set_state(state["rng"][ctx.rank])
+                         f"this run has {dist.world}")
+    gen.set_state(state["rng"][dist.rank])
     if teacher.has_state:
         t_state = load_teacher_state(path)
         if t_state is None:
             raise SystemExit(f"--resume: {path} has no teacher.safetensors, but "
                              f"--teacher-mode {cfg.teacher_mode} needs the teacher's weights")
-        load_full_state_dict(teacher.model, t_state, ctx)
-    if ctx.rank == 0:
+        load_full_state_dict(teacher.model, t_state, dist)
+    if dist.rank == 0:
         print(f"resumed from {path} (step {state['step']})", flush=True)
     return state["step"]

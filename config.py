@@ -1,94 +1,110 @@
 """Every training option in one dataclass, each algorithm's paper defaults, and validation.
 
-`python train.py --help` lists the fields of `Config` as flags. A run's options are resolved in
-three layers: the paper's settings for the algorithm (`PAPER_DEFAULTS`); on the toy model,
-the scale-dependent ones (learning rate, batch, lengths, steps) from `TOY_DEFAULTS`; then
-whatever the command line gives, which always wins. Impossible combinations fail here,
-before anything is loaded.
+`python train.py --help` lists the fields of `Config` as flags, grouped by the `# ---`
+headers below, each with its trailing comment as help. A run's options are resolved in three
+layers: the paper's settings for the algorithm (`PAPER_DEFAULTS`); on the toy model, the
+scale-dependent ones (learning rate, batch, lengths, steps) from `TOY_DEFAULTS`; then
+whatever the command line gives, which always wins. Impossible combinations, and flags the
+chosen algorithm would ignore, fail here, before anything is loaded.
 """
 import argparse
 import dataclasses
+import inspect
 import os
+import re
+import sys
 from dataclasses import dataclass
 
 import torch
 
 import data
 from rollout import GENERATION_MODES
+from teachers import TEACHER_MODES
 
 ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "opd", "opsd", "sdpo", "srpo", "ptdpo", "rlsd")
 
 
 @dataclass
 class Config:
-    algo: str = "rlsd"                # one of ALGOS
+    # --- what to train, on what
+    algo: str = "rlsd"                # sft grpo dr_grpo dapo opd opsd sdpo srpo ptdpo rlsd
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
     teacher: str = ""                 # OPD's external teacher: 'toy' or a directory / hub id
     data: str = "toy"                 # 'toy' or a .jsonl / .parquet file
-    eval_data: str = "toy"            # 'toy' (test + ood splits) or a file; '' disables evaluation
-    prompt_key: str = "prompt"        # dataset column names
-    answer_key: str = "answer"
-    solution_key: str = "solution"
-    hint_key: str = "hint"
-    rationale_key: str = "rationale"
-    images_key: str = "images"
+    eval_data: str = "toy"            # 'toy' (test + ood splits), a file, or '' for no evaluation
+    prompt_key: str = "prompt"        # data column with the question (the student's prompt)
+    answer_key: str = "answer"        # data column with the final answer (the verifier's target)
+    solution_key: str = "solution"    # data column with a reference solution (OPSD's teacher)
+    hint_key: str = "hint"            # data column with an answer-free hint (PTD-PO's teacher)
+    rationale_key: str = "rationale"  # data column with a rationale (OmniOPSD-style OPSD)
+    images_key: str = "images"        # data column with image paths (checked, not yet shown to a model)
+    # --- rollouts
     steps: int = 50                   # optimizer steps (one per rollout batch)
     prompts_per_step: int = 32        # P prompts per step, over all ranks
     group_size: int = 8               # G rollouts per prompt
-    micro_batch_size: int = 0         # rows per forward/backward; 0 = the whole local batch
     max_new_tokens: int = 4096        # response length limit
-    temperature: float = 1.0          # rollout temperature; the losses use the same one
+    temperature: float = 1.0          # rollout temperature; every loss uses the same one
     ignore_eos: bool = False          # benchmarks: always generate max_new_tokens tokens
     generation: str = "dynamic"       # KV cache: dynamic | static | compiled (CUDA, one process)
-    logit_chunk: int = 0              # positions per LM-head chunk: 0 auto (16M logits CPU, 128M GPU)
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    adv_scale: str = "group"          # 'group' (GRPO) or 'none' (Dr. GRPO)
-    loss_agg: str = "token-mean"      # see grpo.aggregate
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float = 3.0            # <= 0 disables
-    kl_coef: float = 0.0              # k3 KL to the initial model
-    teacher_mode: str = "none"        # none | live | frozen | sync | ema | trust | external
-    teacher_sync: int = 10            # RLSD: re-sync the frozen teacher every N steps (paper 10, code 20)
-    teacher_ema: float = 0.05         # SDPO/SRPO EMA rate (and trust-region mix)
-    context: str = "answer"           # privileged context: answer | solution | hint | rationale | sibling | none
-    lam0: float = 0.5                 # RLSD lambda
-    lam_decay: int = 50               # RLSD lambda decay steps (paper 50, code 60)
-    lam_warmup: int = 0
-    eps_w: float = 0.2                # RLSD weight clip
-    beta: float = 0.5                 # divergence teacher weight: 0 forward KL, 1 reverse KL
-    top_k: int = 100                  # distillation top-k (0 = full vocabulary)
-    token_clip: float = 0.0           # OPSD pointwise clip (0 = off)
-    is_clip: float = 2.0              # SDPO importance-weight cap
-    success_threshold: float = 0.5    # SDPO/SRPO: reward that counts as a success
-    srpo_beta: float = 1.0            # SRPO entropy-weight temperature
-    ptd_coef: float = 0.05            # PTD-PO lambda
-    ptd_tau: float = 1.0              # PTD-PO group-accuracy threshold
-    opd_coef: float = 1.0             # OPD KL-advantage coefficient
-    dapo_max_gen_batches: int = 3     # DAPO dynamic sampling: extra generation rounds
-    overlong_cache: int = 0           # DAPO overlong buffer L_cache (0 = off)
     max_prompt_tokens: int = 0        # longest student prompt allowed (0 = no limit)
     long_prompts: str = "fail"        # a prompt over the limit: 'fail' (name the row) or 'skip' (count)
+    # --- optimisation
+    lr: float = 1e-6                  # AdamW learning rate (after warm-up)
+    lr_warmup_steps: int = 0          # linear warm-up from 0 over this many optimizer steps
+    lr_schedule: str = "constant"     # after warm-up: constant | linear | cosine (decay to 0 at --steps)
+    weight_decay: float = 0.01        # AdamW weight decay
+    max_grad_norm: float = 1.0        # clip the global gradient norm to this
+    micro_batch_size: int = 0         # rows per forward/backward; 0 = the whole local batch
+    logit_chunk: int = 0              # positions per LM-head chunk: 0 auto (16M logits CPU, 128M GPU), -1 all
+    dtype: str = "float32"            # compute dtype: float32 | bfloat16 (master weights stay float32)
+    # --- the policy-gradient loss (GRPO family; RLSD, OPD, SRPO and PTD-PO use it too)
+    adv_scale: str = "group"          # advantages: 'group' (r - mean) / std (GRPO) or 'none' r - mean (Dr. GRPO)
+    loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo.aggregate)
+    clip_low: float = 0.2             # PPO ratio clip below 1 (inert on-policy: one step per batch)
+    clip_high: float = 0.28           # PPO ratio clip above 1, DAPO's clip-higher (inert on-policy)
+    dual_clip: float = 3.0            # dual-clip cap for A < 0, <= 0 disables (inert on-policy)
+    kl_coef: float = 0.0              # k3 KL to the initial model, added per token
+    overlong_cache: int = 0           # DAPO overlong buffer L_cache in tokens (0 = off)
+    dapo_max_gen_batches: int = 3     # DAPO dynamic sampling: generation rounds per step
+    # --- teachers
+    teacher_mode: str = "none"        # none | live | frozen | sync | ema | trust | external
+    context: str = "answer"           # what the teacher sees: answer | solution | hint | rationale | sibling | none
+    teacher_sync: int = 10            # RLSD: re-sync the frozen teacher every N steps (paper 10, code 20)
+    teacher_ema: float = 0.05         # SDPO/SRPO EMA rate (and the trust-region mix)
+    # --- RLSD
+    lam0: float = 0.5                 # RLSD lambda at step 0: the weight of the teacher's evidence
+    lam_decay: int = 50               # RLSD lambda decays linearly to 0 over this many steps (paper 50, code 60)
+    lam_warmup: int = 0               # RLSD lambda warm-up steps (code default 0)
+    eps_w: float = 0.2                # RLSD evidence-weight clip: w in [1 - eps_w, 1 + eps_w]
+    # --- distillation (OPD, OPSD, SDPO, SRPO, PTD-PO)
+    beta: float = 0.5                 # divergence teacher weight: 0 forward KL, 1 reverse KL, else JSD
+    top_k: int = 100                  # distillation top-k support (0 = full vocabulary)
+    token_clip: float = 0.0           # OPSD pointwise clip per vocabulary entry (0 = off)
+    is_clip: float = 2.0              # SDPO importance-weight cap (inert on-policy)
+    success_threshold: float = 0.5    # SDPO/SRPO: the reward that counts as a success
+    srpo_beta: float = 1.0            # SRPO entropy-weight temperature: w ~ exp(-beta H_teacher)
+    ptd_coef: float = 0.05            # PTD-PO lambda: weight of the PTD term
+    ptd_tau: float = 1.0              # PTD-PO: groups with accuracy below tau are distilled
+    opd_coef: float = 1.0             # OPD: coefficient of the reverse-KL advantage
+    # --- run, checkpoints, logging
+    seed: int = 0                     # data order, sampling and initialisation
+    out: str = ""                     # run directory ('' = runs/<algo>)
+    resume: bool = False              # continue from the newest complete checkpoint in --out
+    overwrite: bool = False           # start afresh in a non-empty --out, deleting its run files
+    save_on_signal: bool = False      # on SIGTERM / Ctrl-C, checkpoint the finished step before exiting
+    save_every: int = 0               # checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 3         # newest checkpoints kept on disk
+    eval_every: int = 0               # evaluate every N steps (0 = only before and after)
+    eval_n: int = 200                 # toy evaluation problems per split
+    log_every: int = 1                # console line every N steps (metrics.jsonl gets every step)
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 1300      # toy: SFT steps of the cached warm start
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
-    seed: int = 0
-    out: str = ""                     # run directory ('' = runs/<algo>)
-    resume: bool = False              # continue from the newest complete checkpoint in --out
-    eval_every: int = 0               # 0 = only before and after training
-    eval_n: int = 200                 # toy evaluation problems per split
-    save_every: int = 0               # 0 = only at the end
-    keep_checkpoints: int = 3
-    dtype: str = "float32"            # float32 | bfloat16
-    malloc_threshold: int = 0         # CPU: glibc mmap threshold in bytes, 0 = glibc's default (README)
-    log_every: int = 1
 
 
 # Paper settings per algorithm (see the spec notes and each module's docstring).
 PAPER_DEFAULTS = {
-    "sft": dict(lr=1e-5, context="none"),
+    "sft": dict(lr=1e-5, context="none", lr_warmup_steps=50),
     # DeepSeekMath: std-normalised, per-sequence mean, k3 KL 0.04, symmetric clip
     "grpo": dict(loss_agg="seq-mean-token-mean", kl_coef=0.04, clip_high=0.2, context="none"),
     # Dr. GRPO: no std, token sum / constant, no KL
@@ -108,9 +124,9 @@ PAPER_DEFAULTS = {
     # SRPO: Dr. GRPO advantages, SDPO branch as above, lr 5e-6
     "srpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
                  adv_scale="none", lr=5e-6, max_new_tokens=8192, prompts_per_step=32),
-    # PTD-PO: frozen reference teacher with the hint, k3 KL 0.01, clip high 0.3
+    # PTD-PO: frozen reference teacher with the hint, k3 KL 0.01, clip high 0.3, Top-100 JSD
     "ptdpo": dict(teacher_mode="frozen", context="hint", kl_coef=0.01, clip_high=0.3,
-                  top_k=100, beta=0.5, prompts_per_step=384),
+                  top_k=100, prompts_per_step=384),
     # RLSD: frozen teacher re-synced every 10 steps, lambda 0.5 -> 0 over 50 steps
     "rlsd": dict(teacher_mode="sync", context="answer", max_new_tokens=4096, prompts_per_step=256),
 }
@@ -121,20 +137,69 @@ TOY_DEFAULTS = dict(prompts_per_step=16, max_new_tokens=40, lr=2e-4, steps=150,
 TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=1300, eval_every=250),
                      "opsd": dict(prompts_per_step=32, max_grad_norm=1.0)}
 
+# Algorithm-specific flags and the algorithms that read them: giving one to another algorithm
+# is a config error, not a silent no-op.
+USED_BY = {
+    "kl_coef": ("grpo", "dr_grpo", "dapo", "opd", "srpo", "ptdpo"),
+    "adv_scale": ("grpo", "dr_grpo", "dapo", "rlsd", "srpo", "ptdpo"),
+    "loss_agg": ("grpo", "dr_grpo", "dapo"),
+    "overlong_cache": ("dapo",), "dapo_max_gen_batches": ("dapo",),
+    "lam0": ("rlsd",), "lam_decay": ("rlsd",), "lam_warmup": ("rlsd",), "eps_w": ("rlsd",),
+    "beta": ("opsd", "sdpo", "srpo"), "token_clip": ("opsd",), "is_clip": ("sdpo", "srpo"),
+    "top_k": ("opsd", "sdpo", "srpo", "ptdpo"), "success_threshold": ("sdpo", "srpo"),
+    "srpo_beta": ("srpo",), "ptd_coef": ("ptdpo",), "ptd_tau": ("ptdpo",), "opd_coef": ("opd",),
+    "teacher": ("opd",),
+}
 
-def _cli_type(default):
-    if isinstance(default, bool):
-        return lambda s: s.lower() in ("1", "true", "yes", "y")
-    return type(default)
+
+def field_help() -> dict:
+    """{field: (group header, help text)} from the comments in Config's source."""
+    out, group = {}, ""
+    for line in inspect.getsource(Config).splitlines():
+        header = re.match(r"\s+# --- (.*)", line)
+        if header:
+            group = header.group(1)
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = (group, m.group(2))
+    return out
+
+
+def _bool(s: str) -> bool:
+    """A boolean flag's value: only the words below, so `--resume ture` is an error, not False."""
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, not the usage block; exit 2
+        print(f"config error: {message} (python train.py --help lists every flag)",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
 def parse_config(argv=None) -> Config:
     """Flags are generated from Config's fields; unset flags take the algorithm's defaults."""
-    p = argparse.ArgumentParser(description="Train with RLVR or on-policy self-distillation.")
+    p = _Parser(description="Train with RLVR or on-policy self-distillation. "
+                "Defaults are each algorithm's paper settings (config.py).")
+    docs, groups = field_help(), {}
     for f in dataclasses.fields(Config):
+        group, text = docs[f.name]
+        g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # `--resume`, `--resume true|false`, `--no-resume`
+            g.add_argument(flag, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                           metavar="BOOL", help=f"{text} (default: {f.default})")
+            g.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
         kw = dict(choices=ALGOS) if f.name == "algo" else {}
-        p.add_argument("--" + f.name.replace("_", "-"), type=_cli_type(f.default),
-                       default=argparse.SUPPRESS, **kw)
+        g.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS,
+                       help=f"{text} (default: {f.default!r})", **kw)
     given = vars(p.parse_args(argv))
     return resolve_config(given)
 
@@ -148,19 +213,23 @@ def resolve_config(given: dict) -> Config:
     cfg = Config(**values)
     if not cfg.out:
         cfg.out = os.path.join("runs", cfg.algo)
-    check_config(cfg)
+    check_config(cfg, given)
     return cfg
 
 
-def check_config(cfg: Config):
-    """Impossible combinations fail before anything is loaded."""
+def check_config(cfg: Config, given: dict = ()):
+    """Impossible combinations, and flags given for an algorithm that ignores them, fail here."""
     def bad(msg):
         raise SystemExit(f"config error: {msg}")
+    for name in given:
+        if name in USED_BY and cfg.algo not in USED_BY[name]:
+            bad(f"--{name.replace('_', '-')} has no effect with --algo {cfg.algo} "
+                f"(used by {', '.join(USED_BY[name])})")
     if cfg.algo == "opd" and not cfg.teacher:
         bad("--algo opd needs --teacher (a model directory, hub id, or 'toy')")
     if cfg.algo in ("sdpo", "srpo", "grpo", "dr_grpo", "dapo", "rlsd", "ptdpo") and cfg.group_size < 2:
         bad(f"--algo {cfg.algo} compares rollouts within a group: --group-size must be >= 2")
-    if cfg.teacher_mode not in ("none", "live", "frozen", "sync", "ema", "trust", "external"):
+    if cfg.teacher_mode not in TEACHER_MODES:
         bad(f"unknown --teacher-mode {cfg.teacher_mode!r}")
     if cfg.context not in ("none", "sibling") + data.CONTEXTS:
         bad(f"unknown --context {cfg.context!r}")
@@ -168,8 +237,36 @@ def check_config(cfg: Config):
         bad("--adv-scale must be 'group' or 'none'")
     if cfg.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         bad(f"unknown --loss-agg {cfg.loss_agg!r}")
-    if cfg.prompts_per_step < 1 or cfg.steps < 0 or cfg.max_new_tokens < 1:
-        bad("--prompts-per-step and --max-new-tokens must be >= 1, --steps >= 0")
+    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
+        bad("--lr-schedule must be constant, linear or cosine")
+    ranges = {  # field: (lowest allowed, highest allowed, strictly above the lowest?)
+        "steps": (0, None, False), "prompts_per_step": (1, None, False),
+        "group_size": (1, None, False), "max_new_tokens": (1, None, False),
+        "temperature": (0.0, None, True), "max_prompt_tokens": (0, None, False),
+        "lr": (0.0, None, True), "lr_warmup_steps": (0, None, False),
+        "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, True),
+        "micro_batch_size": (0, None, False), "clip_low": (0.0, 1.0, False),
+        "clip_high": (0.0, None, False), "kl_coef": (0.0, None, False),
+        "overlong_cache": (0, None, False), "dapo_max_gen_batches": (1, None, False),
+        "teacher_sync": (0, None, False), "teacher_ema": (0.0, 1.0, False),
+        "lam0": (0.0, 1.0, False), "lam_decay": (0, None, False), "lam_warmup": (0, None, False),
+        "eps_w": (0.0, 1.0, False), "top_k": (0, None, False), "token_clip": (0.0, None, False),
+        "is_clip": (0.0, None, True), "srpo_beta": (0.0, None, False),
+        "ptd_coef": (0.0, None, False), "ptd_tau": (0.0, 1.0, False), "opd_coef": (0.0, None, False),
+        "save_every": (0, None, False), "keep_checkpoints": (1, None, False),
+        "eval_every": (0, None, False), "eval_n": (1, None, False), "log_every": (1, None, False),
+        "max_skips": (1, None, False), "warm_start_steps": (1, None, False),
+    }
+    for name, (lo, hi, strict) in ranges.items():
+        v = getattr(cfg, name)
+        if v != v or (v <= lo if strict else v < lo) or (hi is not None and v > hi):
+            span = (f"> {lo}" if strict else f">= {lo}") + (f" and <= {hi}" if hi is not None else "")
+            hint = (" (greedy rollouts would make every rollout of a group the same, and the "
+                    "losses score the samples at this temperature)") if name == "temperature" else ""
+            bad(f"--{name.replace('_', '-')} must be {span}, got {v}{hint}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        bad(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    check_paths(cfg, bad)
     if not 0.0 <= cfg.beta <= 1.0:
         bad("--beta must be in [0, 1]")
     if cfg.long_prompts not in ("fail", "skip"):
@@ -178,3 +275,30 @@ def check_config(cfg: Config):
         bad(f"--generation must be one of {', '.join(GENERATION_MODES)}")
     if cfg.generation == "compiled" and not torch.cuda.is_available():
         bad("--generation compiled replays CUDA graphs and needs a GPU (use 'dynamic' on CPU)")
+
+
+def check_paths(cfg: Config, bad):
+    """--model, --teacher, --data, --eval-data and --out name things that can be used."""
+    for flag, value in (("--model", cfg.model), ("--teacher", cfg.teacher)):
+        if value in ("", "toy", "toy-init"):
+            continue
+        if os.path.exists(value):
+            if not os.path.isdir(value):
+                bad(f"{flag} {value}: is a file; expected a model directory (config.json, "
+                    f"weights, tokenizer) or a hub id")
+            if not os.path.exists(os.path.join(value, "config.json")):
+                bad(f"{flag} {value}: directory has no config.json (not a Hugging Face model)")
+        elif value.startswith((".", "/", "~")) or value.count("/") != 1:
+            bad(f"{flag} {value}: no such directory (and not a hub id of the form org/name)")
+    for flag, value in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if value not in ("", "toy") and not os.path.isfile(value):
+            bad(f"{flag} {value}: no such file" + (" (a directory)" if os.path.isdir(value) else ""))
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        bad(f"--out {cfg.out}: is a file; expected a run directory")
+    parent = cfg.out
+    while parent and not os.path.exists(parent):  # the nearest existing ancestor
+        parent = os.path.dirname(parent)
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        bad(f"--out {cfg.out}: {os.path.abspath(parent or '.')} is not writable")
+    if cfg.resume and cfg.overwrite:
+        bad("--resume continues the run in --out, --overwrite deletes it: choose one")

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import torch
+
 COLUMNS = ("prompt", "answer", "solution", "hint", "rationale", "images")
 CONTEXTS = ("answer", "solution", "hint", "rationale")
 
@@ -217,29 +219,84 @@ def reward(response: str, answer: str) -> float:
 # Loaders: JSONL and Parquet files, or the toy task
 # ----------------------------------------------------------------------------------------
 
+def _text_lines(path: str) -> list[str]:
+    """The file's lines as text: UTF-8 with or without a byte-order mark (files exported on
+    Windows have one), LF or CRLF line ends. Undecodable bytes name the line they are on."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = raw.split(b"\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid UTF-8 (byte {line[e.start]:#04x} at "
+                            f"column {e.start + 1}); save the file as UTF-8") from None
+    return out
+
+
+DATA_FORMATS = ".jsonl (one JSON object per line), .json (an array of objects), " \
+               ".csv (a header row), .parquet"
+
+
 def _rows(path: str):
     """(location, dict) pairs; the location names the file and line for error messages."""
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object")
-                yield f"{path}:{i}", row
+    if path.endswith(".jsonl"):
+        yield from _jsonl_rows(path)
+    elif path.endswith(".json"):
+        text = "\n".join(_text_lines(path))
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith("{"):  # JSON lines in a file named .json
+                yield from _jsonl_rows(path)
+                return
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON array of objects (or one object per line)")
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: item {i}: expected a JSON object")
+            yield f"{path}: item {i}", row
+    elif path.endswith(".csv"):
+        import csv
+        lines = _text_lines(path)
+        reader = csv.DictReader(lines)
+        try:
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    raise DataError(f"{path}:{reader.line_num}: more cells than the header has")
+                yield f"{path}:{reader.line_num}", row
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     elif path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError("reading .parquet needs pyarrow: pip install -e '.[parquet]'") from None
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own error types for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for i, row in enumerate(table.to_pylist(), 1):
             yield f"{path}: row {i}", row
     else:
-        raise DataError(f"{path}: unknown data format (expected .jsonl or .parquet)")
+        raise DataError(f"{path}: unknown data format; accepted: {DATA_FORMATS}")
+
+
+def _jsonl_rows(path: str):
+    for i, line in enumerate(_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object")
+        yield f"{path}:{i}", row
 
 
 def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -> list[Example]:
@@ -247,6 +304,8 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
     file column); `need` lists privileged contexts that must be present on every row."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a data file ({DATA_FORMATS})")
     col = {c: (columns or {}).get(c) or c for c in COLUMNS}
     out = []
     for where, row in _rows(path):
@@ -304,6 +363,23 @@ def check_images(examples: list[Example]):
             except Exception as err:  # PIL raises many types for a bad file
                 raise DataError(f"{e.where}: image {p} cannot be read "
                                 f"({type(err).__name__}: {err})") from None
+
+
+def step_examples(examples: list, step: int, *, prompts_per_step: int, seed: int,
+                  rank: int = 0, world: int = 1) -> list:
+    """This rank's prompts for optimizer step `step` (from 1): a function of (seed, step) alone,
+    so resuming needs no data pointer. The stream is a fresh permutation of `examples` per
+    epoch; rank r takes every world-th prompt of the step, so the ranks together see
+    `prompts_per_step` distinct prompts."""
+    P, n = prompts_per_step, len(examples)
+    perms, out = {}, []
+    for pos in range((step - 1) * P + rank, step * P, world):
+        epoch = pos // n
+        if epoch not in perms:  # seed * 7919 + epoch: one generator per (seed, epoch < 7919)
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(
+                seed * 7919 + epoch))
+        out.append(examples[perms[epoch][pos % n]])
+    return out
 
 
 def load_data(spec: str, split: str, *, n_toy: int, seed: int = 0, columns=None,

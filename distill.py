@@ -12,7 +12,7 @@ rollouts are distilled, and which divergence is used:
          pointwise clip min(l_v, tau = 0.05) before the vocabulary sum (Sec. 3.2);
          token-mean over the micro-batch as in the released trainer. OmniOPSD
          (arXiv:2606.15920v1) is OPSD with a rationale as the privileged context: no
-         separate loss exists here, only another teacher prompt (data.py / algos.py).
+         separate loss exists here, only another teacher prompt (data.py, batch.teacher_prompts).
   SDPO   Huebotter et al., "Reinforcement Learning via Self-Distillation", arXiv:2601.20802v2.
          Teacher sees a successful sibling rollout. Student top-K(100) + tail, generalised
          JSD alpha = 0.5 (Eq. 9), times a detached IS weight min(pi/pi_old, 2); it REPLACES the

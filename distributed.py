@@ -5,13 +5,12 @@ nccl on GPU, and shard models with FSDP2 (`fully_shard` per decoder layer, then 
 Under plain `python` there is one process and every helper here is a no-op.
 """
 import contextlib
-import ctypes
 import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 
 @dataclass
@@ -24,32 +23,12 @@ class Dist:
         """All-reduced sum of a float or tensor (a no-op in one process)."""
         t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
         if self.world > 1:
-            dist.all_reduce(t)
+            tdist.all_reduce(t)
         return t
 
     def barrier(self):
         if self.world > 1:
-            dist.barrier()
-
-
-def limit_heap_fragmentation(threshold: int):
-    """CPU, opt-in (--malloc-threshold): allocations of `threshold` bytes or more get their own
-    mmap, handed back to the OS when freed.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; after that,
-    logits-sized tensors are carved from the heap, where freed blocks fragment and stay resident.
-    With V = 151,936 a 4 MiB threshold cut the peak RSS of an SDPO step from 1.35-1.77 GB to
-    0.74 GB (README, Performance), but every large activation then costs fresh page faults: on
-    the toy model it slowed forward/backward by up to ~1.8x, so it is off by default. A no-op without glibc,
-    or when the MALLOC_MMAP_THRESHOLD_ environment variable already sets the threshold."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_MMAP_THRESHOLD = -3  # from malloc.h; setting it also turns the adaptive threshold off
-    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+            tdist.barrier()
 
 
 def setup_distributed() -> Dist:
@@ -61,13 +40,19 @@ def setup_distributed() -> Dist:
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
+    tdist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(tdist.get_rank(), tdist.get_world_size(), device)
 
 
-def shard(model, ctx: Dist, dtype):
+def teardown(dist: Dist):
+    """End the process group at exit (torchrun); nothing to do in one process."""
+    if dist.world > 1:
+        tdist.destroy_process_group()
+
+
+def shard(model, dist: Dist, dtype):
     """FSDP2: each decoder layer, then the root. Parameters stay float32 masters; bf16 compute."""
-    if ctx.world == 1:
+    if dist.world == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -101,27 +86,27 @@ class gathered:
             self.model.reshard()
 
 
-def full_state_dict(model, ctx: Dist) -> dict:
-    if ctx.world == 1:
+def full_state_dict(model, dist: Dist) -> dict:
+    if dist.world == 1:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
 
 
-def load_full_state_dict(model, state: dict, ctx: Dist):
-    if ctx.world == 1:
+def load_full_state_dict(model, state: dict, dist: Dist):
+    if dist.world == 1:
         model.load_state_dict(state, strict=False)  # tied lm_head is absent from checkpoints
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def autocast(dtype_name: str, ctx: Dist):
+def autocast(dtype_name: str, dist: Dist):
     """bf16 compute for one process (float32 master weights). Under FSDP2 the
     MixedPrecisionPolicy in `shard` does this instead."""
-    if dtype_name == "bfloat16" and ctx.world == 1:
-        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    if dtype_name == "bfloat16" and dist.world == 1:
+        return torch.autocast(dist.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -19,17 +19,18 @@ import torch
 import data
 import grpo
 from distributed import gathered
-from rollout import generate, left_pad, load_model, response_logits
+from rollout import generate, left_pad, load_model
+from teachers import response_logits
 
 BATCH = 256  # prompts per generation call
 
 
-def _shard(items, ctx):
-    return items[ctx.rank::ctx.world] if ctx is not None else items
+def _shard(items, dist):
+    return items[dist.rank::dist.world] if dist is not None else items
 
 
-def _sum(ctx, x):
-    return ctx.sum(x).item() if ctx is not None else float(x)
+def _sum(dist, x):
+    return dist.sum(x).item() if dist is not None else float(x)
 
 
 @torch.no_grad()
@@ -51,14 +52,14 @@ def sample(model, tok, examples, template, *, max_new_tokens, temperature=0.0, k
     return texts, stats
 
 
-def accuracy(model, tok, examples, template, cfg, ctx=None) -> float:
+def accuracy(model, tok, examples, template, cfg, dist=None) -> float:
     """Greedy pass@1 over `examples`, sharded over ranks and all-reduced."""
-    mine = _shard(examples, ctx)
-    device = ctx.device if ctx is not None else "cpu"
+    mine = _shard(examples, dist)
+    device = dist.device if dist is not None else "cpu"
     texts, _ = sample(model, tok, mine, template, max_new_tokens=cfg.max_new_tokens,
                       device=device) if mine else ([], [])
     correct = sum(data.reward(t, e.answer) for t, e in zip(texts, mine))
-    return _sum(ctx, correct) / max(_sum(ctx, len(mine)), 1.0)
+    return _sum(dist, correct) / max(_sum(dist, len(mine)), 1.0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -115,7 +116,7 @@ def eval_sets(cfg, columns) -> dict:
     return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
 
 
-def evaluate(model, tok, sets: dict, cfg, ctx) -> dict:
+def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
     """Greedy pass@1 on each set; on the toy task also the answer-conditioned teacher's.
     Greedy decoding consumes no random numbers, so evaluating never changes a run."""
     tpl = data.templates(cfg.data)
@@ -123,9 +124,9 @@ def evaluate(model, tok, sets: dict, cfg, ctx) -> dict:
     out = {}
     with gathered(model):
         for name, exs in sets.items():
-            out[f"{name}_acc"] = accuracy(model, tok, exs, tpl["student"], cfg, ctx)
+            out[f"{name}_acc"] = accuracy(model, tok, exs, tpl["student"], cfg, dist)
             if cfg.data == "toy" and name == "test":  # does the self-teacher use the answer?
-                out["test_teacher_acc"] = accuracy(model, tok, exs, tpl["answer"], cfg, ctx)
+                out["test_teacher_acc"] = accuracy(model, tok, exs, tpl["answer"], cfg, dist)
     return out
 
 

@@ -28,92 +28,6 @@ Shapes: N rollouts (= P prompts x G, group by group), T response tokens, V vocab
 """
 import torch
 
-# Rows of (row, V) logits processed at once: 2**24 elements is 64 MiB of float32, so even a
-# 152k vocabulary is handled ~110 positions at a time and never as one (N, T, V) copy.
-CHUNK_ELEMENTS = 2**24
-
-
-def _chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab)
-
-
-# ----------------------------------------------------------------------------------------
-# Log-probabilities and entropy of the sampled tokens
-# ----------------------------------------------------------------------------------------
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log_softmax(z / T)[y] computed a chunk of rows at a time, forward and backward.
-
-    The naive `logits.float().log_softmax(-1).gather(...)` keeps a float32 (N, T, V) tensor
-    alive for backward: 20 GB for 32 x 1024 tokens of a 152k vocabulary. Here only the
-    per-row logsumexp is saved; backward recomputes softmax chunk by chunk and writes the
-    gradient straight into one buffer of the logits' own dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, tokens, temperature):
-        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
-        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
-        step = _chunk_rows(flat.shape[1])
-        for i in range(0, flat.shape[0], step):
-            x = flat[i:i + step].float() / temperature  # the only float32 copy: one chunk
-            lse[i:i + step] = torch.logsumexp(x, dim=-1)
-            out[i:i + step] = x.gather(1, tok[i:i + step, None]).squeeze(1) - lse[i:i + step]
-        ctx.save_for_backward(logits, tokens, lse)
-        ctx.temperature = temperature
-        return out.view(tokens.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, tokens, lse = ctx.saved_tensors
-        temp = ctx.temperature
-        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
-        go = grad_out.reshape(-1).float()
-        grad = torch.empty_like(flat)
-        step = _chunk_rows(flat.shape[1])
-        for i in range(0, flat.shape[0], step):
-            p = torch.exp(flat[i:i + step].float() / temp - lse[i:i + step, None])
-            # d logp_y / d z_v = (1[v = y] - p_v) / T
-            g = -p * go[i:i + step, None]
-            g.scatter_add_(1, tok[i:i + step, None], go[i:i + step, None])
-            grad[i:i + step] = g / temp
-        return grad.view_as(logits), None, None
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """(N,T,V) logits, (N,T) token ids -> (N,T) float32 log_softmax(logits/temperature)[tokens].
-
-    Never allocates a float32 (N,T,V) copy (see _TokenLogprobs). `tokens` must be valid ids
-    everywhere, padding included (pad with any id and mask the result).
-    """
-    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature))
-
-
-def _entropy_rows(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = torch.log_softmax(x.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """(N,T,V) -> (N,T) entropy of softmax(logits / temperature), in chunks of rows.
-
-    Used as a diagnostic and as SRPO's teacher entropy, both without gradient. If a gradient
-    is asked for, each chunk is checkpointed so backward recomputes it instead of storing it.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    step, chunks = _chunk_rows(flat.shape[1]), []
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    for i in range(0, flat.shape[0], step):
-        if grad:
-            chunks.append(torch.utils.checkpoint.checkpoint(
-                _entropy_rows, flat[i:i + step], temperature, use_reentrant=False))
-        else:
-            chunks.append(_entropy_rows(flat[i:i + step], temperature))
-    return torch.cat(chunks).view(logits.shape[:-1])
-
-
 # ----------------------------------------------------------------------------------------
 # Rewards -> advantages
 # ----------------------------------------------------------------------------------------
@@ -234,3 +148,96 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, *, mode: str = "
             raise ValueError("seq-mean-token-sum-norm needs normalizer = rows x max length")
         return loss.sum() / normalizer
     raise ValueError(f"unknown aggregation mode {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: log-probabilities and entropy of the sampled tokens, a chunk of rows at a time.
+# The rule: never materialise a float32 copy of (N, T, V) logits. The trainer already cuts the
+# response into chunks of positions (train.column_chunks); these kernels cut each chunk again
+# into rows, so a 152k vocabulary costs a few hundred MiB whatever N and T are.
+# ----------------------------------------------------------------------------------------
+
+# Rows of (row, V) logits processed at once: 2**24 elements is 64 MiB of float32, so even a
+# 152k vocabulary is handled ~110 positions at a time and never as one (N, T, V) copy.
+CHUNK_ELEMENTS = 2**24
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(z / T)[y] computed a chunk of rows at a time, forward and backward.
+
+    The naive `logits.float().log_softmax(-1).gather(...)` keeps a float32 (N, T, V) tensor
+    alive for backward: 20 GB for 32 x 1024 tokens of a 152k vocabulary. Here only the
+    per-row logsumexp is saved; backward recomputes softmax chunk by chunk and writes the
+    gradient straight into one buffer of the logits' own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        step = _chunk_rows(flat.shape[1])
+        for i in range(0, flat.shape[0], step):
+            x = flat[i:i + step].float() / temperature  # the only float32 copy: one chunk
+            lse[i:i + step] = torch.logsumexp(x, dim=-1)
+            out[i:i + step] = x.gather(1, tok[i:i + step, None]).squeeze(1) - lse[i:i + step]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return out.view(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        temp = ctx.temperature
+        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+        go = grad_out.reshape(-1).float()
+        grad = torch.empty_like(flat)
+        step = _chunk_rows(flat.shape[1])
+        for i in range(0, flat.shape[0], step):
+            p = torch.exp(flat[i:i + step].float() / temp - lse[i:i + step, None])
+            # d logp_y / d z_v = (1[v = y] - p_v) / T
+            g = -p * go[i:i + step, None]
+            g.scatter_add_(1, tok[i:i + step, None], go[i:i + step, None])
+            grad[i:i + step] = g / temp
+        return grad.view_as(logits), None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """(N,T,V) logits, (N,T) token ids -> (N,T) float32 log_softmax(logits/temperature)[tokens].
+
+    The same numbers (to 1e-5) as the naive two lines
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return logp.gather(-1, tokens[..., None]).squeeze(-1)
+    but never allocates a float32 (N,T,V) copy (see _TokenLogprobs). `tokens` must be valid
+    ids everywhere, padding included (pad with any id and mask the result).
+    """
+    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature))
+
+
+def _entropy_rows(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(x.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """(N,T,V) -> (N,T) entropy of softmax(logits / temperature), in chunks of rows.
+
+    Used as a diagnostic and as SRPO's teacher entropy, both without gradient. If a gradient
+    is asked for, each chunk is checkpointed so backward recomputes it instead of storing it.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    step, chunks = _chunk_rows(flat.shape[1]), []
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    for i in range(0, flat.shape[0], step):
+        if grad:
+            chunks.append(torch.utils.checkpoint.checkpoint(
+                _entropy_rows, flat[i:i + step], temperature, use_reentrant=False))
+        else:
+            chunks.append(_entropy_rows(flat[i:i + step], temperature))
+    return torch.cat(chunks).view(logits.shape[:-1])

@@ -22,7 +22,7 @@ schedule numbers, where the paper's values are the default and the script's are 
   * lambda: the paper's Eq. 15 has no lambda; its prose and the code mix (1-lam) + lam*clip(w).
     lam0 = 0.5, linear decay to 0 over 50 steps (paper; the released script uses 60).
   * teacher: a frozen copy of the initial weights re-synced from the student every 10 steps
-    (paper; the script uses 20). The sync lives in algos.Teacher; this file is pure math.
+    (paper; the script uses 20). The sync lives in teachers.Teacher; this file is pure math.
   * Eq. 16 as translated puts w_t inside the PPO min/clip in place of rho_t. Read as a typo:
     the code, the README and every third-party port use the ordinary surrogate in rho_t
     with A_t as the advantage, and so do we.
@@ -46,6 +46,17 @@ def _evidence_weights(adv_N, teacher_logp, student_logp, eps_w):
         return w, w.clamp(1.0 - eps_w, 1.0 + eps_w)  # Eq. (15): clip the ratio, not delta
 
 
+def _mix(adv_N, w_clip, lam, mask):
+    """A_t = A * ((1 - lam) + lam * w_clip), detached; 0 where `mask` is 0."""
+    # 1 + lam * (w_c - 1) is (1 - lam) + lam * w_c rearranged (the fw-ai cookbook form). It is
+    # exactly 1.0 whenever lam == 0, eps_w == 0 or teacher == student, so those cases are
+    # GRPO bit for bit; the textbook form can round to 0.99999994.
+    adv_NT = adv_N.detach().float()[:, None] * (1.0 + lam * (w_clip - 1.0))
+    if mask is not None:
+        adv_NT = torch.where(mask.bool(), adv_NT, torch.zeros_like(adv_NT))
+    return adv_NT
+
+
 def rlsd_token_advantages(adv: torch.Tensor, teacher_logp: torch.Tensor,
                           student_logp: torch.Tensor, *, lam: float,
                           eps_w: float = 0.2,  # paper and code: 0.2
@@ -58,13 +69,7 @@ def rlsd_token_advantages(adv: torch.Tensor, teacher_logp: torch.Tensor,
     zeroes padding positions.
     """
     _, w_clip = _evidence_weights(adv, teacher_logp, student_logp, eps_w)
-    # 1 + lam * (w_c - 1) is (1 - lam) + lam * w_c rearranged (the fw-ai cookbook form). It is
-    # exactly 1.0 whenever lam == 0, eps_w == 0 or teacher == student, so those cases are
-    # GRPO bit for bit; the textbook form can round to 0.99999994.
-    adv_NT = adv.detach().float()[:, None] * (1.0 + lam * (w_clip - 1.0))
-    if mask is not None:
-        adv_NT = torch.where(mask.bool(), adv_NT, torch.zeros_like(adv_NT))
-    return adv_NT
+    return _mix(adv, w_clip, lam, mask)
 
 
 def lambda_schedule(step: int, *, lam0: float = 0.5,   # paper and code: 0.5
@@ -90,15 +95,18 @@ def rlsd_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
 
     logp (N,T) current student log-probs with grad; old_logp (N,T) from the rollout policy;
     adv (N,) group advantages; teacher_logp (N,T) privileged-teacher log-probs of the same
-    tokens; `normalizer` the global token count (see grpo.aggregate).
+    tokens; `normalizer` the global token count (see grpo.aggregate). The trainer passes
+    old_logp = logp.detach(): one optimizer step per rollout batch, so the ratio is 1.
+    metrics: the surrogate's (over `mask`), the lambda, and the fraction of clipped weights
+    and their mean over the tokens of rollouts with A != 0.
     """
     student_logp = logp.detach()  # the code's choice: current policy, recomputed in the update
-    adv_NT = rlsd_token_advantages(adv, teacher_logp, student_logp, lam=lam, eps_w=eps_w)
+    w, w_clip = _evidence_weights(adv, teacher_logp, student_logp, eps_w)   # Eqs. (13)-(15)
+    adv_NT = _mix(adv, w_clip, lam, None)                                    # the lambda mix
     per_token, metrics = policy_loss(logp, old_logp, adv_NT, clip_low=clip_low,
                                      clip_high=clip_high, dual_clip=dual_clip, mask=mask)
-    loss = aggregate(per_token, mask, normalizer=normalizer)
+    loss = aggregate(per_token, mask, normalizer=normalizer)  # global token-mean (code)
     with torch.no_grad():
-        w, w_clip = _evidence_weights(adv, teacher_logp, student_logp, eps_w)
         # only tokens of rollouts with A != 0 have a weight that matters
         active = mask.bool() & (adv != 0)[:, None]
         n = active.sum().clamp(min=1)

@@ -1,4 +1,4 @@
-"""Models and rollouts: loading (one place), the embedded toy model, sampling, re-scoring.
+"""Models and rollouts: loading (one place), the embedded toy model, sampling.
 
 A rollout batch is a left-padded prompt block followed by a right-padded response block:
 
@@ -8,7 +8,8 @@ A rollout batch is a left-padded prompt block followed by a right-padded respons
 Because every response starts at column Lp, the logits predicting the response are the last
 T + 1 positions of the forward pass (`logits_to_keep`), for the student and for any teacher
 whose prompt (the student prompt plus a privileged context) is concatenated with the SAME
-response ids. Teachers therefore score exactly the tokens the student sampled.
+response ids. Teachers therefore score exactly the tokens the student sampled
+(teachers.py does that scoring).
 """
 import os
 import weakref
@@ -189,46 +190,3 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     eos_before = (resp == eos_id).long().cumsum(1) - (resp == eos_id).long()
     resp_mask = (eos_before == 0).long()
     return Rollouts(prompt_ids, prompt_mask, resp, resp_mask, truncated=~done)
-
-
-def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
-    """(N, T, V) logits that predict each response token, from one forward over prompt+response.
-
-    Only the last T + 1 positions go through the LM head (`logits_to_keep`), so a long
-    privileged teacher prompt costs attention, not vocabulary-sized logits.
-    """
-    ids = torch.cat([prompt_ids, resp_ids], dim=1)
-    mask = torch.cat([prompt_mask, resp_mask], dim=1)
-    T = resp_ids.shape[1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                use_cache=False, logits_to_keep=T + 1, **model_kwargs)
-    return out.logits[:, :-1]  # position t predicts token t + 1: drop the last prediction
-
-
-def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
-    """(N, T, H) final hidden states that predict each response token, and no logits at all.
-
-    The same forward as `response_logits`, but a pre-hook takes the LM head's input (the last
-    T + 1 normed hidden states) and hands the head an empty slice, so a 150k-token vocabulary
-    never becomes an (N, T, V) tensor. Callers apply `lm_head_weight` per chunk of positions.
-    Correct for causal LMs whose logits are exactly lm_head(hidden) (Qwen, Llama, Mistral...);
-    models that post-process logits (soft-capping, logit scale) are not supported.
-    """
-    captured = {}
-
-    def grab(module, args):
-        captured["h"] = args[0]
-        return (args[0][:, :0],) + tuple(args[1:])
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
-    try:
-        response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
-    finally:
-        handle.remove()
-    return captured["h"][:, :-1]
-
-
-def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's LM head on some hidden states: (..., H) -> (..., V)."""
-    head = model.get_output_embeddings()
-    return torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None))

@@ -10,8 +10,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
 from distributed import Dist, shard  # noqa: E402
-from rollout import (build_toy_model, build_toy_tokenizer, lm_head_logits, response_hidden,  # noqa: E402
-                     response_logits)
+from rollout import build_toy_model, build_toy_tokenizer  # noqa: E402
+from teachers import lm_head_logits, response_hidden, response_logits  # noqa: E402
 
 dist.init_process_group("gloo")
 ctx = Dist(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))

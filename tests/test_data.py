@@ -104,9 +104,11 @@ def test_bad_jsonl_names_file_and_line(tmp_path, rows, need, message):
 def test_bad_paths(tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         data.load_examples(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(data.DataError, match="unknown data format"):
-        data.load_examples(str(tmp_path / "d.csv"))
+    (tmp_path / "d.txt").write_text("a,b\n")
+    with pytest.raises(data.DataError, match="unknown data format; accepted: .jsonl"):
+        data.load_examples(str(tmp_path / "d.txt"))
+    with pytest.raises(data.DataError, match="is a directory"):
+        data.load_examples(str(tmp_path))
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(data.DataError, match="no rows"):
         data.load_examples(str(tmp_path / "e.jsonl"))
@@ -120,3 +122,31 @@ def test_render_keeps_privileged_context_out_of_the_student_prompt():
     assert e.solution not in student and e.rationale not in student
     paper = data.render(data.PAPER_TEMPLATES["rationale"], e)
     assert e.rationale in paper and e.rationale not in data.render(data.PAPER_TEMPLATES["student"], e)
+
+
+@pytest.mark.parametrize("name,raw", [
+    ("bom_crlf.jsonl", b'\xef\xbb\xbf{"prompt": "1+1", "answer": "2"}\r\n{"prompt": "2+2", "answer": 4}\r\n'),
+    ("array.json", b'[{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": 4}]'),
+    ("lines.json", b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": 4}\n'),
+    ("table.csv", b'\xef\xbb\xbfprompt,answer\r\n"1+1",2\r\n2+2,4\r\n'),
+])
+def test_common_file_shapes_load_alike(tmp_path, name, raw):
+    f = tmp_path / name
+    f.write_bytes(raw)
+    assert [(e.prompt, e.answer) for e in data.load_examples(str(f))] == [("1+1", "2"), ("2+2", "4")]
+
+
+@pytest.mark.parametrize("name,raw,message", [
+    ("bad.jsonl", b'{"prompt": "1", "answer": "1"}\n{"prompt": "\xff\xfe", "answer": "1"}\n',
+     r"bad\.jsonl:2: not valid UTF-8"),
+    ("bad.csv", b'prompt,answer\n1+1,2\n\xff,3\n', r"bad\.csv:3: not valid UTF-8"),
+    ("bad.csv", b'prompt,answer\n1+1,2,9\n', r"bad\.csv:2: more cells than the header"),
+    ("bad.json", b'[{"prompt": "1+1", "answer": "2"},\n 3]', r"bad\.json: item 2: expected a JSON object"),
+    ("bad.json", b'[{"prompt": "1+1",\n "answer": }]', r"bad\.json:2: malformed JSON"),
+    ("bad.parquet", b"PAR1 not really", r"bad\.parquet: not a readable Parquet file"),
+])
+def test_bad_files_give_one_message(tmp_path, name, raw, message):
+    f = tmp_path / name
+    f.write_bytes(raw)
+    with pytest.raises(data.DataError, match=message):
+        data.load_examples(str(f))

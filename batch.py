@@ -1,0 +1,173 @@
+"""A rollout batch: G sampled responses per prompt, their rewards, and the teachers' prompts.
+
+Steps 1, 2 and 4 of a training step (train.train_step) are the functions here:
+    sample           G responses per prompt with the KV cache, decoded, rewarded by the verifier
+    dapo_resample    DAPO's dynamic sampling: re-roll the groups whose rewards are all equal
+    teacher_prompts  the privileged prompt of each row: its student prompt plus the context its
+                     teacher is shown (answer, solution, hint, rationale, or a correct sibling's
+                     response), which the student's exact response ids then follow
+
+Rows are laid out group by group: rows p*G .. p*G+G-1 are the G rollouts of prompt p, and a
+group never straddles two ranks, so group statistics are computed on whole groups.
+"""
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+import data
+import distill
+import grpo
+from distributed import gathered
+from rollout import Rollouts, generate, left_pad
+
+# The (N, T) fields: cut along T by `positions`; every tensor and list field is cut along N.
+_POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp")
+
+
+@dataclass
+class Batch:
+    examples: list                 # (N,) the Example behind each row (each prompt G times)
+    prompt_ids: torch.Tensor       # (N, Lp) left-padded student prompts
+    prompt_mask: torch.Tensor      # (N, Lp)
+    resp_ids: torch.Tensor         # (N, T) sampled tokens, <eos> included, then padding
+    resp_mask: torch.Tensor        # (N, T) 1 on sampled tokens up to and including <eos>
+    truncated: torch.Tensor        # (N,) bool: no <eos> within max_new_tokens
+    texts: list                    # (N,) decoded responses
+    rewards: torch.Tensor          # (N,) verifier rewards (+ DAPO's overlong shaping)
+    in_loss: torch.Tensor          # (N,) bool: rows in the loss (DAPO drops groups still flat)
+    adv: torch.Tensor | None = None            # (N,) group advantages          (step 3)
+    teacher_ids: torch.Tensor | None = None    # (N, Lt) left-padded teacher prompts (step 4)
+    teacher_mask: torch.Tensor | None = None   # (N, Lt)
+    has_context: torch.Tensor | None = None    # (N,) bool: the teacher prompt has a context
+    distill: torch.Tensor | None = None        # (N,) bool: rows the distillation term averages
+    kl_off: torch.Tensor | None = None         # (N,) bool: PTD-PO rows without reference KL
+    teacher_logp: torch.Tensor | None = None   # (N, T) teacher log-probs of the sampled tokens
+    ref_logp: torch.Tensor | None = None       # (N, T) KL-reference log-probs   (step 5)
+    row_tokens: torch.Tensor | None = None     # (N,) loss tokens of each WHOLE row (positions)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(N, T) bool: the tokens in the loss."""
+        return self.resp_mask.bool() & self.in_loss[:, None]
+
+    def select_rows(self, rows: slice) -> "Batch":
+        """The same batch restricted to some rows (a micro-batch)."""
+        def cut(x):
+            return x[rows] if isinstance(x, (torch.Tensor, list)) else x
+        return Batch(**{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def positions(self, t0: int, t1: int) -> "Batch":
+        """The same rows, response positions t0:t1 only (a chunk of the LM-head work). Each
+        row's whole token count is kept, for per-sequence means over chunks."""
+        whole = self.row_tokens if self.row_tokens is not None else self.mask.sum(1)
+        cols = {f: getattr(self, f)[:, t0:t1] for f in _POSITION_FIELDS
+                if getattr(self, f) is not None}
+        return dataclasses.replace(self, row_tokens=whole, **cols)
+
+    def replace_rows(self, rows: list[int], new: "Batch", *, pad_id: int) -> "Batch":
+        """A copy with `rows` replaced by the rows of `new` (a re-roll of those prompts); the
+        response block is right-padded to the wider of the two."""
+        T = max(self.resp_ids.shape[1], new.resp_ids.shape[1])
+
+        def pad(x, value):
+            return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+        resp, rmask = pad(self.resp_ids, pad_id), pad(self.resp_mask, 0)
+        idx = torch.tensor(rows, device=resp.device)
+        resp[idx], rmask[idx] = pad(new.resp_ids, pad_id), pad(new.resp_mask, 0)
+        truncated, rewards = self.truncated.clone(), self.rewards.clone()
+        truncated[idx], rewards[idx.to(rewards.device)] = new.truncated, new.rewards
+        texts = list(self.texts)
+        for j, i in enumerate(rows):
+            texts[i] = new.texts[j]
+        return dataclasses.replace(self, resp_ids=resp, resp_mask=rmask, truncated=truncated,
+                                   rewards=rewards, texts=texts)
+
+
+# ----------------------------------------------------------------------------------------
+# Steps 1-2: sample and reward
+# ----------------------------------------------------------------------------------------
+
+def sample(model, tok, examples, *, template: str, max_new_tokens: int, temperature: float,
+           ignore_eos: bool, generation: str, overlong_cache: int, generator,
+           device) -> Batch:
+    """Sample one response per row (rows repeat each prompt G times) and reward it.
+
+    The reward is the binary verifier (RLSD Eq. 1), plus DAPO's overlong penalty (Eq. 13) on
+    the response length when `overlong_cache` > 0."""
+    ids, mask = left_pad([data.prompt_ids(tok, data.render(template, e)) for e in examples],
+                         tok.pad_token_id)
+    with gathered(model):  # FSDP: unshard once for the whole generation, not per token
+        ro: Rollouts = generate(model, ids.to(device), mask.to(device),
+                                max_new_tokens=max_new_tokens, temperature=temperature,
+                                eos_id=-1 if ignore_eos else tok.eos_token_id,
+                                pad_id=tok.pad_token_id, generator=generator, mode=generation)
+    texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
+                             skip_special_tokens=True)
+    rewards = torch.tensor([data.reward(t, e.answer) for t, e in zip(texts, examples)])
+    if overlong_cache > 0:
+        rewards = rewards + grpo.overlong_penalty(ro.resp_mask.sum(1).cpu(),
+                                                  max_len=max_new_tokens, cache_len=overlong_cache)
+    return Batch(examples, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask, ro.truncated,
+                 texts, rewards, in_loss=torch.ones(len(examples), dtype=torch.bool))
+
+
+def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) rewards -> (P,) bool: groups whose rewards are all equal (advantage 0 everywhere)."""
+    r_PG = rewards.view(-1, group_size)
+    return (r_PG == r_PG[:, :1]).all(1)
+
+
+def dapo_resample(b: Batch, resample, *, group_size: int, rounds: int, pad_id: int) -> Batch:
+    """DAPO's dynamic sampling (Sec. 3.2): re-roll groups whose rewards are all equal.
+
+    Deviation from the paper: we re-roll the SAME prompts (up to `rounds` - 1 more times)
+    instead of drawing new ones until the batch is full, so the data order stays a function
+    of the step and every rank runs the same number of passes. Groups still flat afterwards
+    are kept out of the loss (`in_loss`); they still run through the forward.
+    `resample(examples)` samples and rewards those rows again."""
+    for _ in range(rounds - 1):
+        flat_P = flat_groups(b.rewards, group_size)
+        if not flat_P.any():
+            break
+        rows = flat_P.repeat_interleave(group_size).nonzero().squeeze(1).tolist()
+        b = b.replace_rows(rows, resample([b.examples[i] for i in rows]), pad_id=pad_id)
+    keep_N = ~flat_groups(b.rewards, group_size).repeat_interleave(group_size)
+    return dataclasses.replace(b, in_loss=keep_N.to(b.in_loss.device))
+
+
+# ----------------------------------------------------------------------------------------
+# Step 4: the teachers' prompts
+# ----------------------------------------------------------------------------------------
+
+def strip_thinking(text: str) -> str:
+    """SDPO `remove_thinking_from_demonstration`: a sibling's <think> block is not shown."""
+    return text.split("</think>")[-1].strip() if "</think>" in text else text
+
+
+def teacher_prompts(tok, b: Batch, *, context: str, templates: dict, group_size: int,
+                    success_threshold: float, device):
+    """(ids (N, Lt), mask (N, Lt), has_context (N,) bool): each row's teacher prompt.
+
+    context = answer | solution | hint | rationale: the row's own field, when it has one;
+    sibling (SDPO, SRPO): the first correct sibling's response, thinking removed; none (OPD):
+    the student's own prompt. Rows with nothing to show get the plain student prompt and
+    has_context False."""
+    if context == "sibling":
+        # the first OTHER rollout of the group with reward >= threshold (SDPO `_get_solution`;
+        # a row is never its own teacher), or -1: the rule SRPO's routing table uses too
+        _, sibling = distill.srpo_route(b.rewards.cpu(), group_size, threshold=success_threshold)
+        has = sibling >= 0
+        texts = [data.render(templates["sibling"], e, sibling=strip_thinking(b.texts[s]))
+                 if s >= 0 else data.render(templates["student"], e)
+                 for e, s in zip(b.examples, sibling.tolist())]
+    elif context == "none":
+        has = torch.ones(len(b.examples), dtype=torch.bool)
+        texts = [data.render(templates["student"], e) for e in b.examples]
+    else:
+        has = torch.tensor([bool(getattr(e, context)) for e in b.examples])
+        texts = [data.render(templates[context] if h else templates["student"], e)
+                 for e, h in zip(b.examples, has.tolist())]
+    ids, mask = left_pad([data.prompt_ids(tok, t) for t in texts], tok.pad_token_id)
+    return ids.to(device), mask.to(device), has.to(device)

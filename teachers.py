@@ -1,0 +1,152 @@
+"""Scoring the student's response, and the teachers who score it.
+
+Every algorithm here re-scores the tokens the student sampled; nobody but the student ever
+generates. A row is a left-padded prompt followed by the response ids (see rollout.py), so
+the positions that predict the response are the last T + 1 of one forward pass, whatever the
+prompt: the student's own prompt, the KL reference's (the same), or a teacher's privileged
+prompt (the student prompt plus an answer, a solution, a hint, a rationale or a sibling's
+response). Two things are read from such a forward:
+
+    sampled_token_logprobs  (N, T) log-probs of the sampled tokens, under no_grad. All that
+                            RLSD's and OPD's teachers and the k3 KL reference contribute.
+    chunked_logits          a function (t0, t1) -> (n, t1 - t0, V) logits of those positions,
+                            for the losses that compare whole distributions (OPSD, SDPO,
+                            SRPO, PTD-PO). The teacher's hidden states are computed once; its
+                            LM head runs per chunk, so (N, T, V) logits never exist at once.
+
+`Teacher` says whose weights do the scoring and how they move during training:
+    live      the current student weights                        (OPSD/SDPO "current")
+    frozen    a copy of the initial weights                      (OPSD, PTD-PO)
+    sync      frozen copy, re-synced from the student every N    (RLSD, paper N = 10)
+    ema       t <- (1 - a) t + a s after each optimizer step     (SDPO, SRPO, a = 0.05)
+    trust     logits (1 - a) z_initial + a z_student             (SDPO trust region, Eq. 6)
+    external  another model with the same tokenizer              (OPD)
+"""
+import torch
+
+import distill
+import grpo
+from distributed import reshard
+from rollout import positions
+
+TEACHER_MODES = ("none", "live", "frozen", "sync", "ema", "trust", "external")
+
+
+# ----------------------------------------------------------------------------------------
+# One forward over prompt + response: logits or hidden states of the response positions
+# ----------------------------------------------------------------------------------------
+
+def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
+    """(N, T, V) logits that predict each response token, from one forward over prompt+response.
+
+    Only the last T + 1 positions go through the LM head (`logits_to_keep`), so a long
+    privileged prompt costs attention, not vocabulary-sized logits. Position ids skip the left
+    padding, so a row's numbers do not depend on how much padding its batch needed.
+    """
+    ids = torch.cat([prompt_ids, resp_ids], dim=1)
+    mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    T = resp_ids.shape[1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                use_cache=False, logits_to_keep=T + 1, **model_kwargs)
+    return out.logits[:, :-1]  # position t predicts token t + 1: drop the last prediction
+
+
+def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """(N, T, H) final hidden states that predict each response token, and no logits at all.
+
+    The same forward as `response_logits`, but a forward pre-hook on the LM head takes its
+    input (the last T + 1 normed hidden states) and hands the head an empty slice instead, so
+    a 150k-token vocabulary never becomes an (N, T, V) tensor. Callers apply `lm_head_logits`
+    a chunk of positions at a time. This is exact for causal LMs whose logits are plain
+    lm_head(hidden) (Qwen, Llama, Mistral...); models that post-process their logits
+    (soft-capping, a logit scale) are not supported.
+    """
+    captured = {}
+
+    def grab(module, args):
+        captured["h"] = args[0]
+        return (args[0][:, :0],) + tuple(args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    try:
+        response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
+    finally:
+        handle.remove()
+    return captured["h"][:, :-1]
+
+
+def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's LM head on some hidden states: (..., H) -> (..., V)."""
+    head = model.get_output_embeddings()
+    return torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None))
+
+
+@torch.no_grad()
+def chunked_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """A function (t0, t1) -> (n, t1 - t0, V) logits for response positions t0:t1, no grad.
+
+    The hidden states come from one forward here; each call applies only the LM head."""
+    h_nTH = response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
+
+    def logits(t0: int, t1: int) -> torch.Tensor:
+        with torch.no_grad():  # also when called from inside the student's loss
+            return lm_head_logits(model, h_nTH[:, t0:t1])
+    return logits
+
+
+@torch.no_grad()
+def sampled_token_logprobs(logits_fn, resp_ids, *, temperature: float, chunks) -> torch.Tensor:
+    """(n, T) float32 log softmax(z / temperature) at the sampled tokens, from a `chunked_logits`
+    function, a chunk of positions at a time (`chunks`: the (t0, t1) ranges the loss uses, so
+    each chunk's numbers are exactly those the loss would have computed)."""
+    return torch.cat([grpo.token_logprobs(logits_fn(t0, t1), resp_ids[:, t0:t1],
+                                          temperature=temperature) for t0, t1 in chunks], dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# Teachers: whose weights score the privileged prompt, and how they follow the student
+# ----------------------------------------------------------------------------------------
+
+class Teacher:
+    """Who scores the privileged prompt. Never trained: every forward runs under no_grad and
+    its parameters have requires_grad False. `model` is the teacher's own weights (frozen,
+    sync, ema, trust: a copy of the initial student; external: another model); `live` scores
+    with the student itself."""
+
+    def __init__(self, mode: str, model=None, *, sync_every: int = 0, ema_rate: float = 0.0):
+        if mode not in TEACHER_MODES:
+            raise ValueError(f"teacher mode {mode!r}: expected one of {TEACHER_MODES}")
+        if (mode not in ("none", "live")) != (model is not None):
+            raise ValueError(f"teacher mode {mode!r} {'needs' if model is None else 'takes no'} model")
+        self.mode, self.model = mode, model
+        self.sync_every = sync_every  # sync: copy the student every N optimizer steps
+        self.ema_rate = ema_rate      # ema: the EMA rate; trust: the student's share of the logits
+        if model is not None:
+            model.eval().requires_grad_(False)
+
+    def logits(self, student, prompt_ids, prompt_mask, resp_ids, resp_mask):
+        """A function (t0, t1) -> the teacher's (n, t1 - t0, V) logits of those positions."""
+        own = chunked_logits(student if self.mode == "live" else self.model,
+                             prompt_ids, prompt_mask, resp_ids, resp_mask)
+        if self.mode != "trust":
+            return own
+        current = chunked_logits(student, prompt_ids, prompt_mask, resp_ids, resp_mask)
+        # SDPO Eq. 6: the softmax of the lerped logits is the normalised geometric mixture
+        return lambda t0, t1: distill.trust_region_logits(own(t0, t1), current(t0, t1),
+                                                          self.ema_rate)
+
+    @torch.no_grad()
+    def update(self, student, step: int):
+        """After optimizer step `step` (counted from 1): sync or EMA toward the student."""
+        if self.mode in ("sync", "ema"):
+            reshard(self.model, student)  # FSDP: both sharded alike, parameter by parameter
+        if self.mode == "sync" and self.sync_every > 0 and step % self.sync_every == 0:
+            for t, s in zip(self.model.parameters(), student.parameters(), strict=True):
+                t.copy_(s)
+        elif self.mode == "ema":
+            distill.ema_update(self.model.parameters(), student.parameters(), self.ema_rate)
+
+    @property
+    def has_state(self) -> bool:
+        """Weights that neither the student nor the initial model can restore (checkpointed)."""
+        return self.mode in ("sync", "ema")

@@ -1,0 +1,84 @@
+"""Options: --help documents every flag, ignored flags are refused, booleans, the LR schedule,
+the KL reference is never a moving teacher, metrics keep their own denominators."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import config
+import train
+from distributed import Dist
+from rollout import build_toy_model, build_toy_tokenizer
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    out = capsys.readouterr().out
+    docs = config.field_help()
+    for f in dataclasses.fields(config.Config):
+        assert "--" + f.name.replace("_", "-") in out
+        assert docs[f.name][1], f.name  # a non-empty help text for every field
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--algo", "rlsd", "--kl-coef", "0.1"], "--kl-coef has no effect with --algo rlsd"),
+    (["--algo", "ptdpo", "--beta", "0.5"], "--beta has no effect with --algo ptdpo"),
+    (["--algo", "grpo", "--lam-decay", "3"], "--lam-decay has no effect with --algo grpo"),
+    (["--lr-schedule", "step"], "--lr-schedule must be"),
+])
+def test_flags_an_algorithm_ignores_are_refused(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        config.parse_config(argv)
+
+
+def test_boolean_flags():
+    assert config.parse_config(["--resume"]).resume is True
+    assert config.parse_config(["--resume", "true", "--steps", "3"]).resume is True
+    assert config.parse_config(["--resume", "false"]).resume is False
+    assert config.parse_config(["--no-resume"]).resume is False
+    with pytest.raises(SystemExit):
+        config.parse_config(["--resume", "maybe"])
+
+
+def test_lr_schedule_hand_values():
+    cfg = config.Config(lr=1.0, steps=10, lr_warmup_steps=4)
+    assert [train.lr_at(s, cfg) for s in (1, 2, 4, 10)] == [0.25, 0.5, 1.0, 1.0]
+    # decay as HF's schedulers: step s (from 1) has progress (s - 1 - warmup) / (steps - warmup),
+    # so the first step after warm-up has the full lr and the last is not wasted at lr 0
+    lin = dataclasses.replace(cfg, lr_schedule="linear")
+    assert [train.lr_at(s, lin) for s in (4, 5, 7, 10)] == pytest.approx([1.0, 1.0, 4 / 6, 1 / 6])
+    cos = dataclasses.replace(cfg, lr_schedule="cosine", lr_warmup_steps=0, steps=5)
+    assert [train.lr_at(s, cos) for s in (1, 3, 5)] == pytest.approx(
+        [1.0, 0.5 * (1 + math.cos(math.pi * 0.4)), 0.5 * (1 + math.cos(math.pi * 0.8))])
+
+
+def test_kl_reference_is_never_the_moving_teacher():
+    """Audit F10: with an EMA or synced teacher and --kl-coef > 0, the reference is its own
+    frozen copy, unchanged by teacher updates; a frozen teacher may share its weights."""
+    tok = build_toy_tokenizer()
+    dist = Dist()
+    for algo, mode in (("srpo", "ema"), ("grpo", "sync")):
+        model = build_toy_model(tok, seed=0)
+        cfg = config.resolve_config(dict(algo=algo, model="org/x", teacher_mode=mode, kl_coef=0.1,
+                                         teacher_sync=1))
+        teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
+        assert ref is not teacher.model and ref is not model
+        before = [p.detach().clone() for p in ref.parameters()]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        teacher.update(model, 1)
+        assert not torch.equal(next(teacher.model.parameters()), before[0])  # the teacher moved
+        assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), before))
+    cfg = config.resolve_config(dict(algo="ptdpo", model="org/x"))
+    teacher, ref = train.teacher_and_reference(cfg, build_toy_model(tok), tok, dist)
+    assert ref is teacher.model  # frozen: one copy serves both
+
+
+def test_metrics_are_means_over_their_own_denominators():
+    m = train.Metrics()
+    m.add({"a": (torch.tensor(3.0), torch.tensor(3)), "b": (torch.tensor(1.0), torch.tensor(1))})
+    m.add({"a": (torch.tensor(1.0), torch.tensor(1)), "b": (torch.tensor(0.0), torch.tensor(9))})
+    assert m.means(Dist()) == {"a": 1.0, "b": 0.1}
