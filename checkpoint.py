@@ -94,7 +94,9 @@ def load_teacher_state(path: str) -> dict | None:
 # ----------------------------------------------------------------------------------------
 
 def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
-    """Gather the full (unsharded) state on rank 0 and write one checkpoint; every rank waits."""
+    """Gather the full (unsharded) state on rank 0 and write one checkpoint; every rank waits.
+    A failed write (disk full, permissions) stops the run with one message; the checkpoints
+    written before stay intact (the half-written one is a .tmp directory, never picked)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_optimizer_state_dict)
     state = full_state_dict(model, dist)
@@ -107,20 +109,73 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
         optim, rngs = opt.state_dict(), [gen.get_state()]
     t_state = full_state_dict(teacher.model, dist) if teacher.has_state else None
     if dist.rank == 0:
-        save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
-                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
-                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
-                                                config=dataclasses.asdict(cfg)))
+        try:
+            save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
+                            tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
+                            trainer_state=dict(step=step, optimizer=optim, rng=rngs,
+                                               config=dataclasses.asdict(cfg)))
+        except OSError as e:
+            free = shutil.disk_usage(cfg.out).free / 2**30 if os.path.isdir(cfg.out) else 0.0
+            last = latest_checkpoint(cfg.out)
+            raise SystemExit(f"error: could not write the step-{step} checkpoint in {cfg.out} "
+                             f"({e.strerror or e}); {free:.2f} GiB free there. Earlier "
+                             f"checkpoints are intact (newest: {last}); free space and resume "
+                             f"with --resume.") from None
     dist.barrier()
 
 
+RESUME_KEYS = ("algo", "model", "teacher", "data", "seed", "warm_start_steps")
+
+
+def check_resumable(saved: dict, cfg) -> None:
+    """Refuse to resume a run under another algorithm, model, teacher, data or seed: the
+    checkpoint's weights and optimizer state belong to the saved run."""
+    now = dataclasses.asdict(cfg)
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS
+            if k in saved and saved[k] != now[k]]
+    if diff:
+        raise SystemExit(f"--resume: {cfg.out} holds a run with other settings ({'; '.join(diff)}); "
+                         f"give the saved values, or start a new run with another --out")
+
+
+def load_verified(path: str, cfg, need_teacher: bool):
+    """(trainer_state, model_state, teacher_state) of one checkpoint, every file read in full;
+    raises ValueError naming the file that does not load (truncated, corrupt), and SystemExit
+    if the checkpoint belongs to a run with other settings."""
+    def read(name, loader):
+        try:
+            value = loader(path)
+        except Exception as e:  # torch and safetensors raise many types for a damaged file
+            raise ValueError(f"{name}: {type(e).__name__}: {str(e)[:200]}") from None
+        if value is None:
+            raise ValueError(f"{name} is missing, and the teacher's weights are needed")
+        return value
+    state = read("trainer_state.pt", load_trainer_state)
+    check_resumable(state.get("config", {}), cfg)
+    model_state = read("model.safetensors",
+                       lambda p: load_file(os.path.join(p, "model.safetensors")))
+    t_state = read("teacher.safetensors", load_teacher_state) if need_teacher else None
+    return state, model_state, t_state
+
+
 def restore(model, opt, teacher, gen, cfg, dist) -> int:
-    """Continue from the newest complete checkpoint in --out: weights, optimizer, RNG, teacher."""
-    path = latest_checkpoint(cfg.out)
-    if path is None:
+    """Continue from the newest complete checkpoint in --out that loads: weights, optimizer,
+    RNG, teacher. A damaged checkpoint (a file that does not load) is reported and skipped
+    for the one before it."""
+    candidates = list_checkpoints(cfg.out)[::-1]
+    if not candidates:
         raise SystemExit(f"--resume: no complete checkpoint in {cfg.out}")
-    state = load_trainer_state(path)
-    load_full_state_dict(model, load_file(os.path.join(path, "model.safetensors")), dist)
+    for path in candidates:
+        try:
+            state, model_state, t_state = load_verified(path, cfg, teacher.has_state)
+            break
+        except ValueError as e:
+            if dist.rank == 0:
+                print(f"--resume: {path} is damaged ({e}); trying the checkpoint before it",
+                      flush=True)
+    else:
+        raise SystemExit(f"--resume: no checkpoint in {cfg.out} loads (all damaged)")
+    load_full_state_dict(model, model_state, dist)
     if dist.world > 1:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
@@ -133,10 +188,6 @@ def restore(model, opt, teacher, gen, cfg, dist) -> int:
                          f"this run has {dist.world}")
     gen.set_state(state["rng"][dist.rank])
     if teacher.has_state:
-        t_state = load_teacher_state(path)
-        if t_state is None:
-            raise SystemExit(f"--resume: {path} has no teacher.safetensors, but "
-                             f"--teacher-mode {cfg.teacher_mode} needs the teacher's weights")
         load_full_state_dict(teacher.model, t_state, dist)
     if dist.rank == 0:
         print(f"resumed from {path} (step {state['step']})", flush=True)

@@ -327,7 +327,8 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
 
 
 def drop_long_prompts(examples, tokenizer, template: str, limit: int, policy: str, *,
-                      source: str = "", verbose: bool = True) -> list[Example]:
+                      source: str = "", verbose: bool = True,
+                      limit_name: str = "--max-prompt-tokens") -> list[Example]:
     """Prompts longer than `limit` tokens: policy 'fail' names the row, 'skip' drops and counts."""
     keep = []
     for e in examples:
@@ -336,12 +337,12 @@ def drop_long_prompts(examples, tokenizer, template: str, limit: int, policy: st
             keep.append(e)
         elif policy == "fail":
             raise DataError(f"{e.where or source}: prompt has {n} tokens, more than "
-                            f"--max-prompt-tokens {limit} (--long-prompts skip drops such rows)")
+                            f"{limit_name} {limit} (--long-prompts skip drops such rows)")
     if verbose and len(keep) < len(examples):
         print(f"skipped {len(examples) - len(keep)} of {len(examples)} prompts longer than "
               f"{limit} tokens", flush=True)
     if not keep:
-        raise DataError(f"{source}: every prompt is longer than --max-prompt-tokens {limit}")
+        raise DataError(f"{source}: every prompt is longer than {limit_name} {limit}")
     return keep
 
 

@@ -19,13 +19,13 @@ losses.py (one branch each); the options and each paper's defaults are in config
 """
 import copy
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import random
+import shutil
 import sys
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -39,11 +39,14 @@ from batch import Batch
 from config import Config, parse_config, resolve_config
 from distributed import Dist, Stopwatch, autocast, setup_distributed, shard, teardown
 from eval import eval_sets, evaluate
+from rundir import StopSignals, claim_run_dir, file_lock, start_metrics_log
 from rollout import build_toy_model, build_toy_tokenizer, left_pad, load_model
 from rlsd import lambda_schedule
-from teachers import Teacher, chunked_logits, lm_head_logits, response_hidden, sampled_token_logprobs
+from update import (Metrics, backward_chunked, clip_and_step, column_chunks,
+                    global_norms, lr_at, micro_batches)
+from teachers import Teacher, chunked_logits, lm_head_logits, sampled_token_logprobs
 
-TOY_VERSION = "v1"  # bump when the toy task or model changes, to invalidate cached warm starts
+TOY_VERSION = "v2"  # part of the warm-start cache key (with the settings and the code)
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,18 +57,45 @@ def cache_dir(cfg: Config) -> str:
     return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rlsd-reference")
 
 
+def warm_start_key(sft: Config) -> str:
+    """A short hash of everything that makes the warm-start weights: the SFT settings, the
+    source of the code that builds the task, the model and the SFT step, and the library
+    versions. Any change gives a new cache entry, so a stale warm start is never reused."""
+    import inspect
+    import transformers
+    settings = {k: v for k, v in dataclasses.asdict(sft).items()  # those that change weights
+                if k not in ("out", "cache_dir", "eval_n", "eval_data", "eval_every", "log_every",
+                             "overwrite", "save_every", "keep_checkpoints")}
+    parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
+             torch.__version__, transformers.__version__, data.TOY_CHARS, repr(data.TOY_TEMPLATES),
+             repr(TOY_SFT_MIX)]
+    parts += [inspect.getsource(f) for f in (data.toy_example, data.make_toy, data.step_examples,
+                                             build_toy_model, build_toy_tokenizer, sft_batch,
+                                             sft_step, backward_chunked, lr_at, clip_and_step)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
 def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str) -> str:
-    """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached."""
-    path = os.path.join(cache_dir(cfg), f"toy-{TOY_VERSION}-{name}-sft{steps}-seed{cfg.seed}")
-    if not os.path.exists(path) and dist.rank == 0:
-        print(f"warm start: training the toy model with SFT for {steps} steps -> {path}", flush=True)
-        run_dir = path + ".run"
-        sft = resolve_config(dict(algo="sft", model="toy", steps=steps, seed=cfg.seed,
-                                  out=run_dir, cache_dir=cfg.cache_dir, eval_every=0,
-                                  save_every=0, keep_checkpoints=1, eval_data="toy",
-                                  eval_n=cfg.eval_n))
-        train(sft, Dist(device=dist.device))  # always one local process
-        os.replace(ckpt.latest_checkpoint(run_dir), path)
+    """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached. Built
+    under a file lock: a second process waits for the first one's instead of racing it."""
+    sft = resolve_config(dict(algo="sft", model="toy", steps=steps, seed=cfg.seed,
+                              cache_dir=cfg.cache_dir, eval_every=0, save_every=0,
+                              keep_checkpoints=1, eval_data="toy", eval_n=cfg.eval_n,
+                              log_every=max(1, steps // 20), overwrite=True, out="-"))
+    path = os.path.join(cache_dir(cfg), f"toy-{name}-sft{steps}-seed{cfg.seed}-"
+                                        f"{warm_start_key(sft)}")
+    if dist.rank == 0:
+        with file_lock(path + ".lock", waiting=f"waiting for another process that is building "
+                                                  f"the warm start {path}"):
+            if not os.path.exists(path):
+                sft.out = path + ".run"  # a crashed attempt's files are overwritten
+                minutes = steps * 0.25 / 60  # ~0.25 s per SFT step on 2 CPU cores
+                print(f"warm start ({name}): supervised fine-tuning of the ~0.3M-parameter toy "
+                      f"Qwen3 on the arithmetic task, {steps} steps, about {minutes:.0f} minutes "
+                      f"on 2 CPU cores. Done once: cached in {path}", flush=True)
+                train(sft, Dist(device=dist.device), label="warm start: ")  # one local process
+                os.replace(ckpt.latest_checkpoint(sft.out), path)
+                shutil.rmtree(sft.out, ignore_errors=True)
     dist.barrier()
     return path
 
@@ -110,133 +140,6 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
 
 
 # ----------------------------------------------------------------------------------------
-# The pieces of a step: global normalisers, micro-batches, chunks, metrics, the update
-# ----------------------------------------------------------------------------------------
-
-@dataclass
-class Norms:
-    """Global denominators (all ranks, all micro-batches). Each micro-batch's loss is its sum
-    divided by these, so the micro-batch gradients add up to the full batch's gradient, however
-    the batch is split (STYLE §3; verl's batch_num_tokens, RLSD's `x world / total` rescale)."""
-    tokens: float                # loss tokens: token-mean (DAPO Eq. 12, the RLSD code)
-    rows: float                  # rows with a loss token: GRPO's per-sequence mean (Eq. 3)
-    rows_x_len: float            # rows x max_new_tokens: Dr. GRPO's constant (Sec. 3.1)
-    distill_tokens: float        # tokens of distilled rows: OPSD, SDPO, SRPO, the PTD term
-    w_mean: float | None = None  # SRPO: mean exp(-beta H_teacher) over its SDPO tokens
-
-
-def global_norms(b: Batch, cfg: Config, dist: Dist) -> Norms:
-    mask_NT = b.mask
-    d_mask = mask_NT & b.distill[:, None] if b.distill is not None else mask_NT[:, :0]
-    return Norms(tokens=dist.sum(mask_NT.sum()).item(),
-                 rows=dist.sum((mask_NT.sum(1) > 0).sum()).item(),
-                 rows_x_len=dist.sum(len(b.examples) * cfg.max_new_tokens).item(),
-                 distill_tokens=dist.sum(d_mask.sum()).item())
-
-
-def micro_batches(b: Batch, size: int) -> list:
-    """Rows per forward/backward (0: all of this rank's rows). Groups may be split here: group
-    statistics (advantages, siblings, routing) were computed on the whole batch already."""
-    size = size or len(b.examples)
-    return [b.select_rows(slice(i, i + size)) for i in range(0, len(b.examples), size)]
-
-
-# Logits per LM-head chunk: 2**24 values are 64 MiB in float32, and the divergences make a few
-# float32 copies of a chunk, so they stay at a few hundred MiB for any vocabulary. Measured on
-# CPU: 2**23 gave a HIGHER peak RSS (glibc keeps 32 MiB blocks on its heap, which fragments;
-# 64 MiB blocks are mmapped and returned when freed). A chunk also has a fixed cost of ~300
-# tensor ops (`python bench.py --ops-per-chunk`), each a kernel launch on a GPU, so GPU chunks
-# are 8x larger (reasoned from one H100 run, not yet timed; see BENCH.md). This is the chunk
-# along positions; grpo.token_logprobs cuts each chunk again along rows (grpo.CHUNK_ELEMENTS).
-LOGIT_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**27}
-
-
-def column_chunks(rows: int, T: int, model, logit_chunk: int) -> list:
-    """(t0, t1) ranges of response positions whose (rows, t1 - t0, V) logits hold about
-    LOGIT_CHUNK_ELEMENTS values (logit_chunk > 0: that many positions; < 0: all at once).
-    Every loss is a sum over positions divided by a global count (the per-sequence mean
-    divides by the WHOLE row's length, Batch.row_tokens), so chunks add up exactly."""
-    if logit_chunk < 0:
-        return [(0, T)]
-    head = model.get_output_embeddings().weight
-    budget = LOGIT_CHUNK_ELEMENTS.get(head.device.type, LOGIT_CHUNK_ELEMENTS["cpu"])
-    step = logit_chunk or max(1, budget // max(1, rows * head.shape[0]))
-    return [(t, min(t + step, T)) for t in range(0, T, step)]
-
-
-class Metrics:
-    """Each metric as (sum, count) over its own tokens or rows, added up over chunks,
-    micro-batches and ranks before dividing: a mean over exactly the tokens it is about."""
-
-    def __init__(self):
-        self.sums = {}
-
-    def add(self, stats: dict):
-        for k, (s, n) in stats.items():
-            s0, n0 = self.sums.get(k, (0.0, 0.0))
-            self.sums[k] = (s0 + s.double(), n0 + n.double())
-
-    def means(self, dist: Dist) -> dict:
-        if not self.sums:
-            return {}
-        keys = sorted(self.sums)  # the same order on every rank
-        totals = dist.sum(torch.stack([torch.stack(self.sums[k]) for k in keys])).tolist()
-        return {k: s / max(n, 1.0) for k, (s, n) in zip(keys, totals)}
-
-
-def backward_chunked(model, b: Batch, chunks: list, loss_fn, world: int, metrics: Metrics):
-    """One micro-batch: the student's hidden states (one forward), `loss_fn(h, t0, t1) ->
-    (loss, stats)` per chunk of positions, then one backward. Returns the loss (a float) and
-    adds the stats to `metrics`.
-
-    With several chunks, each runs under activation checkpointing: its (n, t, V) logits, and
-    the teacher's, are recomputed in backward instead of stored, so memory holds one chunk's
-    logits, never the whole (n, T, V)."""
-    h_nTH = response_hidden(model, b.prompt_ids, b.prompt_mask, b.resp_ids, b.resp_mask)
-    # one chunk (a small vocabulary): nothing to save by recomputing it in backward
-    run = loss_fn if len(chunks) == 1 else partial(torch.utils.checkpoint.checkpoint, loss_fn,
-                                                   use_reentrant=False)
-    total = 0.0
-    for t0, t1 in chunks:
-        loss, stats = run(h_nTH[:, t0:t1], t0, t1)
-        total = total + loss
-        metrics.add(stats)  # returned by the forward call only, never by the recompute
-    # FSDP averages gradients over ranks; our normalisers are already global: undo it
-    (total * world).backward()
-    return float(total.detach())
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """The learning rate of optimizer step `step` (from 1): linear warm-up to --lr over
-    --lr-warmup-steps, then constant, linear decay or cosine decay toward 0 at --steps. A
-    function of the step alone, so a resumed run continues the schedule exactly."""
-    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
-        return cfg.lr * step / cfg.lr_warmup_steps
-    progress = (step - 1 - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    if cfg.lr_schedule == "linear":
-        return cfg.lr * (1.0 - progress)
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr
-
-
-def clip_and_step(model, opt, cfg: Config, loss: float, step: int):
-    """Clip the (already synced) gradients and step, unless the loss or the norm is not finite:
-    a NaN step would poison the weights for good. `loss` and the norm are global values, so
-    every rank takes the same decision. Returns (grad_norm, skipped)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
-    skipped = not (math.isfinite(norm) and math.isfinite(loss))
-    if not skipped:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm, skipped
-
-
-# ----------------------------------------------------------------------------------------
 # One RL / distillation step
 # ----------------------------------------------------------------------------------------
 
@@ -244,14 +147,15 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                dist: Dist, gen: torch.Generator, sw: Stopwatch):
     """One optimizer step of `cfg.algo`, steps 1-8 of the module docstring. Returns the step's
     metrics (means over all ranks) and its Batch."""
-    G, T = cfg.group_size, cfg.temperature
+    G, T = cfg.group_size, cfg.temperature  # T: the rollout temperature, also every loss's
     tpl = data.templates(cfg.data)
+    # this rank's prompts: a function of (seed, step), so a resumed run sees the same data
     prompts = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
                                  seed=cfg.seed, rank=dist.rank, world=dist.world)
     exs = [e for e in prompts for _ in range(G)]  # rows p*G .. p*G+G-1: prompt p's group
 
     # 1-2. sample G responses per prompt and reward them with the verifier
-    model.eval()
+    model.eval()  # sampling is no-grad; eval() only matters for models with dropout
     sample = partial(rollouts.sample, model, tok, template=tpl["student"],
                      max_new_tokens=cfg.max_new_tokens, temperature=T, ignore_eos=cfg.ignore_eos,
                      generation=cfg.generation, overlong_cache=cfg.overlong_cache, generator=gen,
@@ -261,10 +165,11 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
         if cfg.algo == "dapo":  # dynamic sampling: re-roll groups that carry no signal
             b = rollouts.dapo_resample(b, sample, group_size=G, rounds=cfg.dapo_max_gen_batches,
                                        pad_id=tok.pad_token_id)
-        b.rewards, b.in_loss = b.rewards.to(dist.device), b.in_loss.to(dist.device)
+        b.rewards, b.in_loss = b.rewards.to(dist.device), b.in_loss.to(dist.device)  # (N,)
 
-        # 3. advantages: within each group, so a group of equal rewards gets exactly 0
-        b.adv = grpo.group_advantages(b.rewards, G, scale=cfg.adv_scale)
+        # 3. advantages: within each group, so a group of equal rewards gets exactly 0 (it
+        # says nothing about which response is better). Groups never straddle ranks.
+        b.adv = grpo.group_advantages(b.rewards, G, scale=cfg.adv_scale)  # (N,)
 
         # 4. teacher prompts: the student prompt plus the privileged context, then the SAME
         # response ids; and which rows the distillation term averages over
@@ -279,11 +184,14 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # 5. score, without gradient and once per step: the log-probs of the sampled tokens under
     # the teacher (RLSD's evidence, OPD's advantage) and under the KL reference
     model.train()
-    mbs = micro_batches(b, cfg.micro_batch_size)
+    mbs = micro_batches(b, cfg.micro_batch_size)  # rows per forward: bounds activation memory
     chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
               for mb in mbs]  # the loss uses the same chunks, so the numbers are identical
-    norms = global_norms(b, cfg, dist)
+    norms = global_norms(b, cfg, dist)  # all-reduced once: every micro-batch divides by them
     with sw("teacher"):
+        # (N, T) tensors, one forward per micro-batch and no gradient: the teacher is data,
+        # never trained, exactly like the KL reference (and cheaper than recomputing it in the
+        # checkpointed loss, which is what a closure inside the loss would do)
         if cfg.algo in losses.SAMPLED_TOKEN_TEACHER:
             b.teacher_logp = torch.cat([sampled_token_logprobs(
                 teacher.logits(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids, mb.resp_mask),
@@ -302,22 +210,24 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time
     metrics, loss_sum = Metrics(), 0.0
     for mb, ch in zip(mbs, chunks):
-        t_logits = None
-        if cfg.algo in losses.DISTRIBUTION_TEACHER:  # the teacher's whole next-token distribution
+        teacher_logits_at = None  # (t0, t1) -> the teacher's (n, t, V) logits of a chunk
+        if cfg.algo in losses.DISTRIBUTION_TEACHER:  # the whole next-token distribution
             with sw("teacher"):
-                t_logits = teacher.logits(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids,
-                                          mb.resp_mask)
+                teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask,
+                                                   mb.resp_ids, mb.resp_mask)
 
-        def loss_fn(h_ntH, t0, t1, mb=mb, t_logits=t_logits):  # run again in backward
+        # the student's logits and log-probs of one chunk, and its loss; under activation
+        # checkpointing this runs again in backward, so the (n, t, V) logits are never stored
+        def loss_fn(h_ntH, t0, t1, mb=mb, teacher_logits_at=teacher_logits_at):
             logits_ntV = lm_head_logits(model, h_ntH)
             c = mb.positions(t0, t1)
             logp_nt = grpo.token_logprobs(logits_ntV, c.resp_ids, temperature=T)
-            return losses.chunk_loss(cfg, c, logits_ntV, logp_nt,
-                                     t_logits(t0, t1) if t_logits else None, norms, lam)
+            t_ntV = teacher_logits_at(t0, t1) if teacher_logits_at else None
+            return losses.chunk_loss(cfg, c, logits_ntV, logp_nt, t_ntV, norms, lam)
 
         with sw("fwd_bwd"):
             loss_sum += backward_chunked(model, mb, ch, loss_fn, dist.world, metrics)
-    loss = dist.sum(loss_sum).item()
+    loss = dist.sum(loss_sum).item()  # the same global value on every rank
 
     # 7. update: clip the global gradient norm, AdamW (skipped if anything is not finite)
     with sw("optimizer"):
@@ -326,8 +236,9 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
         if not skipped:
             teacher.update(model, step)
 
+    # metrics: each a mean over its own tokens or rows, over all ranks
     out = metrics.means(dist)
-    n = dist.sum(len(b.examples)).item()
+    n = dist.sum(len(b.examples)).item()  # rows over all ranks
     out.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norms.tokens,
                reward_mean=dist.sum(b.rewards.sum()).item() / n,
                response_len_mean=dist.sum(b.resp_mask.sum()).item() / n,
@@ -348,9 +259,10 @@ def srpo_weight_mean(model, teacher: Teacher, mbs: list, chunks: list, cfg: Conf
     kept from here to the loss, which would hold them for the whole batch at once."""
     total, count = 0.0, 0.0
     for mb, ch in zip(mbs, chunks):
-        t_logits = teacher.logits(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids, mb.resp_mask)
+        teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids,
+                                           mb.resp_mask)
         for t0, t1 in ch:
-            s, n = losses.srpo_weight_sum(t_logits(t0, t1), mb.positions(t0, t1),
+            s, n = losses.srpo_weight_sum(teacher_logits_at(t0, t1), mb.positions(t0, t1),
                                           srpo_beta=cfg.srpo_beta, temperature=cfg.temperature)
             total, count = total + s.item(), count + n.item()
     total, count = dist.sum(total).item(), dist.sum(count).item()
@@ -414,29 +326,37 @@ def sft_step(model, opt, b: Batch, cfg: Config, dist: Dist, step: int) -> dict:
 # The loop
 # ----------------------------------------------------------------------------------------
 
-def log_line(step, total, metrics, t_start):
+def log_line(step, total, metrics, t_start, label=""):
     done = int(20 * step / max(total, 1))
     eta = (time.time() - t_start) / max(step, 1) * (total - step)
     keys = ("reward_mean", "loss", "entropy", "response_len_mean", "rlsd_lambda",
             "rlsd_weight_clip_frac", "distilled_frac", "kl", "test_acc", "ood_acc")
     parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
-    print(f"[{'#' * done}{'.' * (20 - done)}] {step}/{total} | " + " | ".join(parts)
+    print(f"{label}[{'#' * done}{'.' * (20 - done)}] {step}/{total} | " + " | ".join(parts)
           + f" | {metrics.get('step_time_s', 0):.2f}s/step eta {eta / 60:.1f}m", flush=True)
 
 
-def start_metrics_log(path: str, start: int):
-    """metrics.jsonl for a run starting after step `start`: on resume, the lines of steps after
-    the checkpoint are dropped (they will be redone). Replaced atomically: never half-written."""
-    keep = []
-    if start and os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line).get("step", 0) <= start]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+def prompt_limit(cfg: Config, model) -> int:
+    """--max-prompt-tokens, or by default the model's context length minus the response's:
+    a longer prompt could not be answered in full, and a huge one would exhaust memory."""
+    if cfg.max_prompt_tokens:
+        return cfg.max_prompt_tokens
+    context = getattr(model.config, "max_position_embeddings", 0) or 0
+    return max(1, context - cfg.max_new_tokens) if context else 0
 
 
-def train(cfg: Config, dist: Dist) -> dict:
+def train(cfg: Config, dist: Dist, label: str = "") -> dict:
+    """Set up and run the loop; `label` prefixes the console lines (the warm start's)."""
+    run_lock = claim_run_dir(cfg) if dist.rank == 0 else None  # refuse to clobber or share --out
+    dist.barrier()
+    try:
+        return _train(cfg, dist, label)
+    finally:
+        if run_lock is not None:
+            run_lock.close()  # releases the lock (a dead process releases it too)
+
+
+def _train(cfg: Config, dist: Dist, label: str) -> dict:
     torch.manual_seed(cfg.seed)
     main_rank = dist.rank == 0
     columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}  # --prompt-key etc.
@@ -450,10 +370,13 @@ def train(cfg: Config, dist: Dist) -> dict:
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
     sets = eval_sets(cfg, columns)
     model, tok = load_policy(cfg, dist, cfg.model)
-    if cfg.max_prompt_tokens:
+    limit = prompt_limit(cfg, model)
+    if limit and cfg.data != "toy":  # the toy task's prompts are short by construction
+        name = ("--max-prompt-tokens" if cfg.max_prompt_tokens else
+                "the model's context minus --max-new-tokens =")
         examples = data.drop_long_prompts(examples, tok, data.templates(cfg.data)["student"],
-                                          cfg.max_prompt_tokens, cfg.long_prompts,
-                                          source=cfg.data, verbose=main_rank)
+                                          limit, cfg.long_prompts, source=cfg.data,
+                                          verbose=main_rank, limit_name=name)
 
     teacher, ref = teacher_and_reference(cfg, model, tok, dist)  # shards the student too
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -463,9 +386,9 @@ def train(cfg: Config, dist: Dist) -> dict:
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if main_rank:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
+        os.replace(os.path.join(cfg.out, "config.json.tmp"), os.path.join(cfg.out, "config.json"))
         start_metrics_log(metrics_path, start)
     dist.barrier()
 
@@ -474,41 +397,68 @@ def train(cfg: Config, dist: Dist) -> dict:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def show(when, values):
+        if main_rank:
+            print(f"{label}{when}: " + " | ".join(f"{k}={v:.3f}" for k, v in values.items()),
+                  flush=True)
+
     first = {}
     if start == 0 and sets:
         first = evaluate(model, tok, sets, cfg, dist)
         log({"step": 0, **first})
-        if main_rank:
-            print("before training: " + " | ".join(f"{k}={v:.3f}" for k, v in first.items()),
-                  flush=True)
-    t_start, last, skips = time.time(), {}, 0
-    for step in range(start + 1, cfg.steps + 1):
-        t0, sw = time.time(), Stopwatch(dist.device)
-        with autocast(cfg.dtype, dist):
-            if cfg.algo == "sft":
-                m = sft_step(model, opt, sft_batch(examples, step, tok, cfg, dist), cfg, dist, step)
-            else:
-                m, _ = train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
-                                  examples=examples, step=step, cfg=cfg, dist=dist, gen=gen, sw=sw)
-        m["step_time_s"] = time.time() - t0
-        m.update({f"time_{k}_s": v for k, v in sw.times.items()})
-        if sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            m.update(evaluate(model, tok, sets, cfg, dist))  # greedy: consumes no RNG
-        last = {"step": step, **m}
-        log(last)
-        if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
-            log_line(step, cfg.steps, m, t_start)
-        skips = skips + 1 if m["skipped"] else 0
-        if skips >= cfg.max_skips:  # the weights are untouched: the last checkpoint is good
-            raise SystemExit(f"stopping at step {step}: {skips} consecutive steps with a "
-                             f"non-finite loss or gradient norm (loss={m['loss']}, "
-                             f"grad_norm={m['grad_norm']}); weights were not updated, the last "
-                             f"checkpoint in {cfg.out} is intact. Lower --lr or check the data.")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            ckpt.save(model, opt, teacher, tok, gen, cfg, dist, step)
-    if main_rank and first and last:
-        print("after training:  " + " | ".join(f"{k}={last[k]:.3f}" for k in first if k in last),
-              flush=True)
+        show("before training", first)
+    t_start, last, skips, warned, saved = time.time(), {}, 0, False, start
+    with StopSignals() as stop:
+        for step in range(start + 1, cfg.steps + 1):
+            t0, sw = time.time(), Stopwatch(dist.device)
+            with autocast(cfg.dtype, dist):
+                if cfg.algo == "sft":
+                    m = sft_step(model, opt, sft_batch(examples, step, tok, cfg, dist), cfg, dist,
+                                 step)
+                else:
+                    m, _ = train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
+                                      examples=examples, step=step, cfg=cfg, dist=dist, gen=gen,
+                                      sw=sw)
+            m["step_time_s"] = time.time() - t0
+            m.update({f"time_{k}_s": v for k, v in sw.times.items()})
+            if sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                m.update(evaluate(model, tok, sets, cfg, dist))  # greedy: consumes no RNG
+            last = {"step": step, **m}
+            log(last)
+            if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
+                log_line(step, cfg.steps, m, t_start, label)
+            if main_rank and not warned and m.get("truncated_frac", 0) > 0.5:
+                warned = True
+                print(f"warning: {m['truncated_frac']:.0%} of the responses hit --max-new-tokens "
+                      f"{cfg.max_new_tokens} (reward 0 without a final answer); raise it",
+                      flush=True)
+            skips = skips + 1 if m["skipped"] else 0
+            if skips >= cfg.max_skips:  # the weights are untouched: the last checkpoint is good
+                raise SystemExit(f"stopping at step {step}: {skips} consecutive steps with a "
+                                 f"non-finite loss or gradient norm (loss={m['loss']}, "
+                                 f"grad_norm={m['grad_norm']}); weights were not updated, the "
+                                 f"last checkpoint in {cfg.out} is intact. Lower --lr or check "
+                                 f"the data.")
+            signalled = dist.sum(float(stop.name is not None)).item() > 0  # every rank agrees
+            if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
+                    or (signalled and cfg.save_on_signal)):
+                ckpt.save(model, opt, teacher, tok, gen, cfg, dist, step)
+                saved = step
+            if signalled and step < cfg.steps:
+                resume = " ".join(a for a in sys.argv if a not in ("--resume", "--overwrite"))
+                raise SystemExit(f"stopped after step {step} ({stop.name or 'signal'}); "
+                                 + (f"the newest checkpoint is step {saved} in {cfg.out}"
+                                    if saved else "no checkpoint was written")
+                                 + f"; continue with: python {resume} --resume"
+                                 + ("" if saved == step else " (steps after the checkpoint "
+                                    "are redone; --save-on-signal checkpoints the last one)"))
+    if first and last:
+        show("after training ", {k: last[k] for k in first if k in last})
+    ck = ckpt.latest_checkpoint(cfg.out)
+    if main_rank and not label and ck:
+        print(f"outputs in {cfg.out}: metrics.jsonl (one line per step), config.json, {ck} (a "
+              f"Hugging Face model directory).\nnext: python eval.py {ck}   |   python eval.py "
+              f"--compare {cfg.out} OTHER_RUN --plot cmp.png", flush=True)
     return {"before": first, "after": last}
 
 
@@ -526,6 +476,10 @@ def main(argv=None):
     except (data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, mid-step
+        print(f"\ninterrupted; the checkpoints in {cfg.out} are intact: continue with --resume",
+              file=sys.stderr)
+        raise SystemExit(130)
     finally:
         teardown(dist)
 

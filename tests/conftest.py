@@ -33,5 +33,5 @@ def cache(tmp_path_factory):
 
 def warm_start_dir(cache_dir):
     """The cached warm-start checkpoint: a Hugging Face model directory."""
-    (name,) = [n for n in os.listdir(cache_dir) if n.startswith("toy-") and "." not in n]
+    (name,) = [n for n in os.listdir(cache_dir) if n.startswith("toy-student-") and "." not in n]
     return os.path.join(cache_dir, name)

@@ -2,6 +2,7 @@
 rollouts, determinism, and exact resume under torchrun."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,142 @@ def test_resume_under_torchrun_matches_uninterrupted(tmp_path, cache):
     a = load_file(os.path.join(full, "checkpoint-000004", "model.safetensors"))
     b = load_file(os.path.join(part, "checkpoint-000004", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the first ten minutes: never lose a run, one message per mistake ----------------------
+
+def _main(cache, out, *args):
+    train.main(TINY + ["--cache-dir", cache, "--out", str(out), *args])
+
+
+def test_a_run_is_never_clobbered_or_mixed(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    _main(cache, out, "--algo", "grpo")
+    with pytest.raises(SystemExit, match="is not empty .*--resume.*--overwrite"):
+        _main(cache, out, "--algo", "grpo")
+    with pytest.raises(SystemExit) as e:  # a typo is not read as false
+        _main(cache, out, "--algo", "grpo", "--resume", "ture")
+    assert e.value.code == 2 and "expected true or false" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"other settings \(--algo 'grpo' -> 'rlsd'\)"):
+        _main(cache, out, "--algo", "rlsd", "--resume", "--steps", "3")
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2]  # untouched by the refused runs
+    _main(cache, out, "--algo", "rlsd", "--overwrite", "--steps", "1")
+    assert [r["step"] for r in _rows(out)] == [0, 1]
+    assert ckpt.list_checkpoints(str(out)) == [str(out / "checkpoint-000001")]
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, cache):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(600)"), str(out / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(SystemExit, match="is in use by a running training"):
+        _main(cache, out, "--algo", "grpo")
+    holder.kill()  # a dead process holds no lock
+    holder.wait()
+    _main(cache, out, "--algo", "grpo", "--steps", "1")
+    assert [r["step"] for r in _rows(out)] == [0, 1]
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "trainer_state.pt"])
+def test_resume_skips_a_damaged_checkpoint(tmp_path, cache, capsys, damage):
+    out = tmp_path / "run"
+    _main(cache, out, "--algo", "rlsd", "--steps", "3", "--save-every", "1")
+    f = out / "checkpoint-000003" / damage
+    f.write_bytes(f.read_bytes()[:100])  # truncated, as by a full disk or a killed copy
+    _main(cache, out, "--algo", "rlsd", "--steps", "4", "--resume")
+    printed = capsys.readouterr().out
+    assert f"checkpoint-000003 is damaged ({damage}" in printed
+    assert "resumed from" in printed and "checkpoint-000002 (step 2)" in printed
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3, 4]
+
+
+def test_a_failed_checkpoint_write_is_one_message(tmp_path, cache, monkeypatch):
+    out = tmp_path / "run"
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    with pytest.raises(SystemExit, match=r"could not write the step-2 checkpoint in .*No space "
+                                         r"left on device.*GiB free there"):
+        _main(cache, out, "--algo", "grpo")
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, cache):
+    out = str(tmp_path / "run")
+    args = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--cache-dir", cache,
+            "--out", out, "--algo", "grpo", "--steps", "40", "--save-on-signal"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for two finished steps
+        if os.path.exists(os.path.join(out, "metrics.jsonl")) and len(_rows(out)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert "SIGTERM" in stdout and "continue with:" in stderr and "--resume" in stderr
+    k = ckpt.load_trainer_state(ckpt.latest_checkpoint(out))["step"]
+    assert [r["step"] for r in _rows(out)][-1] == k  # the finished step was checkpointed
+    train.main(TINY + ["--cache-dir", cache, "--out", out, "--algo", "grpo",
+                       "--steps", str(k + 2), "--resume"])
+    assert [r["step"] for r in _rows(out)] == list(range(0, k + 3))  # no gap, no duplicate
+
+
+def test_warm_start_is_deterministic_and_keyed_to_its_settings(tmp_path, capsys):
+    import config
+    dirs, printed = [], []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        train.main(["--algo", "grpo", "--steps", "0", "--cache-dir", str(d), "--eval-n", "4",
+                    "--warm-start-steps", "12", "--out", str(d / "run")])
+        dirs.append(warm_start_dir(str(d)))
+        out = capsys.readouterr().out
+        assert "warm start (student): supervised fine-tuning" in out and "minutes" in out
+        printed.append([re.findall(r"\w+_acc=[\d.]+", line) for line in out.splitlines()
+                        if line.startswith("warm start: ") and "test_acc" in line])
+    assert printed[0] == printed[1] and len(printed[0]) == 3  # before, last step, after
+    assert os.path.basename(dirs[0]) == os.path.basename(dirs[1])
+    a, b = (open(os.path.join(x, "model.safetensors"), "rb").read() for x in dirs)
+    assert a == b  # bit-identical weights from two empty caches
+    sft = config.resolve_config(dict(algo="sft", model="toy", steps=12))
+    key = train.warm_start_key(sft)
+    assert key == train.warm_start_key(config.resolve_config(dict(algo="sft", model="toy",
+                                                                  steps=12, eval_n=7)))
+    assert key != train.warm_start_key(config.resolve_config(dict(algo="sft", model="toy",
+                                                                  steps=12, lr=1e-3)))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out", "README.md"], "--out README.md: is a file"),
+    (["--lr", "-1"], "--lr must be > 0.0, got -1.0"),
+    (["--temperature", "-0.5"], "--temperature must be > 0.0"),
+    (["--temperature", "0"], "--temperature must be > 0.0"),
+    (["--dtype", "float17"], "--dtype must be float32 or bfloat16"),
+    (["--model", "tests"], "--model tests: directory has no config.json"),
+    (["--model", "./missing-model"], "--model ./missing-model: no such directory"),
+    (["--model", "README.md"], "--model README.md: is a file"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+    (["--steps", "1.5"], "argument --steps: invalid int value"),
+])
+def test_bad_options_are_one_config_error_line(args, message):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith("config error: ") and message in lines[0]
+
+
+def test_prompt_length_guard_is_on_by_default(tmp_path, cache, capsys):
+    f = tmp_path / "long.jsonl"
+    f.write_text(json.dumps({"prompt": "1+2", "answer": "3"}) + "\n"
+                 + json.dumps({"prompt": "1+" * 200 + "1", "answer": "201"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        _main(cache, tmp_path / "o", "--algo", "grpo", "--data", str(f), "--eval-data", "")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "long.jsonl:2: prompt has" in err and "the model's context minus --max-new-tokens = 240" in err

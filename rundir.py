@@ -1,0 +1,111 @@
+"""The run directory (--out) and the process around a run: never lose or mix up a run.
+
+    claim_run_dir   refuse a non-empty --out unless --resume or --overwrite; lock it, so a
+                    second run on the same --out is refused (the lock dies with its process)
+    start_metrics_log  metrics.jsonl without the lines of steps a resume will redo
+    file_lock       an exclusive lock on a file, waited for (the toy warm-start cache)
+    StopSignals     SIGTERM / Ctrl-C end the run after the step in progress, not in the middle
+"""
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+
+RUN_FILES = ("config.json", "metrics.jsonl")  # plus checkpoint-NNNNNN directories
+
+
+def _run_entries(out: str) -> list:
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n != ".lock")
+
+
+def claim_run_dir(cfg):
+    """Create --out and hold its lock for the life of this process (rank 0 only). Returns the
+    open lock file. Refuses to start over an earlier run unless told what to do with it."""
+    existing = _run_entries(cfg.out)
+    if existing and not cfg.resume:
+        if not cfg.overwrite:
+            raise SystemExit(f"config error: --out {cfg.out} is not empty ({', '.join(existing[:4])}"
+                             f"{', ...' if len(existing) > 4 else ''}); add --resume to continue "
+                             f"that run, --overwrite to replace it, or choose another --out")
+    os.makedirs(cfg.out, exist_ok=True)
+    lock = open(os.path.join(cfg.out, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise SystemExit(f"config error: --out {cfg.out} is in use by a running training "
+                         f"(pid {owner}); wait for it, or choose another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    if existing and cfg.overwrite:  # only what a run writes; other files stay
+        for name in existing:
+            path = os.path.join(cfg.out, name)
+            if name in RUN_FILES or name.startswith("checkpoint-"):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return lock
+
+
+def start_metrics_log(path: str, start: int):
+    """metrics.jsonl for a run starting after step `start`: on resume, the lines of steps after
+    the checkpoint are dropped (they will be redone). Replaced atomically: never half-written."""
+    keep = []
+    if start and os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line).get("step", 0) <= start]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str, waiting: str = ""):
+    """Hold an exclusive lock on `path` (created if needed), waiting for another holder (and
+    printing `waiting` while it does)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) set a flag that the loop reads
+    between steps, so a step is never cut in half. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.name = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals to the caller
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user means it
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: stopping after the step in progress (Ctrl-C again to stop now)",
+              flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
