@@ -11,6 +11,7 @@ Rows are laid out group by group: rows p*G .. p*G+G-1 are the G rollouts of prom
 group never straddles two ranks, so group statistics are computed on whole groups.
 """
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -142,8 +143,10 @@ def dapo_resample(b: Batch, resample, *, group_size: int, rounds: int, pad_id: i
 # ----------------------------------------------------------------------------------------
 
 def strip_thinking(text: str) -> str:
-    """SDPO `remove_thinking_from_demonstration`: a sibling's <think> block is not shown."""
-    return text.split("</think>")[-1].strip() if "</think>" in text else text
+    """SDPO `remove_thinking_from_demonstration`: a sibling's <think>...</think> blocks (and
+    the whitespace after them) are not shown; text around them is kept, as the official
+    regular expression does."""
+    return re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
 
 
 def teacher_prompts(tok, b: Batch, *, context: str, templates: dict, group_size: int,

@@ -115,8 +115,8 @@ PAPER_TEMPLATES = {
     # PTD-PO: question + "\n\n" + structured hint
     "hint": "{prompt}\n\n{hint}",
     "rationale": "{prompt}\n\nHere is a rationale for this problem:\n{rationale}",
-    # SDPO ray_trainer reprompt
-    "sibling": "{prompt}\nCorrect solution:\n\n{sibling}\n\nCorrectly solve the original question.\n",
+    # SDPO actor.yaml reprompt_template / solution_template (YAML `|-`: no final newline)
+    "sibling": "{prompt}\nCorrect solution:\n\n{sibling}\n\nCorrectly solve the original question.",
 }
 
 # Phrases that only privileged prompts contain: a response that says them has leaked.

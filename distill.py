@@ -9,8 +9,10 @@ rollouts are distilled, and which divergence is used:
          A_t = log pi_T(y_t) - log pi_S(y_t)                                    (`opd_advantages`)
   OPSD   Zhao et al., "Self-Distilled Reasoner", arXiv:2601.18734v3. Same model shown a
          reference solution; full-vocabulary forward KL (beta = 0, Eq. 7) with the v3
-         pointwise clip min(l_v, tau = 0.05) before the vocabulary sum (Sec. 3.2);
-         token-mean over the micro-batch as in the released trainer. OmniOPSD
+         pointwise clip min(l_v, tau = 0.05) before the vocabulary sum (Sec. 3.2). The
+         trainer takes a global token-mean over all distilled tokens; the released trainer
+         takes a token-mean per micro-batch (averaged over accumulation steps and ranks) and
+         the paper's Algorithm 1 a per-sequence mean (audit F4; not yet an option). OmniOPSD
          (arXiv:2606.15920v1) is OPSD with a rationale as the privileged context: no
          separate loss exists here, only another teacher prompt (data.py, batch.teacher_prompts).
   SDPO   Huebotter et al., "Reinforcement Learning via Self-Distillation", arXiv:2601.20802v2.
@@ -94,25 +96,29 @@ def topk_with_tail(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
 
     The support is the STUDENT's top-k (SDPO Eq. 9, verl and TRL); support="teacher" gives
     OPSD's `top_k_loss` variant. Both sides are normalised over the full vocabulary, then
-    either a tail bucket log(1 - sum p) is appended, or both are renormalised over the k entries.
+    either a tail bucket log(1 - sum p) is appended (computed from the logits outside the
+    top-k, so it is exact whatever the mass), or both are renormalised over the k entries.
     """
     s = _f32(student_logits)
     t = _f32(teacher_logits.detach())
     chooser = s if support == "student" else t
     idx = chooser.detach().topk(k, dim=-1).indices  # indices are data, not differentiated
-    ls = s.gather(-1, idx) - torch.logsumexp(s, dim=-1, keepdim=True)
-    lt = t.gather(-1, idx) - torch.logsumexp(t, dim=-1, keepdim=True)
+    lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
+    ls, lt = s.gather(-1, idx) - lse_s, t.gather(-1, idx) - lse_t
     if not add_tail:
         return (ls - torch.logsumexp(ls, -1, keepdim=True),
                 lt - torch.logsumexp(lt, -1, keepdim=True))
 
-    def with_tail(lp):
-        # log(1 - exp(mass)) via expm1 for precision; mass clamped below 0 so that when the
-        # top-k holds all the probability the tail is tiny but its log stays finite
-        mass = torch.logsumexp(lp, dim=-1, keepdim=True).clamp(max=-1e-7)
-        return torch.cat([lp, torch.log(-torch.expm1(mass))], dim=-1)
+    def tail(z, lse):
+        # log of the mass OUTSIDE the top-k, from the logits outside it: exact in float32 even
+        # when the top-k holds nearly all the mass, where log(1 - sum p) would subtract two
+        # numbers close to 1 (the official codes' log(-expm1(.)) with a -1e-7 clamp loses
+        # precision there). The top-k entries are replaced by lse - 1e4, whose exp is 0 in any
+        # float, rather than -inf, so an empty tail (k = V) has a finite log and no NaN gradient.
+        outside = z.scatter(-1, idx, (lse.detach() + _LOG_FLOOR).expand(idx.shape))
+        return torch.logsumexp(outside, -1, keepdim=True) - lse
 
-    return with_tail(ls), with_tail(lt)
+    return torch.cat([ls, tail(s, lse_s)], -1), torch.cat([lt, tail(t, lse_t)], -1)
 
 
 def distill_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,

@@ -105,10 +105,13 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """(N,T) -> (N,T): k3 estimator exp(ref - logp) - (ref - logp) - 1 of KL(pi || ref), >= 0.
 
     Schulman's "Approximating KL divergence" (2020); GRPO Eq. 4. The log-ratio is clamped to
-    +-20 like the policy ratio (verl `low_var_kl`), which leaves every realistic value unchanged.
+    +-20 like the policy ratio and the value to at most 10 (verl `low_var_kl`), which leaves
+    every realistic value unchanged.
     """
     d = (ref_logp.detach() - logp).clamp(-20.0, 20.0)
-    return torch.exp(d) - d - 1.0
+    # and the value clamped to <= 10, as verl's / EasyR1's `low_var_kl` (audit F16): one wild
+    # token cannot dominate the batch's KL
+    return (torch.exp(d) - d - 1.0).clamp(max=10.0)
 
 
 # ----------------------------------------------------------------------------------------

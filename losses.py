@@ -112,9 +112,11 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
 
     elif cfg.algo == "opsd":  # OPSD's top_k_loss takes the TEACHER's top-k
         d_mask = mask & c.distill[:, None]
+        # with --top-k, the teacher's top-k renormalised, no tail bucket (audit F8)
         div = distill.distill_per_token(logits, teacher_logits, beta=cfg.beta,
-                                        top_k=cfg.top_k or None, token_clip=cfg.token_clip or None,
-                                        temperature=T, support="teacher")
+                                        top_k=cfg.top_k or None, add_tail=False,
+                                        token_clip=cfg.token_clip or None, temperature=T,
+                                        support="teacher")
         stats["distill"] = mean_stat(div, d_mask)
         loss = grpo.aggregate(div, d_mask, normalizer=norms.distill_tokens)
 

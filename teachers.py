@@ -136,14 +136,20 @@ class Teacher:
                                                           self.ema_rate)
 
     @torch.no_grad()
-    def update(self, student, step: int):
-        """After optimizer step `step` (counted from 1): sync or EMA toward the student."""
-        if self.mode in ("sync", "ema"):
+    def update(self, student, step: int, *, skipped: bool = False):
+        """After optimizer step `step` (counted from 1): sync or EMA toward the student.
+
+        A sync is due by the step count alone, so it happens even when this step's update was
+        skipped (non-finite), as in the RLSD trainer (audit F17); the EMA moves only after an
+        update that was taken, as SDPO's `_update_teacher` does."""
+        sync = self.mode == "sync" and self.sync_every > 0 and step % self.sync_every == 0
+        ema = self.mode == "ema" and not skipped
+        if sync or ema:
             reshard(self.model, student)  # FSDP: both sharded alike, parameter by parameter
-        if self.mode == "sync" and self.sync_every > 0 and step % self.sync_every == 0:
+        if sync:
             for t, s in zip(self.model.parameters(), student.parameters(), strict=True):
                 t.copy_(s)
-        elif self.mode == "ema":
+        elif ema:
             distill.ema_update(self.model.parameters(), student.parameters(), self.ema_rate)
 
     @property

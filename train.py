@@ -232,9 +232,8 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # 7. update: clip the global gradient norm, AdamW (skipped if anything is not finite)
     with sw("optimizer"):
         grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
-        # 8. teacher: sync (RLSD) or EMA (SDPO, SRPO), never after a skipped step
-        if not skipped:
-            teacher.update(model, step)
+        # 8. teacher: sync (RLSD) on its schedule, EMA (SDPO, SRPO) only after a taken step
+        teacher.update(model, step, skipped=skipped)
 
     # metrics: each a mean over its own tokens or rows, over all ranks
     out = metrics.means(dist)

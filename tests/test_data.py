@@ -150,3 +150,14 @@ def test_bad_files_give_one_message(tmp_path, name, raw, message):
     f.write_bytes(raw)
     with pytest.raises(data.DataError, match=message):
         data.load_examples(str(f))
+
+
+def test_sdpo_reprompt_and_thinking_removal_are_the_official_ones():
+    import batch
+    e = data.Example(prompt="What is 2+2?", answer="4")
+    assert data.render(data.PAPER_TEMPLATES["sibling"], e, sibling="It is 4.") == (
+        "What is 2+2?\nCorrect solution:\n\nIt is 4.\n\nCorrectly solve the original question.")
+    # re.sub(r'<think>.*?</think>\s*', '', text): text before the block is kept
+    assert batch.strip_thinking("Sure. <think>a\nb</think>\n\nThe answer is 4.") == (
+        "Sure. The answer is 4.")
+    assert batch.strip_thinking("no block") == "no block"

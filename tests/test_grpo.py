@@ -159,7 +159,8 @@ def test_kl_k3_nonnegative_and_zero_iff_equal(seed):
     assert (k >= 0).all()
     assert torch.equal(grpo.kl_k3(logp, logp), torch.zeros(4, 5))
     d = (ref - logp).double()
-    torch.testing.assert_close(k.double(), d.exp() - d - 1, atol=1e-5, rtol=1e-5)
+    ref_k3 = (d.exp() - d - 1).clamp(max=10.0)  # the value clamp of verl low_var_kl (F16)
+    torch.testing.assert_close(k.double(), ref_k3, atol=1e-5, rtol=1e-5)
 
 
 # ---- aggregation -------------------------------------------------------------------------------
@@ -249,3 +250,12 @@ def test_aggregate_adds_up_over_column_chunks(seed, cut, mode):
         wrong = sum(grpo.aggregate(loss[:, c], mask[:, c], mode=mode, normalizer=norm)
                     for c in (slice(0, cut), slice(cut, 7)))
         assert not torch.allclose(wrong, full)
+
+
+def test_k3_value_is_clamped_like_verl():
+    """verl / EasyR1 `low_var_kl` clamps the k3 value to <= 10 (audit F16)."""
+    logp = torch.tensor([[-30.0, 0.0, -1.0]])
+    ref = torch.tensor([[0.0, 0.0, -1.5]])
+    kl = grpo.kl_k3(logp, ref)
+    assert kl[0, 0].item() == 10.0 and kl[0, 1].item() == 0.0
+    assert kl[0, 2].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1.0)

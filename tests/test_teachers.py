@@ -92,3 +92,19 @@ def test_sampled_token_logprobs_are_the_chunked_token_logprobs():
     assert torch.equal(out, torch.cat([grpo.token_logprobs(z[:, :2], tokens[:, :2], temperature=1.3),
                                        grpo.token_logprobs(z[:, 2:], tokens[:, 2:], temperature=1.3)], 1))
     torch.testing.assert_close(out, torch.log_softmax(z / 1.3, -1).gather(-1, tokens[..., None])[..., 0])
+
+
+def test_sync_is_due_by_the_step_even_when_the_update_was_skipped():
+    """RLSD's trainer syncs at step % N == 0 regardless (audit F17); the EMA waits for a taken
+    update (SDPO `_update_teacher`)."""
+    student, initial = _pair()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    sync = _teacher("sync", initial)
+    sync.update(student, 3, skipped=True)
+    assert all(torch.equal(a, s) for a, s in zip(sync.model.parameters(), student.parameters()))
+    ema = _teacher("ema", copy.deepcopy(initial))
+    before = _snapshot(ema.model)
+    ema.update(student, 3, skipped=True)
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(ema.model), before))
