@@ -321,3 +321,21 @@ def test_prompt_length_guard_is_on_by_default(tmp_path, cache, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "long.jsonl:2: prompt has" in err and "the model's context minus --max-new-tokens = 240" in err
+
+
+def test_two_first_runs_share_one_warm_start(tmp_path):
+    """Two processes started together on an empty cache: one builds the warm start under a
+    lock, the other waits for it; both run, and only one warm start exists."""
+    cache = str(tmp_path / "cache")
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--algo", "grpo",
+                               "--steps", "0", "--cache-dir", cache, "--eval-n", "4",
+                               "--warm-start-steps", "40", "--out", str(tmp_path / name)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for name in ("a", "b")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    printed = "".join(o for o, _ in outs)
+    assert printed.count("warm start (student): supervised fine-tuning") == 1  # built once
+    # (the other process prints that it waits, unless it started after the build was done)
+    assert len([n for n in os.listdir(cache) if "." not in n]) == 1
