@@ -20,7 +20,7 @@ import data
 import distill
 import grpo
 from distributed import gathered
-from rollout import Rollouts, generate, left_pad
+from rollout import Rollouts, generate, left_pad, stop_ids
 
 # The (N, T) fields: cut along T by `positions`; every tensor and list field is cut along N.
 _POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp")
@@ -102,7 +102,7 @@ def sample(model, tok, examples, *, template: str, max_new_tokens: int, temperat
     with gathered(model):  # FSDP: unshard once for the whole generation, not per token
         ro: Rollouts = generate(model, ids.to(device), mask.to(device),
                                 max_new_tokens=max_new_tokens, temperature=temperature,
-                                eos_id=-1 if ignore_eos else tok.eos_token_id,
+                                eos_id=-1 if ignore_eos else stop_ids(model, tok),
                                 pad_id=tok.pad_token_id, generator=generator, mode=generation)
     texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                              skip_special_tokens=True)

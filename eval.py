@@ -19,7 +19,7 @@ import torch
 import data
 import grpo
 from distributed import gathered
-from rollout import generate, left_pad, load_model
+from rollout import generate, left_pad, load_model, stop_ids
 from teachers import response_logits
 
 BATCH = 256  # prompts per generation call
@@ -44,7 +44,8 @@ def sample(model, tok, examples, template, *, max_new_tokens, temperature=0.0, k
         ids, mask = left_pad([data.prompt_ids(tok, data.render(template, e)) for e in chunk],
                              tok.pad_token_id)
         ro = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                      temperature=temperature, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                      temperature=temperature, eos_id=stop_ids(model, tok),
+                      pad_id=tok.pad_token_id,
                       generator=generator)
         texts += tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                                   skip_special_tokens=True)

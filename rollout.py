@@ -69,6 +69,15 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     return model, tokenizer
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every end-of-sequence id: the tokenizer's and all of the model's generation config (Qwen3
+    lists both <|im_end|> and <|endoftext|>), as vLLM stops on (audit F15)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
 # ----------------------------------------------------------------------------------------
 # Batches of token ids
 # ----------------------------------------------------------------------------------------
@@ -136,9 +145,10 @@ def _static_decoder(model, rows: int, width: int, compiled: bool):
 
 @torch.no_grad()  # not inference_mode: the sampled ids are later saved for backward
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
-             eos_id: int, pad_id: int, generator: torch.Generator | None = None,
+             eos_id: int | list[int], pad_id: int, generator: torch.Generator | None = None,
              mode: str = "dynamic") -> Rollouts:
-    """Sample responses with the KV cache; temperature 0 is greedy. Stops when all hit <eos>.
+    """Sample responses with the KV cache; temperature 0 is greedy. A row ends at the first of
+    its `eos_id` tokens (one id or several, see `stop_ids`); sampling stops when all have.
 
     Written out instead of `model.generate` so that sampling is exactly softmax(z / T) over
     the full vocabulary (no default top-k), uses our own torch.Generator (reproducible and
@@ -154,6 +164,8 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     if mode not in GENERATION_MODES:
         raise ValueError(f"generation mode {mode!r}: expected one of {GENERATION_MODES}")
     N, Lp = prompt_ids.shape
+    stop = torch.as_tensor(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id],
+                           device=prompt_ids.device)  # -1 never matches: no stop at all
     width = Lp + max_new_tokens
     cache, step = None, _eager_step  # no cache given: the model makes a DynamicCache
     if mode != "dynamic":
@@ -178,7 +190,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
-        done = done | (tok == eos_id)
+        done = done | torch.isin(tok, stop)
         if done.all():
             break
         out = step(model, input_ids=tok[:, None], position_ids=next_pos, past_key_values=cache,
@@ -187,6 +199,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         next_pos = next_pos + 1
     resp = torch.stack(tokens, dim=1)
     # a token is part of the response iff no <eos> came strictly before it
-    eos_before = (resp == eos_id).long().cumsum(1) - (resp == eos_id).long()
+    is_eos = torch.isin(resp, stop).long()
+    eos_before = is_eos.cumsum(1) - is_eos
     resp_mask = (eos_before == 0).long()
     return Rollouts(prompt_ids, prompt_mask, resp, resp_mask, truncated=~done)

@@ -106,9 +106,9 @@ def load_policy(cfg: Config, dist: Dist, name: str):
     if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
         tok = build_toy_tokenizer()
         return build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
-    if name == "toy":
+    if name == "toy":  # trained once, then read from the cache like any HF directory
         name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="student")
-    return load_model(name, dtype=dtype, device=dist.device)
+    return load_model(name, dtype=dtype, device=dist.device)  # the same path as a real model
 
 
 def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
@@ -117,10 +117,14 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
     The teacher's own weights (frozen, sync, ema, trust) and the reference are copies of the
     initial student. The reference is never the same object as a teacher that moves (sync,
     EMA; audit F10): then it gets a copy of its own."""
+    # copies are made BEFORE sharding: each copy is then sharded like the student, so a sync or
+    # an EMA update is a parameter-by-parameter operation between identically sharded models
     own = cfg.teacher_mode in ("frozen", "sync", "ema", "trust")
     initial = copy.deepcopy(model) if own else None
     ref = None
     if cfg.kl_coef > 0:
+        # a frozen teacher IS the initial model, so the reference may share its weights; a
+        # sync or EMA teacher moves away from it, and the KL must stay anchored at theta_0
         moving = cfg.teacher_mode in ("sync", "ema")
         ref = initial if (initial is not None and not moving) else copy.deepcopy(model)
     if cfg.teacher_mode == "external":
@@ -131,8 +135,9 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
         if len(t_tok) != len(tok):
             raise SystemExit(f"--teacher {cfg.teacher}: vocabulary of {len(t_tok)} tokens, "
                              f"the student has {len(tok)}; OPD needs a shared tokenizer")
+    # bf16 compute, float32 master weights (FSDP's mixed precision; autocast in one process)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    for m in {id(x): x for x in (model, initial, ref) if x is not None}.values():
+    for m in {id(x): x for x in (model, initial, ref) if x is not None}.values():  # each once
         shard(m, dist, dtype)
     teacher = Teacher(cfg.teacher_mode, initial, sync_every=cfg.teacher_sync,
                       ema_rate=cfg.teacher_ema)
@@ -152,7 +157,9 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # this rank's prompts: a function of (seed, step), so a resumed run sees the same data
     prompts = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
                                  seed=cfg.seed, rank=dist.rank, world=dist.world)
-    exs = [e for e in prompts for _ in range(G)]  # rows p*G .. p*G+G-1: prompt p's group
+    # rows p*G .. p*G+G-1 are prompt p's group: every group statistic (advantages, siblings,
+    # PTD-PO's group accuracy) assumes this layout
+    exs = [e for e in prompts for _ in range(G)]
 
     # 1-2. sample G responses per prompt and reward them with the verifier
     model.eval()  # sampling is no-grad; eval() only matters for models with dropout
@@ -161,6 +168,8 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                      generation=cfg.generation, overlong_cache=cfg.overlong_cache, generator=gen,
                      device=dist.device)
     with sw("rollout"):
+        # our own KV-cache loop, exactly softmax(z / T) over the full vocabulary with our own
+        # generator, so a run is reproducible and resumable to the bit on CPU
         b = sample(exs)
         if cfg.algo == "dapo":  # dynamic sampling: re-roll groups that carry no signal
             b = rollouts.dapo_resample(b, sample, group_size=G, rounds=cfg.dapo_max_gen_batches,
@@ -182,7 +191,9 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                 ptd_tau=cfg.ptd_tau)
 
     # 5. score, without gradient and once per step: the log-probs of the sampled tokens under
-    # the teacher (RLSD's evidence, OPD's advantage) and under the KL reference
+    # the teacher (RLSD's evidence, OPD's advantage) and under the KL reference. There is one
+    # optimizer step per rollout batch, so the "old" policy of the PPO ratio is the current
+    # one: its log-probs are the loss's own, detached (losses.py), and need no pass here.
     model.train()
     mbs = micro_batches(b, cfg.micro_batch_size)  # rows per forward: bounds activation memory
     chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
@@ -207,7 +218,9 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     lam = lambda_schedule(step, lam0=cfg.lam0, warmup=cfg.lam_warmup,
                           decay=cfg.lam_decay) if cfg.algo == "rlsd" else 0.0
 
-    # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time
+    # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time. The
+    # gradients of the micro-batches accumulate in .grad; nothing is averaged per micro-batch,
+    # because every loss is already divided by a global count (Norms)
     metrics, loss_sum = Metrics(), 0.0
     for mb, ch in zip(mbs, chunks):
         teacher_logits_at = None  # (t0, t1) -> the teacher's (n, t, V) logits of a chunk
@@ -229,7 +242,8 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
             loss_sum += backward_chunked(model, mb, ch, loss_fn, dist.world, metrics)
     loss = dist.sum(loss_sum).item()  # the same global value on every rank
 
-    # 7. update: clip the global gradient norm, AdamW (skipped if anything is not finite)
+    # 7. update: clip the global gradient norm (after FSDP has reduced the gradients, so the
+    # norm is the full model's), then AdamW; skipped if the loss or the norm is not finite
     with sw("optimizer"):
         grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
         # 8. teacher: sync (RLSD) on its schedule, EMA (SDPO, SRPO) only after a taken step
@@ -244,7 +258,7 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                truncated_frac=dist.sum(b.truncated.sum()).item() / n)
     if cfg.algo == "rlsd":
         out["rlsd_lambda"] = lam
-    if b.distill is not None:
+    if b.distill is not None:  # the share of rows the distillation term acted on
         out["distilled_frac"] = dist.sum(b.distill.float().sum()).item() / n
     return out, b
 
@@ -280,6 +294,7 @@ TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale
 def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
     """Prompt -> reference solution (or the answer). On the toy task the prompts mix in every
     privileged context (TOY_SFT_MIX), so that the network learns to read them."""
+    # the same data order as RL: a function of (seed, step), so the warm start resumes exactly
     exs = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
                              seed=cfg.seed, rank=dist.rank, world=dist.world)
     rng = random.Random(f"{cfg.seed}-{step}-{dist.rank}")  # a string seed: stable across runs
@@ -287,10 +302,12 @@ def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
     prompts, targets = [], []
     for e in exs:
         kind = rng.choice(TOY_SFT_MIX) if cfg.data == "toy" else "student"
-        kind = kind if kind == "student" or getattr(e, kind) else "student"
+        kind = kind if kind == "student" or getattr(e, kind) else "student"  # e.g. no hint
         prompts.append(data.prompt_ids(tok, data.render(tpl[kind], e)))
-        target = e.solution or e.answer
+        target = e.solution or e.answer  # the worked solution; a bare answer if there is none
         targets.append(tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    # the same layout as a rollout batch (left-padded prompts, right-padded targets), so SFT
+    # runs through the same hidden-state forward and chunked loss as RL
     ids, mask = left_pad(prompts, tok.pad_token_id)
     n, T = len(exs), max(map(len, targets))
     resp = torch.full((n, T), tok.pad_token_id, dtype=torch.long)  # right-padded targets
@@ -305,7 +322,9 @@ def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
 def sft_step(model, opt, b: Batch, cfg: Config, dist: Dist, step: int) -> dict:
     """Token-mean negative log-likelihood of the targets, with the same chunked scaffold."""
     model.train()
-    norm = dist.sum(b.mask.sum()).item()  # global target tokens
+    # a token-mean over ALL target tokens of the step (all ranks): micro-batches and ranks
+    # then add up to the full batch's gradient, as in the RL step
+    norm = dist.sum(b.mask.sum()).item()
 
     def nll(h_ntH, t0, t1, mb):
         c = mb.positions(t0, t1)
@@ -340,6 +359,7 @@ def prompt_limit(cfg: Config, model) -> int:
     a longer prompt could not be answered in full, and a huge one would exhaust memory."""
     if cfg.max_prompt_tokens:
         return cfg.max_prompt_tokens
+    # max_position_embeddings is the context length of every HF causal LM config we load
     context = getattr(model.config, "max_position_embeddings", 0) or 0
     return max(1, context - cfg.max_new_tokens) if context else 0
 
@@ -367,8 +387,10 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
     if cfg.context == "hint" and not any(e.hint for e in examples):
         raise data.DataError(f"{cfg.data}: no row has a '{cfg.hint_key}' value, and "
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
-    sets = eval_sets(cfg, columns)
+    sets = eval_sets(cfg, columns)  # loaded now: a bad eval file fails before any training
     model, tok = load_policy(cfg, dist, cfg.model)
+    # prompts longer than the model can answer fail here (naming the row), not after minutes
+    # of training with a traceback about a 30 GB allocation
     limit = prompt_limit(cfg, model)
     if limit and cfg.data != "toy":  # the toy task's prompts are short by construction
         name = ("--max-prompt-tokens" if cfg.max_prompt_tokens else
@@ -378,11 +400,17 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
                                           verbose=main_rank, limit_name=name)
 
     teacher, ref = teacher_and_reference(cfg, model, tok, dist)  # shards the student too
+    # AdamW over the (sharded) student only: teachers and the reference are never optimised
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # one sampling stream per rank (1_000_003 is a prime: ranks and seeds never share one)
     gen = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank)
+    # resume restores everything that is not a function of (seed, step): weights, AdamW's
+    # moments, the sampling RNG, the teacher's own weights (the data order and every schedule
+    # are functions of the step, so nothing else needs saving)
     start = ckpt.restore(model, opt, teacher, gen, cfg, dist) if cfg.resume else 0
 
+    # I/O on rank 0 only; the other ranks wait at the barrier so nobody races ahead of a
+    # half-written config. config.json is replaced atomically (write, then rename)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if main_rank:
         with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
@@ -391,7 +419,7 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
         start_metrics_log(metrics_path, start)
     dist.barrier()
 
-    def log(record):
+    def log(record):  # one JSON line per step, appended and flushed: a crash loses no step
         if main_rank:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -402,13 +430,15 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
                   flush=True)
 
     first = {}
-    if start == 0 and sets:
+    if start == 0 and sets:  # greedy decoding: evaluation never consumes the sampling RNG
         first = evaluate(model, tok, sets, cfg, dist)
         log({"step": 0, **first})
         show("before training", first)
     t_start, last, skips, warned, saved = time.time(), {}, 0, False, start
+    # SIGTERM / Ctrl-C only set a flag: the step in progress finishes, so a checkpoint is
+    # never of a half-updated model and metrics.jsonl never has half a step
     with StopSignals() as stop:
-        for step in range(start + 1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):  # steps count from 1, as in every paper
             t0, sw = time.time(), Stopwatch(dist.device)
             with autocast(cfg.dtype, dist):
                 if cfg.algo == "sft":
@@ -418,19 +448,24 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
                     m, _ = train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
                                       examples=examples, step=step, cfg=cfg, dist=dist, gen=gen,
                                       sw=sw)
+            # wall time per phase (rollout, teacher, fwd_bwd, optimizer): bench.py reads these
             m["step_time_s"] = time.time() - t0
             m.update({f"time_{k}_s": v for k, v in sw.times.items()})
+            # evaluate every --eval-every steps and after the last one
             if sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 m.update(evaluate(model, tok, sets, cfg, dist))  # greedy: consumes no RNG
             last = {"step": step, **m}
             log(last)
             if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
                 log_line(step, cfg.steps, m, t_start, label)
+            # most responses cut off at the limit: rewards are ~0 and nothing is learned; say so
             if main_rank and not warned and m.get("truncated_frac", 0) > 0.5:
                 warned = True
                 print(f"warning: {m['truncated_frac']:.0%} of the responses hit --max-new-tokens "
                       f"{cfg.max_new_tokens} (reward 0 without a final answer); raise it",
                       flush=True)
+            # a NaN/inf step was skipped (weights untouched); many in a row mean the run is
+            # broken, and going on would only burn compute
             skips = skips + 1 if m["skipped"] else 0
             if skips >= cfg.max_skips:  # the weights are untouched: the last checkpoint is good
                 raise SystemExit(f"stopping at step {step}: {skips} consecutive steps with a "
@@ -438,7 +473,9 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
                                  f"grad_norm={m['grad_norm']}); weights were not updated, the "
                                  f"last checkpoint in {cfg.out} is intact. Lower --lr or check "
                                  f"the data.")
-            signalled = dist.sum(float(stop.name is not None)).item() > 0  # every rank agrees
+            # a signal may reach one rank only: all-reduce it, so every rank stops at the same
+            # step (a rank that carried on alone would hang in its next collective)
+            signalled = dist.sum(float(stop.name is not None)).item() > 0
             if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
                     or (signalled and cfg.save_on_signal)):
                 ckpt.save(model, opt, teacher, tok, gen, cfg, dist, step)
@@ -462,8 +499,10 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
 
 
 def main(argv=None):
+    # every flag is checked here, before anything is loaded: a typo costs a second, not the
+    # minutes of a warm start followed by a traceback
     cfg = parse_config(argv)
-    dist = setup_distributed()
+    dist = setup_distributed()  # one process under python, one per GPU (or core) under torchrun
     if cfg.prompts_per_step % dist.world:  # every rank must run the same number of passes
         raise SystemExit(f"config error: --prompts-per-step {cfg.prompts_per_step} is not "
                          f"divisible by the {dist.world} processes")
@@ -472,6 +511,7 @@ def main(argv=None):
                          "torchrun use --generation static or dynamic")
     try:
         train(cfg, dist)
+    # bad input ends in one line naming the file and row, never a traceback
     except (data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -79,3 +79,22 @@ def test_compiled_generation_matches_dynamic_on_cuda(dtype):
     for c in runs:
         assert agreement(dyn, c) > (0.97 if dtype == torch.float32 else 0.9)
     assert torch.equal(runs[1].resp_ids, runs[2].resp_ids)  # graph replays are deterministic
+
+
+def test_sampling_stops_at_every_eos_id_of_the_generation_config():
+    """Qwen3's generation config lists several end ids; a row ends at the first of any (F15)."""
+    model = build_toy_model(TOK, seed=5).eval()
+    semi = TOK.convert_tokens_to_ids(";")
+    model.generation_config.eos_token_id = [TOK.eos_token_id, semi]
+    ids = rollout.stop_ids(model, TOK)
+    assert ids == sorted({TOK.eos_token_id, semi})
+    ro = sample(model, "dynamic", n_new=60)
+    ro_ids = generate(model, *left_pad(PROMPTS, TOK.pad_token_id), max_new_tokens=60,
+                      temperature=1.0, eos_id=ids, pad_id=TOK.pad_token_id,
+                      generator=torch.Generator().manual_seed(0))
+    stopped = 0
+    for row, m in zip(ro_ids.resp_ids, ro_ids.resp_mask):
+        kept = row[m.bool()].tolist()
+        assert all(t not in ids for t in kept[:-1])  # no stop id before the last kept token
+        stopped += kept[-1] in ids
+    assert stopped >= 1 and not torch.equal(ro.resp_mask, ro_ids.resp_mask)
