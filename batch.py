@@ -92,7 +92,7 @@ class Batch:
 
 def sample(model, tok, examples, *, template: str, max_new_tokens: int, temperature: float,
            ignore_eos: bool, generation: str, overlong_cache: int, generator,
-           device) -> Batch:
+           device, top_k: int = 0, top_p: float = 1.0) -> Batch:
     """Sample one response per row (rows repeat each prompt G times) and reward it.
 
     The reward is the binary verifier (RLSD Eq. 1), plus DAPO's overlong penalty (Eq. 13) on
@@ -103,7 +103,8 @@ def sample(model, tok, examples, *, template: str, max_new_tokens: int, temperat
         ro: Rollouts = generate(model, ids.to(device), mask.to(device),
                                 max_new_tokens=max_new_tokens, temperature=temperature,
                                 eos_id=-1 if ignore_eos else stop_ids(model, tok),
-                                pad_id=tok.pad_token_id, generator=generator, mode=generation)
+                                pad_id=tok.pad_token_id, generator=generator, mode=generation,
+                                top_k=top_k, top_p=top_p)
     texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                              skip_special_tokens=True)
     rewards = torch.tensor([data.reward(t, e.answer) for t, e in zip(texts, examples)])

@@ -44,6 +44,8 @@ class Config:
     group_size: int = 8               # G rollouts per prompt
     max_new_tokens: int = 4096        # response length limit
     temperature: float = 1.0          # rollout temperature; every loss uses the same one
+    rollout_top_p: float = 1.0        # sample from the top-p nucleus (1 = all); losses keep the full softmax
+    rollout_top_k: int = 0            # sample from the k likeliest tokens (0 = all); not --top-k
     ignore_eos: bool = False          # benchmarks: always generate max_new_tokens tokens
     generation: str = "dynamic"       # KV cache: dynamic | static | compiled (CUDA, one process)
     max_prompt_tokens: int = 0        # longest student prompt allowed (0 = no limit)
@@ -114,8 +116,10 @@ PAPER_DEFAULTS = {
     "dapo": dict(max_new_tokens=20480, overlong_cache=4096, context="none"),
     # Thinking Machines OPD: external teacher, sampled-token reverse KL as the advantage
     "opd": dict(teacher_mode="external", group_size=4, context="none"),
-    # OPSD v3: 1 rollout, T 1.1, forward KL, pointwise clip 0.05, frozen teacher, lr 5e-6
-    "opsd": dict(group_size=1, temperature=1.1, beta=0.0, top_k=0, token_clip=0.05,
+    # OPSD v3: 1 rollout, T 1.1 with top-p 0.95 / top-k 20, forward KL, pointwise clip 0.05,
+    # frozen teacher, lr 5e-6
+    "opsd": dict(group_size=1, temperature=1.1, rollout_top_p=0.95, rollout_top_k=20,
+                 beta=0.0, top_k=0, token_clip=0.05,
                  teacher_mode="frozen", context="solution", lr=5e-6, max_grad_norm=0.1,
                  max_new_tokens=1024, prompts_per_step=32, steps=100),
     # SDPO (no rich feedback): JSD 0.5, top-100 + tail, EMA 0.05, lr 1e-5, no std
@@ -124,9 +128,10 @@ PAPER_DEFAULTS = {
     # SRPO: Dr. GRPO advantages, SDPO branch as above, lr 5e-6
     "srpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
                  adv_scale="none", lr=5e-6, max_new_tokens=8192, prompts_per_step=32),
-    # PTD-PO: frozen reference teacher with the hint, k3 KL 0.01, clip high 0.3, Top-100 JSD
+    # PTD-PO: frozen reference teacher with the hint, k3 KL 0.01, clip high 0.3, Top-100 JSD,
+    # rollouts at top-p 0.99 (EasyR1 config_grpo.yaml)
     "ptdpo": dict(teacher_mode="frozen", context="hint", kl_coef=0.01, clip_high=0.3,
-                  top_k=100, prompts_per_step=384),
+                  top_k=100, prompts_per_step=384, rollout_top_p=0.99),
     # RLSD: frozen teacher re-synced every 10 steps, lambda 0.5 -> 0 over 50 steps
     "rlsd": dict(teacher_mode="sync", context="answer", max_new_tokens=4096, prompts_per_step=256),
 }
@@ -243,6 +248,7 @@ def check_config(cfg: Config, given: dict = ()):
         "steps": (0, None, False), "prompts_per_step": (1, None, False),
         "group_size": (1, None, False), "max_new_tokens": (1, None, False),
         "temperature": (0.0, None, True), "max_prompt_tokens": (0, None, False),
+        "rollout_top_p": (0.0, 1.0, True), "rollout_top_k": (0, None, False),
         "lr": (0.0, None, True), "lr_warmup_steps": (0, None, False),
         "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, True),
         "micro_batch_size": (0, None, False), "clip_low": (0.0, 1.0, False),

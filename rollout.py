@@ -144,15 +144,33 @@ def _static_decoder(model, rows: int, width: int, compiled: bool):
 
 
 @torch.no_grad()  # not inference_mode: the sampled ids are later saved for backward
+def nucleus(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(N, V) logits with every token outside the top-k and outside the top-p nucleus set to
+    -inf (top_k 0 and top_p 1 keep all). The nucleus is the smallest set of most likely tokens
+    whose probability reaches top_p, as in HF's and vLLM's samplers. Only SAMPLING is
+    truncated: the losses score the sampled tokens under the full softmax, as OPSD's and
+    PTD-PO's official codes do (audit F5)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = logits.sort(dim=-1, descending=True)
+        p = sorted_z.softmax(-1)
+        outside = (p.cumsum(-1) - p) >= top_p  # the mass before this token already reaches top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits
+
+
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
              eos_id: int | list[int], pad_id: int, generator: torch.Generator | None = None,
-             mode: str = "dynamic") -> Rollouts:
+             mode: str = "dynamic", top_k: int = 0, top_p: float = 1.0) -> Rollouts:
     """Sample responses with the KV cache; temperature 0 is greedy. A row ends at the first of
     its `eos_id` tokens (one id or several, see `stop_ids`); sampling stops when all have.
 
     Written out instead of `model.generate` so that sampling is exactly softmax(z / T) over
-    the full vocabulary (no default top-k), uses our own torch.Generator (reproducible and
-    resumable), and costs one small forward per token.
+    the full vocabulary unless `top_k` / `top_p` ask for truncation (`nucleus`; no default
+    top-k), uses our own torch.Generator (reproducible and resumable), and costs one small
+    forward per token.
 
     mode: "dynamic" grows the cache by concatenation (transformers' default, any device).
     "static" preallocates it (`StaticCache`, width rounded up to STATIC_BUCKET) so every decode
@@ -186,7 +204,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, -1)
+            probs = torch.softmax(nucleus(logits / temperature, top_k=top_k, top_p=top_p), -1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)

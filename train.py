@@ -166,7 +166,7 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     sample = partial(rollouts.sample, model, tok, template=tpl["student"],
                      max_new_tokens=cfg.max_new_tokens, temperature=T, ignore_eos=cfg.ignore_eos,
                      generation=cfg.generation, overlong_cache=cfg.overlong_cache, generator=gen,
-                     device=dist.device)
+                     device=dist.device, top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p)
     with sw("rollout"):
         # our own KV-cache loop, exactly softmax(z / T) over the full vocabulary with our own
         # generator, so a run is reproducible and resumable to the bit on CPU

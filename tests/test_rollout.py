@@ -98,3 +98,37 @@ def test_sampling_stops_at_every_eos_id_of_the_generation_config():
         assert all(t not in ids for t in kept[:-1])  # no stop id before the last kept token
         stopped += kept[-1] in ids
     assert stopped >= 1 and not torch.equal(ro.resp_mask, ro_ids.resp_mask)
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(seed=st.integers(0, 10_000), top_p=st.floats(0.05, 0.999), top_k=st.integers(0, 12))
+def test_sampling_never_leaves_the_nucleus(seed, top_p, top_k):
+    """Kept tokens: the k likeliest, and among them the smallest set whose probability reaches
+    top_p (audit F5). Every removed token is less likely than every kept one, and a token
+    drawn from the filtered distribution is always a kept one."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(3, 12, generator=g) * 2.0
+    kept = torch.isfinite(rollout.nucleus(z, top_k=top_k, top_p=top_p))
+    base = torch.isfinite(rollout.nucleus(z, top_k=top_k))  # the top-k alone
+    p = torch.softmax(z.masked_fill(~base, float("-inf")), -1)
+    for row in range(3):
+        pk, pr = p[row][kept[row]], p[row][base[row] & ~kept[row]]
+        assert pk.sum() >= top_p - 1e-6 or pr.numel() == 0          # the nucleus reaches top_p
+        assert pk.sum() - pk.min() < top_p + 1e-6                    # ... and is the smallest
+        assert pr.numel() == 0 or pr.max() <= pk.min()               # the likeliest are kept
+        assert kept[row].sum() <= (top_k or 12)
+    draws = torch.multinomial(torch.softmax(rollout.nucleus(z, top_k=top_k, top_p=top_p), -1),
+                              200, replacement=True, generator=g)
+    assert kept.gather(1, draws).all()
+
+
+def test_top_k_one_is_greedy():
+    model = build_toy_model(TOK, seed=6).eval()
+    ids, mask = left_pad(PROMPTS, TOK.pad_token_id)
+    greedy = generate(model, ids, mask, max_new_tokens=20, temperature=0.0, eos_id=TOK.eos_token_id,
+                      pad_id=TOK.pad_token_id)
+    top1 = generate(model, ids, mask, max_new_tokens=20, temperature=1.0, eos_id=TOK.eos_token_id,
+                    pad_id=TOK.pad_token_id, generator=torch.Generator().manual_seed(0), top_k=1)
+    assert torch.equal(greedy.resp_ids, top1.resp_ids)
