@@ -46,6 +46,7 @@ def measure(args) -> dict:
     import config
     import data
     import train
+    import warmstart
     from distributed import Dist, Stopwatch, autocast, gathered
     from rollout import build_toy_model, build_toy_tokenizer
     from teachers import lm_head_logits, response_hidden
@@ -71,7 +72,7 @@ def measure(args) -> dict:
         tok = build_toy_tokenizer()
         model = build_toy_model(tok, **SHAPES[args.shape]).to(device)
     else:
-        model, tok = train.load_policy(cfg, dist, args.model)
+        model, tok = warmstart.load_policy(cfg, dist, args.model)
     teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -125,6 +126,7 @@ def ops_per_chunk(algo: str) -> float:
     import data
     import train
     from distributed import Dist, Stopwatch
+    from rollout import build_toy_model, build_toy_tokenizer
 
     class Count(TorchDispatchMode):
         n = 0
@@ -141,8 +143,8 @@ def ops_per_chunk(algo: str) -> float:
                                         **({"kl_coef": 0.0} if algo in config.USED_BY["kl_coef"]
                                            else {})))
         dist = Dist(device=torch.device("cpu"))
-        tok = train.build_toy_tokenizer()
-        model = train.build_toy_model(tok)
+        tok = build_toy_tokenizer()
+        model = build_toy_model(tok)
         teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
         opt = torch.optim.AdamW(model.parameters())
         with Count() as counter:

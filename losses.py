@@ -78,13 +78,13 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
     stats = {"entropy": mean_stat(grpo.entropy(logits.detach(), temperature=T), mask)}
     dual_clip = cfg.dual_clip if cfg.dual_clip > 0 else None  # <= 0: no dual clip
 
-    def surrogate(adv):
+    def surrogate(adv, with_kl=True):
         """The PPO/DAPO clipped surrogate per token, on-policy (old_logp = logp.detach()),
-        plus the k3 KL to the initial model when --kl-coef > 0."""
+        plus the k3 KL to the initial model when --kl-coef > 0 (and `with_kl`)."""
         per_tok, means = grpo.policy_loss(logp, logp.detach(), adv, clip_low=cfg.clip_low,
                                           clip_high=cfg.clip_high, dual_clip=dual_clip, mask=mask)
         stats.update(_as_stats(means, mask))
-        if cfg.kl_coef > 0 and cfg.algo != "ptdpo":  # PTD-PO switches its KL off per group
+        if cfg.kl_coef > 0 and with_kl:
             kl = grpo.kl_k3(logp, c.ref_logp)
             stats["kl"] = mean_stat(kl, mask)
             per_tok = per_tok + cfg.kl_coef * kl
@@ -135,7 +135,8 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
         loss = distill.srpo_loss(pg, sd, w, c.distill, mask, normalizer=norms.tokens)
 
     elif cfg.algo == "ptdpo":  # GRPO + k3 KL (off on PTD groups) + lambda * Top-K JSD
-        pg, kl = surrogate(c.adv), grpo.kl_k3(logp, c.ref_logp)
+        # the KL is added by ptdpo_loss, which switches it off on PTD groups
+        pg, kl = surrogate(c.adv, with_kl=False), grpo.kl_k3(logp, c.ref_logp)
         V = logits.shape[-1]
         ptd = distill.ptd_topk_jsd(logits.float() / T, teacher_logits.float() / T,
                                    k=min(cfg.top_k, V))

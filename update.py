@@ -1,7 +1,7 @@
 """The update machinery of a step: global normalisers, micro-batches, LM-head chunks, metrics,
 the chunked backward, the learning rate, and the clipped optimizer step.
 
-train.train_step (RL and distillation) and train.sft_step (the warm start) share all of it.
+train.train_step (RL and distillation) and warmstart.sft_step (SFT) share all of it.
 The one rule everything here keeps: a loss is a SUM over tokens divided by a GLOBAL count
 (all micro-batches, all ranks), so splitting a batch into micro-batches, chunks of positions
 or processes never changes the gradient.

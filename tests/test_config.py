@@ -8,6 +8,7 @@ import torch
 
 import config
 import train
+import update
 from distributed import Dist
 from rollout import build_toy_model, build_toy_tokenizer
 
@@ -44,13 +45,13 @@ def test_boolean_flags():
 
 def test_lr_schedule_hand_values():
     cfg = config.Config(lr=1.0, steps=10, lr_warmup_steps=4)
-    assert [train.lr_at(s, cfg) for s in (1, 2, 4, 10)] == [0.25, 0.5, 1.0, 1.0]
+    assert [update.lr_at(s, cfg) for s in (1, 2, 4, 10)] == [0.25, 0.5, 1.0, 1.0]
     # decay as HF's schedulers: step s (from 1) has progress (s - 1 - warmup) / (steps - warmup),
     # so the first step after warm-up has the full lr and the last is not wasted at lr 0
     lin = dataclasses.replace(cfg, lr_schedule="linear")
-    assert [train.lr_at(s, lin) for s in (4, 5, 7, 10)] == pytest.approx([1.0, 1.0, 4 / 6, 1 / 6])
+    assert [update.lr_at(s, lin) for s in (4, 5, 7, 10)] == pytest.approx([1.0, 1.0, 4 / 6, 1 / 6])
     cos = dataclasses.replace(cfg, lr_schedule="cosine", lr_warmup_steps=0, steps=5)
-    assert [train.lr_at(s, cos) for s in (1, 3, 5)] == pytest.approx(
+    assert [update.lr_at(s, cos) for s in (1, 3, 5)] == pytest.approx(
         [1.0, 0.5 * (1 + math.cos(math.pi * 0.4)), 0.5 * (1 + math.cos(math.pi * 0.8))])
 
 
@@ -78,7 +79,7 @@ def test_kl_reference_is_never_the_moving_teacher():
 
 
 def test_metrics_are_means_over_their_own_denominators():
-    m = train.Metrics()
+    m = update.Metrics()
     m.add({"a": (torch.tensor(3.0), torch.tensor(3)), "b": (torch.tensor(1.0), torch.tensor(1))})
     m.add({"a": (torch.tensor(1.0), torch.tensor(1)), "b": (torch.tensor(0.0), torch.tensor(9))})
     assert m.means(Dist()) == {"a": 1.0, "b": 0.1}

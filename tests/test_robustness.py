@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import checkpoint as ckpt
 import losses
 import train
+import warmstart
 from conftest import warm_start_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,10 +286,10 @@ def test_warm_start_is_deterministic_and_keyed_to_its_settings(tmp_path, capsys)
     a, b = (open(os.path.join(x, "model.safetensors"), "rb").read() for x in dirs)
     assert a == b  # bit-identical weights from two empty caches
     sft = config.resolve_config(dict(algo="sft", model="toy", steps=12))
-    key = train.warm_start_key(sft)
-    assert key == train.warm_start_key(config.resolve_config(dict(algo="sft", model="toy",
+    key = warmstart.warm_start_key(sft)
+    assert key == warmstart.warm_start_key(config.resolve_config(dict(algo="sft", model="toy",
                                                                   steps=12, eval_n=7)))
-    assert key != train.warm_start_key(config.resolve_config(dict(algo="sft", model="toy",
+    assert key != warmstart.warm_start_key(config.resolve_config(dict(algo="sft", model="toy",
                                                                   steps=12, lr=1e-3)))
 
 

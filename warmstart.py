@@ -1,0 +1,150 @@
+"""The student's starting point: a local model, or the embedded toy model warm-started by SFT.
+
+    load_policy     (model, tokenizer): 'toy' (the cached warm start), 'toy-init' (random
+                    weights), or a Hugging Face directory / hub id
+    toy_checkpoint  the warm start, trained once with `--algo sft` and cached under a file
+                    lock, keyed by a hash of its settings and of the code that builds it
+    sft_batch, sft_step   supervised fine-tuning: the warm start, or SFT on a dataset
+
+The SFT step runs through the same hidden-state forward, chunked loss and global normaliser
+as the RL step (update.py), so it is resumable and split-invariant in the same way.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+from functools import partial
+
+import torch
+
+import checkpoint as ckpt
+import data
+import grpo
+from batch import Batch
+from config import Config, resolve_config
+from distributed import Dist
+from rollout import build_toy_model, build_toy_tokenizer, left_pad, load_model
+from rundir import file_lock
+from teachers import lm_head_logits
+from update import Metrics, backward_chunked, clip_and_step, column_chunks, lr_at, micro_batches
+
+TOY_VERSION = "v2"  # part of the warm-start cache key (with the settings and the code)
+
+
+def cache_dir(cfg: Config) -> str:
+    return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rlsd-reference")
+
+
+def warm_start_key(sft: Config) -> str:
+    """A short hash of everything that makes the warm-start weights: the SFT settings, the
+    source of the code that builds the task, the model and the SFT step, and the library
+    versions. Any change gives a new cache entry, so a stale warm start is never reused."""
+    import inspect
+    import transformers
+    settings = {k: v for k, v in dataclasses.asdict(sft).items()  # those that change weights
+                if k not in ("out", "cache_dir", "eval_n", "eval_data", "eval_every", "log_every",
+                             "overwrite", "save_every", "keep_checkpoints")}
+    parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
+             torch.__version__, transformers.__version__, data.TOY_CHARS, repr(data.TOY_TEMPLATES),
+             repr(TOY_SFT_MIX)]
+    parts += [inspect.getsource(f) for f in (data.toy_example, data.make_toy, data.step_examples,
+                                             build_toy_model, build_toy_tokenizer, sft_batch,
+                                             sft_step, backward_chunked, lr_at, clip_and_step)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
+def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str) -> str:
+    """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached. Built
+    under a file lock: a second process waits for the first one's instead of racing it."""
+    sft = resolve_config(dict(algo="sft", model="toy", steps=steps, seed=cfg.seed,
+                              cache_dir=cfg.cache_dir, eval_every=0, save_every=0,
+                              keep_checkpoints=1, eval_data="toy", eval_n=cfg.eval_n,
+                              log_every=max(1, steps // 20), overwrite=True, out="-"))
+    path = os.path.join(cache_dir(cfg), f"toy-{name}-sft{steps}-seed{cfg.seed}-"
+                                        f"{warm_start_key(sft)}")
+    if dist.rank == 0:
+        with file_lock(path + ".lock", waiting=f"waiting for another process that is building "
+                                                  f"the warm start {path}"):
+            if not os.path.exists(path):
+                sft.out = path + ".run"  # a crashed attempt's files are overwritten
+                minutes = steps * 0.25 / 60  # ~0.25 s per SFT step on 2 CPU cores
+                print(f"warm start ({name}): supervised fine-tuning of the ~0.3M-parameter toy "
+                      f"Qwen3 on the arithmetic task, {steps} steps, about {minutes:.0f} minutes "
+                      f"on 2 CPU cores. Done once: cached in {path}", flush=True)
+                from train import train  # the warm start is a run of the same loop
+                train(sft, Dist(device=dist.device), label="warm start: ")  # one local process
+                os.replace(ckpt.latest_checkpoint(sft.out), path)
+                shutil.rmtree(sft.out, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_policy(cfg: Config, dist: Dist, name: str):
+    """(model, tokenizer) for 'toy-init' (random), 'toy' (cached warm start) or a path/hub id."""
+    dtype = torch.float32  # master weights; bf16 compute comes from FSDP's policy or autocast
+    if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
+        tok = build_toy_tokenizer()
+        return build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
+    if name == "toy":  # trained once, then read from the cache like any HF directory
+        name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="student")
+    return load_model(name, dtype=dtype, device=dist.device)  # the same path as a real model
+
+
+# ----------------------------------------------------------------------------------------
+# SFT: the toy warm start, or supervised fine-tuning on a dataset's solutions
+# ----------------------------------------------------------------------------------------
+
+# the toy warm start: 30% of its prompts carry the answer, so that the same network later
+# acts as a teacher that USES a privileged context (30%, not 20%: measured, see data.py)
+TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
+
+
+def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
+    """Prompt -> reference solution (or the answer). On the toy task the prompts mix in every
+    privileged context (TOY_SFT_MIX), so that the network learns to read them."""
+    # the same data order as RL: a function of (seed, step), so the warm start resumes exactly
+    exs = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
+                             seed=cfg.seed, rank=dist.rank, world=dist.world)
+    rng = random.Random(f"{cfg.seed}-{step}-{dist.rank}")  # a string seed: stable across runs
+    tpl = data.templates(cfg.data)
+    prompts, targets = [], []
+    for e in exs:
+        kind = rng.choice(TOY_SFT_MIX) if cfg.data == "toy" else "student"
+        kind = kind if kind == "student" or getattr(e, kind) else "student"  # e.g. no hint
+        prompts.append(data.prompt_ids(tok, data.render(tpl[kind], e)))
+        target = e.solution or e.answer  # the worked solution; a bare answer if there is none
+        targets.append(tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    # the same layout as a rollout batch (left-padded prompts, right-padded targets), so SFT
+    # runs through the same hidden-state forward and chunked loss as RL
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    n, T = len(exs), max(map(len, targets))
+    resp = torch.full((n, T), tok.pad_token_id, dtype=torch.long)  # right-padded targets
+    rmask = torch.zeros((n, T), dtype=torch.long)
+    for i, t in enumerate(targets):
+        resp[i, :len(t)], rmask[i, :len(t)] = torch.tensor(t), 1
+    return Batch(exs, *(x.to(dist.device) for x in (ids, mask, resp, rmask)),
+                 truncated=torch.zeros(n, dtype=torch.bool), texts=[], rewards=torch.zeros(n),
+                 in_loss=torch.ones(n, dtype=torch.bool, device=dist.device))
+
+
+def sft_step(model, opt, b: Batch, cfg: Config, dist: Dist, step: int) -> dict:
+    """Token-mean negative log-likelihood of the targets, with the same chunked scaffold."""
+    model.train()
+    # a token-mean over ALL target tokens of the step (all ranks): micro-batches and ranks
+    # then add up to the full batch's gradient, as in the RL step
+    norm = dist.sum(b.mask.sum()).item()
+
+    def nll(h_ntH, t0, t1, mb):
+        c = mb.positions(t0, t1)
+        logp_nt = grpo.token_logprobs(lm_head_logits(model, h_ntH), c.resp_ids)
+        return grpo.aggregate(-logp_nt, c.mask, normalizer=norm), {}
+
+    loss_sum = 0.0
+    for mb in micro_batches(b, cfg.micro_batch_size):
+        ch = column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
+        loss_sum += backward_chunked(model, mb, ch, partial(nll, mb=mb), dist.world, Metrics())
+    loss = dist.sum(loss_sum).item()
+    grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
+    return dict(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norm)
