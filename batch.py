@@ -1,8 +1,9 @@
 """A rollout batch: G sampled responses per prompt, their rewards, and the teachers' prompts.
 
 Steps 1, 2 and 4 of a training step (train.train_step) are the functions here:
-    sample           G responses per prompt with the KV cache, decoded, rewarded by the verifier
-    dapo_resample    DAPO's dynamic sampling: re-roll the groups whose rewards are all equal
+    sample           G responses per prompt with the KV cache, decoded, scored by the reward
+                     function (rewards.py)
+    dapo_resample    DAPO's dynamic sampling: re-roll the groups that are all right or all wrong
     teacher_prompts  the privileged prompt of each row: its student prompt plus the context its
                      teacher is shown (answer, solution, hint, rationale, or a correct sibling's
                      response), which the student's exact response ids then follow
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-import data
 import distill
 import grpo
+import rewards as reward_fns
 from distributed import gathered
+from prompts import Prompts
 from rollout import Rollouts, generate, left_pad, stop_ids
 
 # The (N, T) fields: cut along T by `positions`; every tensor and list field is cut along N.
@@ -35,7 +37,8 @@ class Batch:
     resp_mask: torch.Tensor        # (N, T) 1 on sampled tokens up to and including <eos>
     truncated: torch.Tensor        # (N,) bool: no <eos> within max_new_tokens
     texts: list                    # (N,) decoded responses
-    rewards: torch.Tensor          # (N,) verifier rewards (+ DAPO's overlong shaping)
+    rewards: torch.Tensor          # (N,) reward scores (+ DAPO's overlong shaping)
+    correct: torch.Tensor          # (N,) bool: the reward's verdict (its `acc`)
     in_loss: torch.Tensor          # (N,) bool: rows in the loss (DAPO drops groups still flat)
     adv: torch.Tensor | None = None            # (N,) group advantages          (step 3)
     teacher_ids: torch.Tensor | None = None    # (N, Lt) left-padded teacher prompts (step 4)
@@ -43,6 +46,7 @@ class Batch:
     has_context: torch.Tensor | None = None    # (N,) bool: the teacher prompt has a context
     distill: torch.Tensor | None = None        # (N,) bool: rows the distillation term averages
     kl_off: torch.Tensor | None = None         # (N,) bool: PTD-PO rows without reference KL
+    distill_w: torch.Tensor | None = None      # (N,) weight of each distilled row's token sum
     teacher_logp: torch.Tensor | None = None   # (N, T) teacher log-probs of the sampled tokens
     ref_logp: torch.Tensor | None = None       # (N, T) KL-reference log-probs   (step 5)
     row_tokens: torch.Tensor | None = None     # (N,) loss tokens of each WHOLE row (positions)
@@ -77,28 +81,28 @@ class Batch:
         resp, rmask = pad(self.resp_ids, pad_id), pad(self.resp_mask, 0)
         idx = torch.tensor(rows, device=resp.device)
         resp[idx], rmask[idx] = pad(new.resp_ids, pad_id), pad(new.resp_mask, 0)
-        truncated, rewards = self.truncated.clone(), self.rewards.clone()
+        truncated, rewards, correct = self.truncated.clone(), self.rewards.clone(), self.correct.clone()
         truncated[idx], rewards[idx.to(rewards.device)] = new.truncated, new.rewards
+        correct[idx.to(correct.device)] = new.correct
         texts = list(self.texts)
         for j, i in enumerate(rows):
             texts[i] = new.texts[j]
         return dataclasses.replace(self, resp_ids=resp, resp_mask=rmask, truncated=truncated,
-                                   rewards=rewards, texts=texts)
+                                   rewards=rewards, correct=correct, texts=texts)
 
 
 # ----------------------------------------------------------------------------------------
 # Steps 1-2: sample and reward
 # ----------------------------------------------------------------------------------------
 
-def sample(model, tok, examples, *, template: str, max_new_tokens: int, temperature: float,
+def sample(model, tok, examples, *, prompts: Prompts, max_new_tokens: int, temperature: float,
            ignore_eos: bool, generation: str, overlong_cache: int, generator,
-           device, top_k: int = 0, top_p: float = 1.0) -> Batch:
+           device, top_k: int = 0, top_p: float = 1.0, reward=reward_fns.verifier) -> Batch:
     """Sample one response per row (rows repeat each prompt G times) and reward it.
 
-    The reward is the binary verifier (RLSD Eq. 1), plus DAPO's overlong penalty (Eq. 13) on
-    the response length when `overlong_cache` > 0."""
-    ids, mask = left_pad([data.prompt_ids(tok, data.render(template, e)) for e in examples],
-                         tok.pad_token_id)
+    The reward is `reward(response, answer, **row)` (default: the binary verifier, RLSD Eq. 1),
+    plus DAPO's overlong penalty (Eq. 13) on the response length when `overlong_cache` > 0."""
+    ids, mask = left_pad([prompts.student(tok, e) for e in examples], tok.pad_token_id)
     with gathered(model):  # FSDP: unshard once for the whole generation, not per token
         ro: Rollouts = generate(model, ids.to(device), mask.to(device),
                                 max_new_tokens=max_new_tokens, temperature=temperature,
@@ -107,22 +111,27 @@ def sample(model, tok, examples, *, template: str, max_new_tokens: int, temperat
                                 top_k=top_k, top_p=top_p)
     texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                              skip_special_tokens=True)
-    rewards = torch.tensor([data.reward(t, e.answer) for t, e in zip(texts, examples)])
+    scores, accs = reward_fns.score(reward, texts, examples)
+    rewards = torch.tensor(scores)
     if overlong_cache > 0:
         rewards = rewards + grpo.overlong_penalty(ro.resp_mask.sum(1).cpu(),
                                                   max_len=max_new_tokens, cache_len=overlong_cache)
     return Batch(examples, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask, ro.truncated,
-                 texts, rewards, in_loss=torch.ones(len(examples), dtype=torch.bool))
+                 texts, rewards, torch.tensor(accs, dtype=torch.bool),
+                 in_loss=torch.ones(len(examples), dtype=torch.bool))
 
 
-def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N,) rewards -> (P,) bool: groups whose rewards are all equal (advantage 0 everywhere)."""
-    r_PG = rewards.view(-1, group_size)
-    return (r_PG == r_PG[:, :1]).all(1)
+def flat_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) values -> (P,) bool: groups whose values are all equal."""
+    v_PG = values.view(-1, group_size)
+    return (v_PG == v_PG[:, :1]).all(1)
 
 
 def dapo_resample(b: Batch, resample, *, group_size: int, rounds: int, pad_id: int) -> Batch:
-    """DAPO's dynamic sampling (Sec. 3.2): re-roll groups whose rewards are all equal.
+    """DAPO's dynamic sampling (Sec. 3.2): re-roll groups whose responses are all correct or
+    all wrong. The test is on correctness, as verl's `filter_groups.metric=acc`, not on the
+    shaped reward: all-wrong groups that differ only by the overlong penalty would otherwise
+    be trained on length alone.
 
     Deviation from the paper: we re-roll the SAME prompts (up to `rounds` - 1 more times)
     instead of drawing new ones until the batch is full, so the data order stays a function
@@ -130,12 +139,12 @@ def dapo_resample(b: Batch, resample, *, group_size: int, rounds: int, pad_id: i
     are kept out of the loss (`in_loss`); they still run through the forward.
     `resample(examples)` samples and rewards those rows again."""
     for _ in range(rounds - 1):
-        flat_P = flat_groups(b.rewards, group_size)
+        flat_P = flat_groups(b.correct, group_size)
         if not flat_P.any():
             break
         rows = flat_P.repeat_interleave(group_size).nonzero().squeeze(1).tolist()
         b = b.replace_rows(rows, resample([b.examples[i] for i in rows]), pad_id=pad_id)
-    keep_N = ~flat_groups(b.rewards, group_size).repeat_interleave(group_size)
+    keep_N = ~flat_groups(b.correct, group_size).repeat_interleave(group_size)
     return dataclasses.replace(b, in_loss=keep_N.to(b.in_loss.device))
 
 
@@ -150,28 +159,21 @@ def strip_thinking(text: str) -> str:
     return re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
 
 
-def teacher_prompts(tok, b: Batch, *, context: str, templates: dict, group_size: int,
+def teacher_prompts(tok, b: Batch, *, context: str, prompts: Prompts, group_size: int,
                     success_threshold: float, device):
     """(ids (N, Lt), mask (N, Lt), has_context (N,) bool): each row's teacher prompt.
 
-    context = answer | solution | hint | rationale: the row's own field, when it has one;
-    sibling (SDPO, SRPO): the first correct sibling's response, thinking removed; none (OPD):
-    the student's own prompt. Rows with nothing to show get the plain student prompt and
-    has_context False."""
+    context = answer | solution | hint | rationale: the row's own field (or its whole
+    teacher-prompt column), when it has one; sibling (SDPO, SRPO): the first correct sibling's
+    response, thinking removed; none (OPD): the student's own prompt. Rows with nothing to
+    show get the plain student prompt and has_context False (prompts.Prompts.teacher)."""
+    siblings = [None] * len(b.examples)
     if context == "sibling":
         # the first OTHER rollout of the group with reward >= threshold (SDPO `_get_solution`;
         # a row is never its own teacher), or -1: the rule SRPO's routing table uses too
         _, sibling = distill.srpo_route(b.rewards.cpu(), group_size, threshold=success_threshold)
-        has = sibling >= 0
-        texts = [data.render(templates["sibling"], e, sibling=strip_thinking(b.texts[s]))
-                 if s >= 0 else data.render(templates["student"], e)
-                 for e, s in zip(b.examples, sibling.tolist())]
-    elif context == "none":
-        has = torch.ones(len(b.examples), dtype=torch.bool)
-        texts = [data.render(templates["student"], e) for e in b.examples]
-    else:
-        has = torch.tensor([bool(getattr(e, context)) for e in b.examples])
-        texts = [data.render(templates[context] if h else templates["student"], e)
-                 for e, h in zip(b.examples, has.tolist())]
-    ids, mask = left_pad([data.prompt_ids(tok, t) for t in texts], tok.pad_token_id)
+        siblings = [strip_thinking(b.texts[s]) if s >= 0 else None for s in sibling.tolist()]
+    rows = [prompts.teacher(tok, e, context, sibling=s) for e, s in zip(b.examples, siblings)]
+    ids, mask = left_pad([r[0] for r in rows], tok.pad_token_id)
+    has = torch.tensor([r[1] for r in rows], dtype=torch.bool)
     return ids.to(device), mask.to(device), has.to(device)

@@ -169,6 +169,7 @@ def measure_trl(args) -> dict:
     except ImportError:
         raise SystemExit("--vs-trl needs TRL: pip install trl (a benchmark-only dependency)") from None
     import data
+    from prompts import TOY_TEMPLATES, render
     from rollout import build_toy_model, build_toy_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
@@ -177,10 +178,10 @@ def measure_trl(args) -> dict:
     tok.save_pretrained(tmp)
     n_prompts = args.prompts_per_step * (args.warmup + args.steps)
     exs = data.make_toy("train", n_prompts)
-    render = lambda e: tok.apply_chat_template(  # noqa: E731
-        [{"role": "user", "content": data.render(data.TOY_TEMPLATES["student"], e)}],
+    chat = lambda e: tok.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": render(TOY_TEMPLATES["student"], e)}],
         add_generation_prompt=True, tokenize=False)
-    ds = Dataset.from_list([{"prompt": render(e), "answer": e.answer} for e in exs])
+    ds = Dataset.from_list([{"prompt": chat(e), "answer": e.answer} for e in exs])
 
     def accuracy(completions, answer, **_):
         return [data.reward(c, a) for c, a in zip(completions, answer)]

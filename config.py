@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 import data
+import losses
+import prompts
+import rewards
 from rollout import GENERATION_MODES
 from teachers import TEACHER_MODES
 
@@ -38,6 +41,14 @@ class Config:
     hint_key: str = "hint"            # data column with an answer-free hint (PTD-PO's teacher)
     rationale_key: str = "rationale"  # data column with a rationale (OmniOPSD-style OPSD)
     images_key: str = "images"        # data column with image paths (checked, not yet shown to a model)
+    teacher_prompt_key: str = "teacher_prompt"  # data column with a row's whole teacher prompt (PTD-PO prompt_with_hint)
+    reward: str = "verifier"          # verifier | dapo (+-1) | rlsd_format | math_verify | module:function (rewards.py)
+    # --- prompts (prompts.py)
+    student_template: str = ""        # the student's prompt over the row's fields, e.g. 'Problem: {prompt}' ('' = the task's)
+    system_prompt: str = ""           # a system message before the student's and the teacher's prompt
+    chat_template_kwargs: str = ""    # JSON options for the student's chat template, e.g. '{"enable_thinking": false}'
+    teacher_chat_template_kwargs: str = ""  # the same for the teacher's prompt ('' = the student's)
+    max_teacher_prompt_tokens: int = 0  # cut the teacher's privileged text to fit this many tokens (0 = no limit)
     # --- rollouts
     steps: int = 50                   # optimizer steps (one per rollout batch)
     prompts_per_step: int = 32        # P prompts per step, over all ranks
@@ -81,6 +92,7 @@ class Config:
     # --- distillation (OPD, OPSD, SDPO, SRPO, PTD-PO)
     beta: float = 0.5                 # divergence teacher weight: 0 forward KL, 1 reverse KL, else JSD
     top_k: int = 100                  # distillation top-k support (0 = full vocabulary)
+    distill_agg: str = "token-mean"   # distillation mean: token-mean | seq-mean | seq-mean-all-rows | micro-batch-mean (losses.py)
     token_clip: float = 0.0           # OPSD pointwise clip per vocabulary entry (0 = off)
     is_clip: float = 2.0              # SDPO importance-weight cap (inert on-policy)
     success_threshold: float = 0.5    # SDPO/SRPO: the reward that counts as a success
@@ -97,7 +109,7 @@ class Config:
     save_every: int = 0               # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 3         # newest checkpoints kept on disk
     eval_every: int = 0               # evaluate every N steps (0 = only before and after)
-    eval_n: int = 200                 # toy evaluation problems per split
+    eval_n: int = 500                 # toy evaluation problems per split
     log_every: int = 1                # console line every N steps (metrics.jsonl gets every step)
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 1300      # toy: SFT steps of the cached warm start
@@ -105,42 +117,64 @@ class Config:
 
 
 # Paper settings per algorithm (see the spec notes and each module's docstring).
+NO_THINKING, THINKING = '{"enable_thinking": false}', '{"enable_thinking": true}'  # Qwen3
 PAPER_DEFAULTS = {
     "sft": dict(lr=1e-5, context="none", lr_warmup_steps=50),
     # DeepSeekMath: std-normalised, per-sequence mean, k3 KL 0.04, symmetric clip
     "grpo": dict(loss_agg="seq-mean-token-mean", kl_coef=0.04, clip_high=0.2, context="none"),
     # Dr. GRPO: no std, token sum / constant, no KL
+    # (oat qwen2.5-math-7b.sh: 128 prompts x 8, max length 3000; its 8 updates per rollout
+    # batch need several updates per batch, issue F1)
     "dr_grpo": dict(adv_scale="none", loss_agg="seq-mean-token-sum-norm", clip_high=0.2,
-                    context="none"),
-    # DAPO: clip-higher, token-mean, dynamic sampling, overlong shaping (4096 of 20480)
-    "dapo": dict(max_new_tokens=20480, overlong_cache=4096, context="none"),
-    # Thinking Machines OPD: external teacher, sampled-token reverse KL as the advantage
-    "opd": dict(teacher_mode="external", group_size=4, context="none"),
+                    context="none", prompts_per_step=128, max_new_tokens=3000),
+    # DAPO (verl recipe): clip-higher, token-mean, +-1 reward, dynamic sampling on accuracy,
+    # overlong shaping (4096 of 20480), G 16, 512 prompts, up to 10 generation rounds, weight
+    # decay 0.1, warm-up 10, dual clip 10 (its mini-batch 32: several updates per batch, F1)
+    "dapo": dict(max_new_tokens=20480, overlong_cache=4096, context="none", group_size=16,
+                 prompts_per_step=512, dapo_max_gen_batches=10, weight_decay=0.1,
+                 lr_warmup_steps=10, dual_clip=10.0, reward="dapo"),
+    # Thinking Machines OPD: external teacher, sampled-token reverse KL as the advantage;
+    # 1024 groups of 4 (its lr 1e-4 is LoRA's, not set here)
+    "opd": dict(teacher_mode="external", group_size=4, context="none", prompts_per_step=1024),
     # OPSD v3: 1 rollout, T 1.1 with top-p 0.95 / top-k 20, forward KL, pointwise clip 0.05,
-    # frozen teacher, lr 5e-6
+    # (lr 5e-6, grad-norm 0.1 and 100 steps come from a third-party copy of the v3
+    # run_opsd_1b.sh; the official repository's first release has lr 2e-4 and beta 0.5)
+    # frozen teacher, lr 5e-6; HF Trainer defaults: linear decay to 0, no weight decay
     "opsd": dict(group_size=1, temperature=1.1, rollout_top_p=0.95, rollout_top_k=20,
-                 beta=0.0, top_k=0, token_clip=0.05,
+                 beta=0.0, top_k=0, token_clip=0.05, lr_schedule="linear", weight_decay=0.0,
+                 distill_agg="seq-mean",
+                 student_template=prompts.OPSD_STUDENT, chat_template_kwargs=NO_THINKING,
+                 teacher_chat_template_kwargs=THINKING,
                  teacher_mode="frozen", context="solution", lr=5e-6, max_grad_norm=0.1,
                  max_new_tokens=1024, prompts_per_step=32, steps=100),
-    # SDPO (no rich feedback): JSD 0.5, top-100 + tail, EMA 0.05, lr 1e-5, no std
+    # SDPO (no rich feedback): JSD 0.5, top-100 + tail, EMA 0.05, lr 1e-5 with warm-up 10
     "sdpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
-                 adv_scale="none", lr=1e-5, max_new_tokens=8192, prompts_per_step=32),
-    # SRPO: Dr. GRPO advantages, SDPO branch as above, lr 5e-6
+                 adv_scale="none", lr=1e-5, lr_warmup_steps=10, max_new_tokens=8192,
+                 prompts_per_step=32, chat_template_kwargs=NO_THINKING,
+                 max_teacher_prompt_tokens=10240, distill_agg="seq-mean-all-rows",
+                 max_prompt_tokens=2048, long_prompts="skip"),
+    # SRPO: Dr. GRPO advantages, SDPO branch as above, lr 5e-6 with warm-up 10
     "srpo": dict(beta=0.5, top_k=100, teacher_mode="ema", teacher_ema=0.05, context="sibling",
-                 adv_scale="none", lr=5e-6, max_new_tokens=8192, prompts_per_step=32),
+                 adv_scale="none", lr=5e-6, lr_warmup_steps=10, max_new_tokens=8192,
+                 prompts_per_step=32, chat_template_kwargs=NO_THINKING,
+                 max_teacher_prompt_tokens=10240),
     # PTD-PO: frozen reference teacher with the hint, k3 KL 0.01, clip high 0.3, Top-100 JSD,
     # rollouts at top-p 0.99 (EasyR1 config_grpo.yaml)
     "ptdpo": dict(teacher_mode="frozen", context="hint", kl_coef=0.01, clip_high=0.3,
-                  top_k=100, prompts_per_step=384, rollout_top_p=0.99),
-    # RLSD: frozen teacher re-synced every 10 steps, lambda 0.5 -> 0 over 50 steps
-    "rlsd": dict(teacher_mode="sync", context="answer", max_new_tokens=4096, prompts_per_step=256),
+                  top_k=100, prompts_per_step=384, rollout_top_p=0.99,
+                  distill_agg="micro-batch-mean"),
+    # RLSD: frozen teacher re-synced every 10 steps, lambda 0.5 -> 0 over 50 steps; the
+    # released code's student prompt and its 0.9 acc + 0.1 format reward (the paper: binary)
+    "rlsd": dict(teacher_mode="sync", context="answer", max_new_tokens=4096, prompts_per_step=256,
+                 student_template=prompts.RLSD_STUDENT, reward="rlsd_format"),
 }
 # The toy task is ~1e4 times smaller than the papers' settings: learning rate, batch and
 # lengths are scaled to it; every algorithmic constant above is kept.
 TOY_DEFAULTS = dict(prompts_per_step=16, max_new_tokens=40, lr=2e-4, steps=150,
                     eval_every=50, overlong_cache=0)
 TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=1300, eval_every=250),
-                     "opsd": dict(prompts_per_step=32, max_grad_norm=1.0)}
+                     "opsd": dict(prompts_per_step=32, max_grad_norm=1.0),
+                     "dapo": dict(dapo_max_gen_batches=3)}
 
 # Algorithm-specific flags and the algorithms that read them: giving one to another algorithm
 # is a config error, not a silent no-op.
@@ -151,9 +185,9 @@ USED_BY = {
     "overlong_cache": ("dapo",), "dapo_max_gen_batches": ("dapo",),
     "lam0": ("rlsd",), "lam_decay": ("rlsd",), "lam_warmup": ("rlsd",), "eps_w": ("rlsd",),
     "beta": ("opsd", "sdpo", "srpo"), "token_clip": ("opsd",), "is_clip": ("sdpo", "srpo"),
-    "top_k": ("opsd", "sdpo", "srpo", "ptdpo"), "success_threshold": ("sdpo", "srpo"),
+    "top_k": ("opsd", "sdpo", "srpo", "ptdpo"), "distill_agg": ("opsd", "sdpo", "ptdpo"), "success_threshold": ("sdpo", "srpo"),
     "srpo_beta": ("srpo",), "ptd_coef": ("ptdpo",), "ptd_tau": ("ptdpo",), "opd_coef": ("opd",),
-    "teacher": ("opd",),
+    "teacher": ("opd",),  # with --teacher-mode external (the default); frozen: a self-teacher
 }
 
 
@@ -214,6 +248,12 @@ def resolve_config(given: dict) -> Config:
     values = dict(PAPER_DEFAULTS[algo])
     if given.get("model", Config.model) == "toy":
         values.update(TOY_DEFAULTS, **TOY_ALGO_DEFAULTS.get(algo, {}))
+    if "toy" in (given.get("data", Config.data), given.get("model", Config.model)):
+        # the toy task's own prompts, and the toy model's 256-token context: the compact
+        # template, and the plain verifier (no <answer> tags to score)
+        values["student_template"] = ""
+        values["reward"] = "verifier" if values.get("reward") == "rlsd_format" else values.get(
+            "reward", Config.reward)
     values.update(given)
     cfg = Config(**values)
     if not cfg.out:
@@ -230,8 +270,12 @@ def check_config(cfg: Config, given: dict = ()):
         if name in USED_BY and cfg.algo not in USED_BY[name]:
             bad(f"--{name.replace('_', '-')} has no effect with --algo {cfg.algo} "
                 f"(used by {', '.join(USED_BY[name])})")
-    if cfg.algo == "opd" and not cfg.teacher:
-        bad("--algo opd needs --teacher (a model directory, hub id, or 'toy')")
+    if cfg.teacher_mode == "external" and not cfg.teacher:
+        bad(f"--algo {cfg.algo} with an external teacher needs --teacher (a model directory, "
+            f"hub id, or 'toy'); --teacher-mode frozen makes the student its own teacher")
+    if cfg.teacher and cfg.teacher_mode != "external":
+        bad(f"--teacher is the external teacher; --teacher-mode {cfg.teacher_mode} scores with "
+            f"the student's own weights (use --teacher-mode external)")
     if cfg.algo in ("sdpo", "srpo", "grpo", "dr_grpo", "dapo", "rlsd", "ptdpo") and cfg.group_size < 2:
         bad(f"--algo {cfg.algo} compares rollouts within a group: --group-size must be >= 2")
     if cfg.teacher_mode not in TEACHER_MODES:
@@ -242,6 +286,8 @@ def check_config(cfg: Config, given: dict = ()):
         bad("--adv-scale must be 'group' or 'none'")
     if cfg.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         bad(f"unknown --loss-agg {cfg.loss_agg!r}")
+    if cfg.distill_agg not in losses.DISTILL_AGG:
+        bad(f"--distill-agg must be one of {', '.join(losses.DISTILL_AGG)}")
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         bad("--lr-schedule must be constant, linear or cosine")
     ranges = {  # field: (lowest allowed, highest allowed, strictly above the lowest?)
@@ -262,6 +308,7 @@ def check_config(cfg: Config, given: dict = ()):
         "save_every": (0, None, False), "keep_checkpoints": (1, None, False),
         "eval_every": (0, None, False), "eval_n": (1, None, False), "log_every": (1, None, False),
         "max_skips": (1, None, False), "warm_start_steps": (1, None, False),
+        "max_teacher_prompt_tokens": (0, None, False),
     }
     for name, (lo, hi, strict) in ranges.items():
         v = getattr(cfg, name)
@@ -273,6 +320,19 @@ def check_config(cfg: Config, given: dict = ()):
     if cfg.dtype not in ("float32", "bfloat16"):
         bad(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     check_paths(cfg, bad)
+    rewards.load_reward(cfg.reward)  # a bad name or module:function path fails now
+    prompts.prompts_for(cfg)  # chat-template options that are not JSON objects fail now
+    if cfg.student_template:
+        try:
+            cfg.student_template.format(prompt="", answer="", solution="", hint="", rationale="")
+        except (KeyError, IndexError, ValueError) as e:
+            bad(f"--student-template {cfg.student_template!r}: not a template over the fields "
+                f"prompt, answer, solution, hint, rationale ({e!r}; write a literal brace as {{{{ }}}})")
+        if "{prompt}" not in cfg.student_template:
+            bad("--student-template must contain {prompt}")
+        leaks = [c for c in data.CONTEXTS if "{" + c + "}" in cfg.student_template]
+        if leaks:  # the student must never see a privileged context
+            bad(f"--student-template shows the student {{{leaks[0]}}}, a teacher-only field")
     if not 0.0 <= cfg.beta <= 1.0:
         bad("--beta must be in [0, 1]")
     if cfg.long_prompts not in ("fail", "skip"):

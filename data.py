@@ -1,4 +1,4 @@
-"""Tasks, prompts, privileged contexts, verifiers and dataset loaders.
+"""Tasks, privileged contexts, verifiers and dataset loaders (the prompts are prompts.py's).
 
 Every example carries the question and every privileged context an algorithm may show its
 teacher (never the student):
@@ -9,9 +9,15 @@ teacher (never the student):
 SDPO and SRPO build their teacher context at run time from a correct sibling rollout.
 
 The embedded toy task makes every algorithm runnable offline on a laptop: left-to-right
-chains of single-digit additions and subtractions, e.g. "7+5-3" -> "7+5=12;12-3=9", answer 9.
-Train and test use 2-3 operations, the out-of-distribution split 4. Problems are assigned to
-splits by a hash, so test questions never occur in training.
+chains of additions and subtractions of numbers 0-99, e.g. "36+78-11" -> "36+78=114;114-11=103",
+answer 103. Train and test use 2-3 operations, the out-of-distribution split 4. Problems are
+assigned to splits by a hash, so test questions never occur in training.
+
+The warm start imitates a sloppy demonstrator (`sloppy_solution`, warmstart.TOY_SLIP): shown
+only the question, it drops most carries and borrows ("36+78=104"); shown a privileged context
+it works carefully. SFT alone therefore leaves a student whose habit is to slip although it
+can carry, which only a reward can correct, and a teacher shown the answer that knows where
+the slips are: imperfect demonstrations, the situation RLVR usually starts from.
 """
 import hashlib
 import json
@@ -23,7 +29,7 @@ from fractions import Fraction
 
 import torch
 
-COLUMNS = ("prompt", "answer", "solution", "hint", "rationale", "images")
+COLUMNS = ("prompt", "answer", "solution", "hint", "rationale", "teacher_prompt", "images")
 CONTEXTS = ("answer", "solution", "hint", "rationale")
 
 
@@ -34,6 +40,7 @@ class Example:
     solution: str = ""
     hint: str = ""
     rationale: str = ""
+    teacher_prompt: str = ""  # a whole teacher prompt given by the data (PTD-PO prompt_with_hint)
     images: list = field(default_factory=list)
     where: str = ""  # "file:line" of the row, for error messages
 
@@ -56,18 +63,43 @@ def _toy_split_of(question: str) -> str:
     return "test" if h == 0 else "train"
 
 
+def carries(value: int, op: str, n: int) -> bool:
+    """Does `value op n` carry (or borrow) out of the units digit? (Python's floor digits, so
+    negative values are covered too: -29 - 75 borrows because 1 < 5.)"""
+    return value % 10 + n % 10 >= 10 if op == "+" else value % 10 < n % 10
+
+
+def toy_chain(nums: list[int], ops: list[str], slip=None) -> tuple[str, int]:
+    """(solution, answer) of a left-to-right chain. `slip()`, when given, is asked at each step
+    that carries whether to drop the carry (the result is then off by 10), as a sloppy
+    demonstrator does; later steps continue from the slipped value."""
+    value, steps = nums[0], []
+    for o, n in zip(ops, nums[1:]):
+        new = value + n if o == "+" else value - n
+        if slip is not None and carries(value, o, n) and slip():
+            new += -10 if o == "+" else 10
+        steps.append(f"{value}{o}{n}={new}")
+        value = new
+    return ";".join(steps), value
+
+
 def toy_example(rng: random.Random, n_ops: int) -> Example:
     nums = [rng.randint(0, MAX_OPERAND) for _ in range(n_ops + 1)]
     ops = [rng.choice("+-") for _ in range(n_ops)]
     question = str(nums[0]) + "".join(o + str(n) for o, n in zip(ops, nums[1:]))
-    value, steps = nums[0], []
-    for o, n in zip(ops, nums[1:]):
-        new = value + n if o == "+" else value - n
-        steps.append(f"{value}{o}{n}={new}")
-        value = new
-    return Example(prompt=question, answer=str(value), solution=";".join(steps),
+    solution, value = toy_chain(nums, ops)
+    steps = solution.split(";")
+    return Example(prompt=question, answer=str(value), solution=solution,
                    hint=steps[0] if n_ops > 1 else "",
                    rationale=",".join(_WORDS[o] for o in ops))
+
+
+def sloppy_solution(ex: Example, rng: random.Random, p: float) -> str:
+    """The toy problem worked by a sloppy demonstrator that drops each carry with probability
+    p: the imperfect demonstrations the warm start imitates (warmstart.py)."""
+    nums = [int(x) for x in re.findall(r"\d+", ex.prompt)]
+    ops = re.findall(r"[+-]", ex.prompt)
+    return toy_chain(nums, ops, slip=lambda: rng.random() < p)[0]
 
 
 def make_toy(split: str, n: int, *, seed: int = 0) -> list[Example]:
@@ -85,62 +117,6 @@ def make_toy(split: str, n: int, *, seed: int = 0) -> list[Example]:
         seen.add(ex.prompt)
         out.append(ex)
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# Prompts: what the student sees, and what each teacher sees in addition
-# ----------------------------------------------------------------------------------------
-
-# The toy tokenizer is character level, so its templates are compact.
-TOY_TEMPLATES = {
-    "student": "Q{prompt}",
-    "answer": "Q{prompt}\nA{answer}",
-    "solution": "Q{prompt}\nS{solution}",
-    "hint": "Q{prompt}\nH{hint}",
-    "rationale": "Q{prompt}\nR{rationale}",
-    "sibling": "Q{prompt}\nS{sibling}",
-}
-
-# Real data: the wording of each paper's released teacher prompt (paraphrased minimally).
-PAPER_TEMPLATES = {
-    "student": "{prompt}",
-    # RLSD teacher_hint_self_distill.jinja: the answer as a "reference solution"
-    "answer": "{prompt}\n\nHere is a reference solution:\n{answer}\n\n"
-              "After understanding the reference solution, solve the problem with your own approach.",
-    # OPSD data_collator.py
-    "solution": "{prompt}\n\nHere is a reference solution to this problem:\n"
-                "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
-                "After understanding the reference solution, please try to solve this problem "
-                "using your own approach below.",
-    # PTD-PO: question + "\n\n" + structured hint
-    "hint": "{prompt}\n\n{hint}",
-    "rationale": "{prompt}\n\nHere is a rationale for this problem:\n{rationale}",
-    # SDPO actor.yaml reprompt_template / solution_template (YAML `|-`: no final newline)
-    "sibling": "{prompt}\nCorrect solution:\n\n{sibling}\n\nCorrectly solve the original question.",
-}
-
-# Phrases that only privileged prompts contain: a response that says them has leaked.
-LEAK_PHRASES = ("reference solution", "the hint", "the answer is given", "correct solution:")
-TOY_LEAK_MARKERS = ("Q", "A", "S", "H", "R")  # toy privileged-context markers
-
-
-def templates(data_spec: str) -> dict:
-    """The toy task's compact templates, or the papers' wording for real data."""
-    return TOY_TEMPLATES if data_spec == "toy" else PAPER_TEMPLATES
-
-
-def render(template: str, ex: Example, sibling: str = "") -> str:
-    return template.format(prompt=ex.prompt, answer=ex.answer, solution=ex.solution,
-                           hint=ex.hint, rationale=ex.rationale, sibling=sibling)
-
-
-def prompt_ids(tokenizer, text: str, **template_kwargs) -> list[int]:
-    """Token ids of one user message through the model's chat template, ready to generate."""
-    messages = [{"role": "user", "content": text}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False, **template_kwargs)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -314,7 +290,7 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise DataError(f"{where}: missing or empty '{col[name]}' "
                                 f"(needed as the {name})")
-        fields = {c: row.get(col[c]) for c in CONTEXTS}
+        fields = {c: row.get(col[c]) for c in CONTEXTS + ("teacher_prompt",)}
         images = row.get(col["images"]) or []
         images = [images] if isinstance(images, str) else list(images)
         base = os.path.dirname(os.path.abspath(path))  # relative image paths: next to the file
@@ -326,13 +302,13 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
     return out
 
 
-def drop_long_prompts(examples, tokenizer, template: str, limit: int, policy: str, *,
-                      source: str = "", verbose: bool = True,
-                      limit_name: str = "--max-prompt-tokens") -> list[Example]:
-    """Prompts longer than `limit` tokens: policy 'fail' names the row, 'skip' drops and counts."""
+def drop_long_prompts(examples, encode, limit: int, policy: str, *, source: str = "",
+                      verbose: bool = True, limit_name: str = "--max-prompt-tokens") -> list[Example]:
+    """Prompts longer than `limit` tokens (`encode(example)` -> the student's prompt ids):
+    policy 'fail' names the row, 'skip' drops and counts."""
     keep = []
     for e in examples:
-        n = len(prompt_ids(tokenizer, render(template, e)))
+        n = len(encode(e))
         if n <= limit:
             keep.append(e)
         elif policy == "fail":

@@ -9,16 +9,19 @@ rollouts are distilled, and which divergence is used:
          A_t = log pi_T(y_t) - log pi_S(y_t)                                    (`opd_advantages`)
   OPSD   Zhao et al., "Self-Distilled Reasoner", arXiv:2601.18734v3. Same model shown a
          reference solution; full-vocabulary forward KL (beta = 0, Eq. 7) with the v3
-         pointwise clip min(l_v, tau = 0.05) before the vocabulary sum (Sec. 3.2). The
-         trainer takes a global token-mean over all distilled tokens; the released trainer
-         takes a token-mean per micro-batch (averaged over accumulation steps and ranks) and
-         the paper's Algorithm 1 a per-sequence mean (audit F4; not yet an option). OmniOPSD
+         pointwise clip min(l_v, tau = 0.05) before the vocabulary sum (Sec. 3.2). With a
+         top-k, the teacher's top-k renormalised, no tail (its `generalized_jsd_loss`). The
+         trainer's default mean is the paper's Algorithm 1, per sequence then over the batch
+         (the released trainer's token mean per micro-batch of 1-4 rows is close to it; it
+         is not one global token mean, as the spec notes say: audit F4). OmniOPSD
          (arXiv:2606.15920v1) is OPSD with a rationale as the privileged context: no
          separate loss exists here, only another teacher prompt (data.py, batch.teacher_prompts).
   SDPO   Huebotter et al., "Reinforcement Learning via Self-Distillation", arXiv:2601.20802v2.
          Teacher sees a successful sibling rollout. Student top-K(100) + tail, generalised
          JSD alpha = 0.5 (Eq. 9), times a detached IS weight min(pi/pi_old, 2); it REPLACES the
-         policy gradient (the paper's hybrid Eq. 3 is not in the released code).
+         policy gradient (the paper's hybrid Eq. 3 is not in the released code). Its released
+         configuration (micro-batch 1) averages each sequence's tokens and divides by ALL
+         rows, rows without a sibling adding 0 (audit F3): the trainer's default.
   SRPO   Li, Yang et al., "Sample-Routed Policy Optimization", arXiv:2604.02288v1. Failed
          rollouts with a correct sibling go to SDPO weighted by exp(-beta H_teacher)
          normalised to mean 1 (Sec. 3.2); everything else to GRPO; one shared token-mean
@@ -26,7 +29,8 @@ rollouts are distilled, and which divergence is used:
   PTD-PO Xiang, An et al., arXiv:2606.07000v1; code github.com/XszNeverSleep/PTD-PO.
          Failed rollouts of not-all-correct groups are pulled toward the frozen reference
          shown an answer-free hint, with a Top-K JSD; loss = GRPO + lambda * PTD, and the
-         reference KL is switched off on PTD groups.
+         reference KL is switched off on PTD groups. Its 384-prompt rollout batch is THREE
+         optimizer steps of 128 (the spec notes record both numbers, not that consequence).
 
 Divergence convention (OPSD, SDPO and TRL share it): `beta` is the weight on the TEACHER.
 beta = 0 is forward KL(T || S), beta = 1 is reverse KL(S || T), in between the generalised
@@ -38,9 +42,9 @@ Deliberate choices:
     top-K plus one tail bucket, teacher probabilities of student tokens outside the teacher's
     own top-K share the teacher's tail uniformly over (miss_vocab - K) tokens (the code
     hard-codes 150000; we default to the real V), and p_s is stop-gradient as the weight of
-    KL(S || M). The PTD term is a token-mean over all PTD tokens of the batch (global
-    normalizer), which equals the official code when a batch is one micro-batch and does not
-    depend on the micro-batch split when it is not.
+    KL(S || M). `ptdpo_loss` takes the PTD term as a token mean over all PTD tokens, or as
+    given row weights; the trainer's default weights reproduce the official per-micro-batch
+    mean (losses.distill_row_weights, audit F9) without depending on --micro-batch-size.
   * SRPO's advantages are Dr. GRPO's (r - mean), as the paper's text and its inherited SDPO
     config say, even though its displayed equation divides by std (config.py sets this).
   * Entropy weights are normalised over the tokens passed in; the trainer passes the global
@@ -307,15 +311,20 @@ def ptdpo_loss(pg_per_token: torch.Tensor, kl_per_token: torch.Tensor,
                ptd_group_rows: torch.Tensor, *,
                ptd_coef: float = 0.05,   # official scripts: 0.05 for 2B/8B, 0.5 for 4B
                kl_coef: float = 0.01,    # EasyR1 config_grpo.yaml, k3
-               normalizer=None, ptd_normalizer=None) -> torch.Tensor:
-    """PTD-PO total loss: GRPO (+ k3 KL off PTD groups) + ptd_coef * PTD token-mean. -> scalar.
+               normalizer=None, ptd_normalizer=None, ptd_row_weights=None) -> torch.Tensor:
+    """PTD-PO total loss: GRPO (+ k3 KL off PTD groups) + ptd_coef * PTD mean. -> scalar.
 
     pg_per_token, kl_per_token, ptd_per_token, mask (N,T); ptd_rows = ptd_mask(...),
     ptd_group_rows = ptd_mask(..., all_trajectories=True). `normalizer` is the global token
-    count, `ptd_normalizer` the global count of PTD tokens. ptd_coef = 0 or no PTD rows gives
+    count. The PTD mean is a token mean over `ptd_normalizer` (the global count of PTD
+    tokens), or, with `ptd_row_weights` (N,), sum_n w_n * sum_t ptd_nt: the trainer's
+    micro-batch-faithful mean (losses.distill_row_weights). ptd_coef = 0 or no PTD rows gives
     the GRPO(+KL) loss bit for bit.
     """
     kl = torch.where(ptd_group_rows.bool()[:, None], torch.zeros_like(kl_per_token), kl_per_token)
     rl = aggregate(pg_per_token + kl_coef * kl, mask, normalizer=normalizer)
     ptd_mask_NT = mask.bool() & ptd_rows.bool()[:, None]
+    if ptd_row_weights is not None:
+        weighted = ptd_per_token * ptd_row_weights.to(ptd_per_token.dtype)[:, None]
+        return rl + ptd_coef * aggregate(weighted, ptd_mask_NT, normalizer=1.0)
     return rl + ptd_coef * aggregate(ptd_per_token, ptd_mask_NT, normalizer=ptd_normalizer)

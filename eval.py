@@ -13,10 +13,13 @@ import json
 import math
 import os
 import sys
+from functools import partial
 
 import torch
 
 import data
+import rewards
+from prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, Prompts, prompts_for, templates
 import grpo
 from distributed import gathered
 from rollout import generate, left_pad, load_model, stop_ids
@@ -34,15 +37,15 @@ def _sum(dist, x):
 
 
 @torch.no_grad()
-def sample(model, tok, examples, template, *, max_new_tokens, temperature=0.0, k=1,
+def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1,
            generator=None, device="cpu"):
-    """k responses per example (temperature 0: greedy). Returns (texts, rollouts per batch)."""
+    """k responses per example (temperature 0: greedy); `encode(example)` gives the prompt
+    ids. Returns (texts, rollouts per batch)."""
     texts, stats = [], []
     rows = [e for e in examples for _ in range(k)]
     for i in range(0, len(rows), BATCH):
         chunk = rows[i:i + BATCH]
-        ids, mask = left_pad([data.prompt_ids(tok, data.render(template, e)) for e in chunk],
-                             tok.pad_token_id)
+        ids, mask = left_pad([encode(e) for e in chunk], tok.pad_token_id)
         ro = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                       temperature=temperature, eos_id=stop_ids(model, tok),
                       pad_id=tok.pad_token_id,
@@ -53,13 +56,13 @@ def sample(model, tok, examples, template, *, max_new_tokens, temperature=0.0, k
     return texts, stats
 
 
-def accuracy(model, tok, examples, template, cfg, dist=None) -> float:
+def accuracy(model, tok, examples, encode, cfg, dist=None) -> float:
     """Greedy pass@1 over `examples`, sharded over ranks and all-reduced."""
     mine = _shard(examples, dist)
     device = dist.device if dist is not None else "cpu"
-    texts, _ = sample(model, tok, mine, template, max_new_tokens=cfg.max_new_tokens,
+    texts, _ = sample(model, tok, mine, encode, max_new_tokens=cfg.max_new_tokens,
                       device=device) if mine else ([], [])
-    correct = sum(data.reward(t, e.answer) for t, e in zip(texts, mine))
+    correct = sum(rewards.accuracy(cfg.reward, texts, mine))
     return _sum(dist, correct) / max(_sum(dist, len(mine)), 1.0)
 
 
@@ -85,20 +88,21 @@ def response_entropy(model, ro, temperature=1.0) -> float:
     return (h[m].sum() / m.sum().clamp(min=1)).item()
 
 
-def evaluate_checkpoint(path, examples, *, template, max_new_tokens, k, temperature, phrases,
-                        seed=0) -> dict:
+def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperature, phrases,
+                        seed=0, reward="verifier") -> dict:
     model, tok = load_model(path)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    greedy, g_ro = sample(model, tok, examples, template, max_new_tokens=max_new_tokens)
+    encode = partial(prompts.student, tok)
+    greedy, g_ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens)
     res = {"n": len(examples),
-           "pass@1_greedy": sum(data.reward(t, e.answer) for t, e in zip(greedy, examples)) / len(examples)}
+           "pass@1_greedy": sum(rewards.accuracy(reward, greedy, examples)) / len(examples)}
     texts, ro = greedy, g_ro
     if k > 1 or temperature > 0:
-        texts, ro = sample(model, tok, examples, template, max_new_tokens=max_new_tokens,
+        texts, ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens,
                            temperature=temperature or 1.0, k=k, generator=gen)
-        correct = [int(sum(data.reward(texts[i * k + j], e.answer) for j in range(k)))
-                   for i, e in enumerate(examples)]
+        acc = rewards.accuracy(reward, texts, [e for e in examples for _ in range(k)])
+        correct = [sum(acc[i * k:(i + 1) * k]) for i in range(len(examples))]
         res[f"avg@{k}"] = sum(correct) / (k * len(examples))
         res[f"pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / len(examples)
     res["leakage"] = leakage(texts, phrases)
@@ -120,14 +124,15 @@ def eval_sets(cfg, columns) -> dict:
 def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
     """Greedy pass@1 on each set; on the toy task also the answer-conditioned teacher's.
     Greedy decoding consumes no random numbers, so evaluating never changes a run."""
-    tpl = data.templates(cfg.data)
+    P = prompts_for(cfg)
     model.eval()
     out = {}
     with gathered(model):
         for name, exs in sets.items():
-            out[f"{name}_acc"] = accuracy(model, tok, exs, tpl["student"], cfg, dist)
+            out[f"{name}_acc"] = accuracy(model, tok, exs, partial(P.student, tok), cfg, dist)
             if cfg.data == "toy" and name == "test":  # does the self-teacher use the answer?
-                out["test_teacher_acc"] = accuracy(model, tok, exs, tpl["answer"], cfg, dist)
+                out["test_teacher_acc"] = accuracy(
+                    model, tok, exs, lambda e: P.teacher(tok, e, "answer")[0], cfg, dist)
     return out
 
 
@@ -186,13 +191,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint or compare runs.")
     p.add_argument("checkpoint", nargs="?", help="HF model directory or hub id")
     p.add_argument("--data", default="toy", help="'toy' (test + ood) or a .jsonl/.parquet file")
-    p.add_argument("--n", type=int, default=200, help="toy problems per split")
+    p.add_argument("--n", type=int, default=500, help="toy problems per split")
     p.add_argument("--k", type=int, default=1, help="samples per problem for avg@k / pass@k")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: 40 on toy, else 4096")
     p.add_argument("--leak-phrases", default="", help="comma-separated extra phrases")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR")
     p.add_argument("--plot", default="", help="with --compare: write a PNG of the curves")
+    p.add_argument("--reward", default="verifier",
+                   help="what counts as correct: a rewards.py name or module:function")
     a = p.parse_args(argv)
     try:
         if a.compare:
@@ -206,13 +213,13 @@ def main(argv=None):
         toy = a.data == "toy"
         sets = ({s: data.make_toy(s, a.n) for s in ("test", "ood")} if toy
                 else {"eval": data.load_examples(a.data)})
-        phrases = list(data.LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
+        phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
         if toy:
-            phrases += list(data.TOY_LEAK_MARKERS)
-        tpl = data.templates(a.data)["student"]
+            phrases += list(TOY_LEAK_MARKERS)
+        P = Prompts(templates(a.data))
         for name, exs in sets.items():
-            res = evaluate_checkpoint(a.checkpoint, exs, template=tpl, k=a.k,
-                                      temperature=a.temperature, phrases=phrases,
+            res = evaluate_checkpoint(a.checkpoint, exs, prompts=P, k=a.k,
+                                      temperature=a.temperature, phrases=phrases, reward=a.reward,
                                       max_new_tokens=a.max_new_tokens or (40 if toy else 4096))
             print(json.dumps({"split": name, **res}))
     except (data.DataError, FileNotFoundError, OSError) as e:

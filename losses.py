@@ -28,6 +28,27 @@ functions are those of the papers, and so that several updates per batch can use
 
 Every normaliser is a GLOBAL count (all micro-batches, all ranks) from train.Norms, so the
 chunks, micro-batches and ranks add up to the full-batch gradient.
+
+The distillation term of OPSD, SDPO and PTD-PO is averaged as --distill-agg says, each mode
+being a weight per distilled row on the sum of its per-token divergences, computed once per
+step from whole-batch counts (`distill_row_weights`), so every mode stays split-invariant:
+  token-mean          / distilled tokens of the batch (every token weighs the same)
+  seq-mean            per-row token mean, / distilled rows: OPSD's default, its paper's
+                      Algorithm 1 (its trainer's per-micro-batch token mean equals this at
+                      micro-batch 1 and is close at its 2-4; audit F4)
+  seq-mean-all-rows   per-row token mean, / ALL rows, undistilled ones adding 0: SDPO's default,
+                      what its official configuration computes (micro-batch 1, each loss
+                      divided by the gradient-accumulation count; audit F3), so the term
+                      shrinks with the share of rows that have a successful sibling
+  micro-batch-mean    PTD-PO's default, its EasyR1 actor (audit F9): the PTD token mean of each
+                      micro-batch of PTD_MICRO_ROWS consecutive rows, weighted by that
+                      micro-batch's share of the loss tokens; micro-batches without a PTD row
+                      add 0, so sparse PTD rows get a smaller effective lambda than a global
+                      mean would give (about 1 - (1 - p)^2 of it at a PTD share p). The rows
+                      are fixed by their index, not by --micro-batch-size, so memory settings
+                      never change the loss (the official micro-batches are token-budgeted,
+                      so this is its 2-row reading)
+SRPO's loss is one token mean over both branches (its paper, Eq. 8) and has no such option.
 """
 import torch
 
@@ -62,11 +83,43 @@ def distilled_rows(algo: str, b, *, group_size: int, success_threshold: float, p
     if algo == "srpo":  # SRPO Table 7: wrong, with a correct sibling; the rest goes to GRPO
         return b.has_context & (b.rewards < success_threshold), None
     if algo == "ptdpo":  # official compute_ptd_mask: wrong rows of groups below tau, with a hint
-        acc = b.rewards.clamp(0, 1)
+        acc = b.correct.float().to(b.rewards.device)
         return (distill.ptd_mask(acc, group_size, b.has_context, tau=ptd_tau),
                 distill.ptd_mask(acc, group_size, b.has_context, tau=ptd_tau,
                                  all_trajectories=True))
     return None, None
+
+
+DISTILL_AGG = ("token-mean", "seq-mean", "seq-mean-all-rows", "micro-batch-mean")
+PTD_MICRO_ROWS = 2  # PTD-PO config: micro_batch_size_per_device_for_update
+
+
+def distill_row_weights(mode: str, b, norms) -> torch.Tensor:
+    """(N,) weights w: the distillation term is sum_n w_n * sum_t div_nt over the distilled
+    tokens. Counts are of the whole local batch and global norms, never of a micro-batch."""
+    d_NT = b.mask & b.distill[:, None]
+    n_N = d_NT.sum(1).double()  # each distilled row's tokens
+    one = torch.ones_like(n_N)
+    if mode == "token-mean":
+        return one / max(norms.distill_tokens, 1.0)
+    if mode == "seq-mean":
+        return one / n_N.clamp(min=1) / max(norms.distill_rows, 1.0)
+    if mode == "seq-mean-all-rows":
+        return one / n_N.clamp(min=1) / max(norms.rows, 1.0)
+    if mode == "micro-batch-mean":
+        k = PTD_MICRO_ROWS
+        pad = (-len(n_N)) % k  # a last, shorter micro-batch
+        tok_g = torch.nn.functional.pad(b.mask.sum(1).double(), (0, pad)).view(-1, k).sum(1)
+        ptd_g = torch.nn.functional.pad(n_N, (0, pad)).view(-1, k).sum(1)
+        w_g = tok_g / max(norms.tokens, 1.0) / ptd_g.clamp(min=1)
+        return w_g.repeat_interleave(k)[:len(n_N)]
+    raise ValueError(f"unknown --distill-agg {mode!r}")
+
+
+def _distill_mean(div, c, d_mask):
+    """The distillation term of a chunk: its rows' weighted token sums (distill_row_weights)."""
+    w = c.distill_w.to(div.dtype)[:, None]
+    return grpo.aggregate(div * w, d_mask, normalizer=1.0)
 
 
 def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
@@ -118,13 +171,13 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
                                         token_clip=cfg.token_clip or None, temperature=T,
                                         support="teacher")
         stats["distill"] = mean_stat(div, d_mask)
-        loss = grpo.aggregate(div, d_mask, normalizer=norms.distill_tokens)
+        loss = _distill_mean(div, c, d_mask)
 
     elif cfg.algo == "sdpo":  # replaces the policy gradient (the released code's loss_mode)
         d_mask = mask & c.distill[:, None]
         sd = _sdpo_per_token(cfg, logits, teacher_logits, logp)
         stats["distill"] = mean_stat(sd, d_mask)
-        loss = grpo.aggregate(sd, d_mask, normalizer=norms.distill_tokens)
+        loss = _distill_mean(sd, c, d_mask)
 
     elif cfg.algo == "srpo":  # failed rows with a sibling to weighted SDPO, the rest to GRPO
         d_mask = mask & c.distill[:, None]
@@ -144,7 +197,7 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
         stats["distill"] = mean_stat(ptd, mask & c.distill[:, None])
         loss = distill.ptdpo_loss(pg, kl, ptd, mask, c.distill, c.kl_off, ptd_coef=cfg.ptd_coef,
                                   kl_coef=cfg.kl_coef, normalizer=norms.tokens,
-                                  ptd_normalizer=norms.distill_tokens)
+                                  ptd_row_weights=c.distill_w)
     else:
         raise ValueError(f"no loss for --algo {cfg.algo}")
     return loss, stats

@@ -6,7 +6,7 @@
 
 How to read it: `train_step` is one optimizer step of every algorithm, as numbered steps
     1 sample      G responses per prompt with the KV cache            batch.sample
-    2 reward      the verifier on each response (DAPO: re-roll)       batch.sample, dapo_resample
+    2 reward      the reward function on each response (DAPO: re-roll) batch.sample, dapo_resample
     3 advantages  group-relative, (r - mean) / std or r - mean        grpo.group_advantages
     4 teacher     each row's privileged prompt, the distilled rows    batch.teacher_prompts
     5 score       no-grad log-probs of the sampled tokens under the teacher (RLSD, OPD) and
@@ -33,9 +33,11 @@ import checkpoint as ckpt
 import data
 import grpo
 import losses
+import rewards
 from config import Config, parse_config
 from distributed import Dist, Stopwatch, autocast, setup_distributed, shard, teardown
 from eval import eval_sets, evaluate
+from prompts import prompts_for
 from rlsd import lambda_schedule
 from rollout import load_model
 from rundir import StopSignals, claim_run_dir, start_metrics_log
@@ -91,8 +93,9 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                dist: Dist, gen: torch.Generator, sw: Stopwatch):
     """One optimizer step of `cfg.algo`, steps 1-8 of the module docstring. Returns the step's
     metrics (means over all ranks) and its Batch."""
+    reward = rewards.load_reward(cfg.reward)  # --reward: a function of (response, answer, ...)
     G, T = cfg.group_size, cfg.temperature  # T: the rollout temperature, also every loss's
-    tpl = data.templates(cfg.data)
+    prompter = prompts_for(cfg)  # templates, system prompt, chat-template options
     # this rank's prompts: a function of (seed, step), so a resumed run sees the same data
     prompts = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
                                  seed=cfg.seed, rank=dist.rank, world=dist.world)
@@ -100,12 +103,13 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # PTD-PO's group accuracy) assumes this layout
     exs = [e for e in prompts for _ in range(G)]
 
-    # 1-2. sample G responses per prompt and reward them with the verifier
+    # 1-2. sample G responses per prompt and score them with the reward function
     model.eval()  # sampling is no-grad; eval() only matters for models with dropout
-    sample = partial(rollouts.sample, model, tok, template=tpl["student"],
+    sample = partial(rollouts.sample, model, tok, prompts=prompter,
                      max_new_tokens=cfg.max_new_tokens, temperature=T, ignore_eos=cfg.ignore_eos,
                      generation=cfg.generation, overlong_cache=cfg.overlong_cache, generator=gen,
-                     device=dist.device, top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p)
+                     device=dist.device, top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p,
+                     reward=reward)
     with sw("rollout"):
         # our own KV-cache loop, exactly softmax(z / T) over the full vocabulary with our own
         # generator, so a run is reproducible and resumable to the bit on CPU
@@ -123,7 +127,7 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
         # response ids; and which rows the distillation term averages over
         if teacher.mode != "none":
             b.teacher_ids, b.teacher_mask, b.has_context = rollouts.teacher_prompts(
-                tok, b, context=cfg.context, templates=tpl, group_size=G,
+                tok, b, context=cfg.context, prompts=prompter, group_size=G,
                 success_threshold=cfg.success_threshold, device=dist.device)
             b.distill, b.kl_off = losses.distilled_rows(
                 cfg.algo, b, group_size=G, success_threshold=cfg.success_threshold,
@@ -138,6 +142,8 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
               for mb in mbs]  # the loss uses the same chunks, so the numbers are identical
     norms = global_norms(b, cfg, dist)  # all-reduced once: every micro-batch divides by them
+    if b.distill is not None:  # --distill-agg as one weight per row, from whole-batch counts
+        b.distill_w = losses.distill_row_weights(cfg.distill_agg, b, norms)
     with sw("teacher"):
         # (N, T) tensors, one forward per micro-batch and no gradient: the teacher is data,
         # never trained, exactly like the KL reference (and cheaper than recomputing it in the
@@ -194,6 +200,7 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     n = dist.sum(len(b.examples)).item()  # rows over all ranks
     out.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norms.tokens,
                reward_mean=dist.sum(b.rewards.sum()).item() / n,
+               correct_frac=dist.sum(b.correct.float().sum()).item() / n,
                response_len_mean=dist.sum(b.resp_mask.sum()).item() / n,
                truncated_frac=dist.sum(b.truncated.sum()).item() / n)
     if cfg.algo == "rlsd":
@@ -278,7 +285,7 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
     if limit and cfg.data != "toy":  # the toy task's prompts are short by construction
         name = ("--max-prompt-tokens" if cfg.max_prompt_tokens else
                 "the model's context minus --max-new-tokens =")
-        examples = data.drop_long_prompts(examples, tok, data.templates(cfg.data)["student"],
+        examples = data.drop_long_prompts(examples, partial(prompts_for(cfg).student, tok),
                                           limit, cfg.long_prompts, source=cfg.data,
                                           verbose=main_rank, limit_name=name)
 

@@ -26,6 +26,7 @@ class Norms:
     rows: float                  # rows with a loss token: GRPO's per-sequence mean (Eq. 3)
     rows_x_len: float            # rows x max_new_tokens: Dr. GRPO's constant (Sec. 3.1)
     distill_tokens: float        # tokens of distilled rows: OPSD, SDPO, SRPO, the PTD term
+    distill_rows: float = 0.0    # distilled rows with a loss token (--distill-agg seq-mean)
     w_mean: float | None = None  # SRPO: mean exp(-beta H_teacher) over its SDPO tokens
 
 
@@ -35,7 +36,8 @@ def global_norms(b: Batch, cfg: Config, dist: Dist) -> Norms:
     return Norms(tokens=dist.sum(mask_NT.sum()).item(),
                  rows=dist.sum((mask_NT.sum(1) > 0).sum()).item(),
                  rows_x_len=dist.sum(len(b.examples) * cfg.max_new_tokens).item(),
-                 distill_tokens=dist.sum(d_mask.sum()).item())
+                 distill_tokens=dist.sum(d_mask.sum()).item(),
+                 distill_rows=dist.sum((d_mask.sum(1) > 0).sum()).item())
 
 
 def micro_batches(b: Batch, size: int) -> list:

@@ -83,3 +83,44 @@ def test_metrics_are_means_over_their_own_denominators():
     m.add({"a": (torch.tensor(3.0), torch.tensor(3)), "b": (torch.tensor(1.0), torch.tensor(1))})
     m.add({"a": (torch.tensor(1.0), torch.tensor(1)), "b": (torch.tensor(0.0), torch.tensor(9))})
     assert m.means(Dist()) == {"a": 1.0, "b": 0.1}
+
+
+def test_paper_defaults_follow_the_audit_table():
+    """config.PAPER_DEFAULTS against ../shared/spec/fidelity-audit.md ("PAPER_DEFAULTS versus
+    the official configurations"), on real data (the toy task rescales lengths and batches)."""
+    def cfg(algo, *extra):
+        return config.resolve_config(dict(algo=algo, model="org/model", data="", eval_data="",
+                                          **dict(extra)))
+    d = cfg("dapo")
+    assert (d.group_size, d.prompts_per_step, d.dual_clip, d.weight_decay, d.lr_warmup_steps,
+            d.reward, d.dapo_max_gen_batches) == (16, 512, 10.0, 0.1, 10, "dapo", 10)
+    o = cfg("opsd")
+    assert (o.rollout_top_p, o.rollout_top_k, o.lr_schedule, o.weight_decay, o.distill_agg,
+            o.chat_template_kwargs, o.teacher_chat_template_kwargs) == (
+        0.95, 20, "linear", 0.0, "seq-mean", '{"enable_thinking": false}',
+        '{"enable_thinking": true}')
+    s = cfg("sdpo")
+    assert (s.lr_warmup_steps, s.distill_agg, s.max_teacher_prompt_tokens, s.max_prompt_tokens,
+            s.chat_template_kwargs) == (10, "seq-mean-all-rows", 10240, 2048,
+                                        '{"enable_thinking": false}')
+    assert (cfg("srpo").lr_warmup_steps, cfg("srpo").chat_template_kwargs) == (
+        10, '{"enable_thinking": false}')
+    p = cfg("ptdpo")
+    assert (p.rollout_top_p, p.distill_agg, p.kl_coef, p.clip_high) == (
+        0.99, "micro-batch-mean", 0.01, 0.3)
+    r = cfg("rlsd")
+    assert (r.teacher_sync, r.lam_decay, r.reward, r.prompts_per_step) == (
+        10, 50, "rlsd_format", 256)
+    assert "<answer>" in r.student_template
+    dr = cfg("dr_grpo")
+    assert (dr.prompts_per_step, dr.max_new_tokens, dr.adv_scale) == (128, 3000, "none")
+
+
+def test_opd_with_a_self_teacher():
+    """OPSD's sampled-token variant: opd scored by the frozen student shown the solution."""
+    c = config.parse_config(["--algo", "opd", "--teacher-mode", "frozen", "--context", "solution"])
+    assert (c.teacher, c.teacher_mode) == ("", "frozen")
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        config.parse_config(["--algo", "opd"])
+    with pytest.raises(SystemExit, match="external teacher"):
+        config.parse_config(["--algo", "opd", "--teacher", "toy", "--teacher-mode", "frozen"])

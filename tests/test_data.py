@@ -4,6 +4,7 @@ import json
 import pytest
 
 import data
+import prompts
 
 
 def test_toy_examples_are_consistent_and_deterministic():
@@ -116,12 +117,12 @@ def test_bad_paths(tmp_path):
 
 def test_render_keeps_privileged_context_out_of_the_student_prompt():
     e = data.make_toy("train", 1)[0]
-    student = data.render(data.TOY_TEMPLATES["student"], e)
+    student = prompts.render(prompts.TOY_TEMPLATES["student"], e)
     for kind in data.CONTEXTS:
-        assert getattr(e, kind) in data.render(data.TOY_TEMPLATES[kind], e)
+        assert getattr(e, kind) in prompts.render(prompts.TOY_TEMPLATES[kind], e)
     assert e.solution not in student and e.rationale not in student
-    paper = data.render(data.PAPER_TEMPLATES["rationale"], e)
-    assert e.rationale in paper and e.rationale not in data.render(data.PAPER_TEMPLATES["student"], e)
+    paper = prompts.render(prompts.PAPER_TEMPLATES["rationale"], e)
+    assert e.rationale in paper and e.rationale not in prompts.render(prompts.PAPER_TEMPLATES["student"], e)
 
 
 @pytest.mark.parametrize("name,raw", [
@@ -155,7 +156,7 @@ def test_bad_files_give_one_message(tmp_path, name, raw, message):
 def test_sdpo_reprompt_and_thinking_removal_are_the_official_ones():
     import batch
     e = data.Example(prompt="What is 2+2?", answer="4")
-    assert data.render(data.PAPER_TEMPLATES["sibling"], e, sibling="It is 4.") == (
+    assert prompts.render(prompts.PAPER_TEMPLATES["sibling"], e, sibling="It is 4.") == (
         "What is 2+2?\nCorrect solution:\n\nIt is 4.\n\nCorrectly solve the original question.")
     # re.sub(r'<think>.*?</think>\s*', '', text): text before the block is kept
     assert batch.strip_thinking("Sure. <think>a\nb</think>\n\nThe answer is 4.") == (

@@ -179,3 +179,20 @@ def test_static_cache_generation_trains_like_dynamic(tmp_path, cache):
     for ra, rb in zip(a[1:], b[1:]):
         for k in ("loss", "grad_norm", "reward_mean", "response_len_mean"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k
+
+
+def test_lr_schedule_resumes_exactly(tmp_path, cache):
+    """Warm-up then cosine decay (a function of the step and --steps): a run resumed from its
+    step-2 checkpoint takes the same learning rates, so it ends in the same weights."""
+    import shutil
+    args = ["--algo", "grpo", "--steps", "4", "--lr-schedule", "cosine", "--lr-warmup-steps",
+            "2", "--save-every", "2"]
+    full, rows_full = run(tmp_path / "a", cache, *args)
+    part = str(tmp_path / "b" / "run")
+    shutil.copytree(full, part)
+    shutil.rmtree(os.path.join(part, "checkpoint-000004"))  # as if stopped after step 2
+    _, rows_part = run(tmp_path / "b", cache, *args, "--resume")
+    assert _train_rows(rows_part) == _train_rows(rows_full)
+    a = load_file(os.path.join(full, "checkpoint-000004", "model.safetensors"))
+    b = load_file(os.path.join(part, "checkpoint-000004", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

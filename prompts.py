@@ -1,0 +1,179 @@
+"""Prompts: what the student sees, and what each teacher sees in addition.
+
+    TOY_TEMPLATES, PAPER_TEMPLATES   one format string per kind: the student's prompt, and a
+                 teacher prompt per privileged context (answer, solution, hint, rationale,
+                 sibling), over the row's fields
+    Prompts      how a row becomes token ids: the templates, an optional system message, the
+                 chat-template options of the student and of the teacher (Qwen3's
+                 `enable_thinking`), a per-row teacher prompt from the data, and a token budget
+                 for the teacher's privileged text
+    prompts_for  the Prompts of a Config
+
+The teacher templates are the official releases' strings, character for character, with the
+row's question where the official code puts the raw question (audit F11):
+  RLSD     examples/visual_rl/format_prompt/teacher_hint_self_distill.jinja (the answer shown
+           as a "reference solution", and the <thought>/<answer> format sentence); its student
+           prompt, unified.jinja's math branch, is RLSD's default --student-template
+  OPSD     the v3 trainer's teacher message ("Problem: ..."; Begin/End markers; the hardened
+           "do not copy or paraphrase" transition; the \\boxed{} instruction). Its student
+           prompt is "Problem: {prompt}\\n\\n<the \\boxed{} instruction>": OPSD's default
+           --student-template (config.py), so {prompt} is the raw problem in both
+  SDPO     actor.yaml reprompt_template + solution_template; YAML `|-` keeps no final newline
+  PTD-PO   the question, a blank line, the hint; or a whole per-row `prompt_with_hint`
+           (--teacher-prompt-key), which replaces the question where a row has one and goes
+           through the student's template as the official format prompt does
+
+Every teacher prompt is followed by the student's exact response ids (teachers.py): the teacher
+scores the same tokens, only its prompt differs.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+# The toy tokenizer is character level, so its templates are compact.
+TOY_TEMPLATES = {
+    "student": "Q{prompt}",
+    "answer": "Q{prompt}\nA{answer}",
+    "solution": "Q{prompt}\nS{solution}",
+    "hint": "Q{prompt}\nH{hint}",
+    "rationale": "Q{prompt}\nR{rationale}",
+    "sibling": "Q{prompt}\nS{sibling}",
+}
+
+# (format strings: `{{}}` renders as the `{}` of \boxed{})
+OPSD_ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{{}}."
+OPSD_TRANSITION = (
+    "\n\nAfter reading the reference solution above, make sure you truly understand the "
+    "reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own words "
+    "and independent reasoning, derive the same final answer to the problem above. Think step "
+    "by step, explore different approaches, and don't be afraid to backtrack or reconsider if "
+    "something doesn't work out:\n")
+OPSD_STUDENT = "Problem: {prompt}\n\n" + OPSD_ANSWER_INSTRUCTION
+# RLSD's student prompt for math (unified.jinja, the math branch, without the jinja's first
+# line break), which its teacher prompt's format sentence repeats
+RLSD_STUDENT = (
+    "You are an intelligent assistant capable of solving mathematical problems.\n\n"
+    "[MATHEMATICS Tasks]\n- Goal: Solve the math problem.\n- Format: You FIRST think about the "
+    "reasoning process as an internal monologue enclosed within <thought> </thought> tags. The "
+    "final answer MUST be enclosed within <answer> </answer> tags.\n\n{prompt}")
+
+PAPER_TEMPLATES = {
+    "student": "{prompt}",
+    "answer": "{prompt}\n\nHere is a reference solution:\n{answer}\n\nAfter understanding the "
+              "reference solution, please try to solve this problem using your own approach "
+              "below. You FIRST think about the reasoning process as an internal monologue "
+              "enclosed within <thought> </thought> tags. The final answer MUST be enclosed "
+              "within <answer> </answer> tags.",
+    "solution": "Problem: {prompt}\n\nHere is a reference solution to this problem:\n"
+                "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
+                + OPSD_TRANSITION + "\n" + OPSD_ANSWER_INSTRUCTION,
+    "hint": "{prompt}\n\n{hint}",
+    "rationale": "{prompt}\n\nHere is a rationale for this problem:\n{rationale}",
+    "sibling": "{prompt}\nCorrect solution:\n\n{sibling}\n\nCorrectly solve the original question.",
+}
+
+# Phrases that only privileged prompts contain: a response that says them has leaked.
+LEAK_PHRASES = ("reference solution", "the hint", "the answer is given", "correct solution:")
+TOY_LEAK_MARKERS = ("Q", "A", "S", "H", "R")  # toy privileged-context markers
+
+
+def templates(data_spec: str) -> dict:
+    """The toy task's compact templates, or the papers' wording for real data."""
+    return TOY_TEMPLATES if data_spec == "toy" else PAPER_TEMPLATES
+
+
+def render(template: str, ex, sibling: str = "") -> str:
+    # the row's values are inserted stripped (the official jinja templates `| trim` them)
+    return template.format(prompt=ex.prompt.strip(), answer=ex.answer.strip(),
+                           solution=ex.solution.strip(), hint=ex.hint.strip(),
+                           rationale=ex.rationale.strip(), sibling=sibling)
+
+
+def prompt_ids(tokenizer, text: str, *, system: str = "", **template_kwargs) -> list[int]:
+    """Token ids of one user message (after an optional system message) through the model's
+    chat template, ready to generate. `template_kwargs` reach the template (enable_thinking)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+                   [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False, **template_kwargs)
+    elif system:  # no chat template (the toy model): the system text simply comes first
+        text = system + "\n" + text
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Prompts:
+    """How a row becomes the student's prompt ids and its teacher's."""
+    templates: dict
+    system: str = ""                                     # a system message before both
+    student_options: dict = field(default_factory=dict)  # chat-template kwargs of the student
+    teacher_options: dict = field(default_factory=dict)  # ... and of the teacher
+    max_teacher_tokens: int = 0                          # 0: no budget for the teacher prompt
+
+    def ids(self, tok, text: str, *, teacher: bool = False) -> list[int]:
+        return prompt_ids(tok, text, system=self.system,
+                          **(self.teacher_options if teacher else self.student_options))
+
+    def student(self, tok, ex) -> list[int]:
+        return self.ids(tok, render(self.templates["student"], ex))
+
+    def teacher(self, tok, ex, context: str, sibling: str | None = None) -> tuple[list[int], bool]:
+        """(ids, has_context): the teacher's prompt for `context` (a field of the row,
+        'sibling' with that sibling's response, or 'none'). A row with nothing to show gets
+        the plain student prompt (through the teacher's template options) and False."""
+        if context == "none" or (context == "sibling" and sibling is None):
+            return self.ids(tok, render(self.templates["student"], ex), teacher=True), context == "none"
+        if context != "sibling" and getattr(ex, "teacher_prompt", ""):
+            # the data's own teacher question, through the student's template (PTD-PO renders
+            # prompt_with_hint with the same format prompt as the question)
+            inner = _with(ex, "prompt", ex.teacher_prompt)
+            return self.ids(tok, render(self.templates["student"], inner), teacher=True), True
+        value = sibling if context == "sibling" else getattr(ex, context)
+        if not value:
+            return self.ids(tok, render(self.templates["student"], ex), teacher=True), False
+        return self._fit(tok, ex, context, value), True
+
+    def _fit(self, tok, ex, context: str, value: str) -> list[int]:
+        """The teacher prompt with the privileged text cut (from its end) until the whole
+        prompt has at most max_teacher_tokens tokens (SDPO's max_reprompt_len); the question
+        and the instructions around it are never cut."""
+        def build(v):
+            if context == "sibling":
+                return self.ids(tok, render(self.templates["sibling"], ex, sibling=v), teacher=True)
+            return self.ids(tok, render(self.templates[context], _with(ex, context, v)), teacher=True)
+        ids = build(value)
+        budget = self.max_teacher_tokens
+        value_ids = tok(value, add_special_tokens=False)["input_ids"]
+        while budget and len(ids) > budget and value_ids:
+            value_ids = value_ids[:max(0, len(value_ids) - (len(ids) - budget))]
+            ids = build(tok.decode(value_ids))
+        return ids
+
+
+def _with(ex, name: str, value: str):
+    return dataclasses.replace(ex, **{name: value})
+
+
+def _options(text: str, flag: str) -> dict:
+    try:
+        out = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"config error: {flag} is not valid JSON ({e.msg}): {text!r}")
+    if not isinstance(out, dict):
+        raise SystemExit(f"config error: {flag} must be a JSON object such as "
+                         f"'{{\"enable_thinking\": false}}', got {text!r}")
+    return out
+
+
+def prompts_for(cfg) -> Prompts:
+    """The Prompts of a Config: --student-template, --system-prompt, --chat-template-kwargs,
+    --teacher-chat-template-kwargs ('' = the student's), --max-teacher-prompt-tokens."""
+    tpl = dict(templates(cfg.data))
+    if cfg.student_template:
+        tpl["student"] = cfg.student_template
+    student = _options(cfg.chat_template_kwargs, "--chat-template-kwargs")
+    teacher = (_options(cfg.teacher_chat_template_kwargs, "--teacher-chat-template-kwargs")
+               if cfg.teacher_chat_template_kwargs else student)
+    return Prompts(tpl, system=cfg.system_prompt, student_options=student,
+                   teacher_options=teacher, max_teacher_tokens=cfg.max_teacher_prompt_tokens)
