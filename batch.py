@@ -25,7 +25,7 @@ from prompts import Prompts
 from rollout import Rollouts, generate, left_pad, stop_ids
 
 # The (N, T) fields: cut along T by `positions`; every tensor and list field is cut along N.
-_POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp")
+_POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp", "old_logp")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Batch:
     distill_w: torch.Tensor | None = None      # (N,) weight of each distilled row's token sum
     teacher_logp: torch.Tensor | None = None   # (N, T) teacher log-probs of the sampled tokens
     ref_logp: torch.Tensor | None = None       # (N, T) KL-reference log-probs   (step 5)
+    old_logp: torch.Tensor | None = None       # (N, T) rollout-policy log-probs (several updates)
     row_tokens: torch.Tensor | None = None     # (N,) loss tokens of each WHOLE row (positions)
 
     @property

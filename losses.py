@@ -21,10 +21,14 @@ each sampled token, computed once per step (`Batch.teacher_logp`); the four dist
 losses compare whole next-token distributions, so they get the teacher's logits of this
 chunk (`teacher_logits`).
 
-On-policy: there is one optimizer step per rollout batch, so the "old" log-probs of the PPO
-ratio are the current ones detached, the ratio is exactly 1, and the clip ranges, the dual
-clip and SDPO's IS weight never act (their metrics read 0, 0, 1). They are kept so that the
-functions are those of the papers, and so that several updates per batch can use them.
+Old policy: by default there is one optimizer step per rollout batch, so the "old" log-probs
+of the PPO ratio are the current ones detached, the ratio is exactly 1, and the clip ranges,
+the dual clip and SDPO's IS weight never act (their metrics read 0, 0, 1). With
+--mini-batch-size or --ppo-epochs the batch is updated in several steps, the old log-probs are
+the rollout policy's (Batch.old_logp, scored once before the first update), and they all
+act. RLSD's evidence ratio always compares the teacher with the CURRENT student (detached),
+as its released code recomputes it in the update; the ExtPI re-implementation uses the old
+one instead (spec notes, rlsd-opsd-sdpo "What student means in Delta").
 
 Every normaliser is a GLOBAL count (all micro-batches, all ranks) from train.Norms, so the
 chunks, micro-batches and ranks add up to the full-batch gradient.
@@ -129,12 +133,15 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
     lambda at this step."""
     mask, T = c.mask, cfg.temperature
     stats = {"entropy": mean_stat(grpo.entropy(logits.detach(), temperature=T), mask)}
+    # the PPO ratio's old policy: the rollout policy's log-probs when a batch is updated in
+    # several steps (Batch.old_logp), else the current ones detached (ratio exactly 1)
+    old = c.old_logp if c.old_logp is not None else logp.detach()
     dual_clip = cfg.dual_clip if cfg.dual_clip > 0 else None  # <= 0: no dual clip
 
     def surrogate(adv, with_kl=True):
         """The PPO/DAPO clipped surrogate per token, on-policy (old_logp = logp.detach()),
         plus the k3 KL to the initial model when --kl-coef > 0 (and `with_kl`)."""
-        per_tok, means = grpo.policy_loss(logp, logp.detach(), adv, clip_low=cfg.clip_low,
+        per_tok, means = grpo.policy_loss(logp, old, adv, clip_low=cfg.clip_low,
                                           clip_high=cfg.clip_high, dual_clip=dual_clip, mask=mask)
         stats.update(_as_stats(means, mask))
         if cfg.kl_coef > 0 and with_kl:
@@ -150,7 +157,7 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
                               row_tokens=c.row_tokens)
 
     elif cfg.algo == "rlsd":  # the GRPO surrogate with A_t = A * ((1-lam) + lam * clip(w_t))
-        loss, means = rlsd_loss(logp, logp.detach(), c.adv, c.teacher_logp, mask, lam=lam,
+        loss, means = rlsd_loss(logp, old, c.adv, c.teacher_logp, mask, lam=lam,
                                 eps_w=cfg.eps_w, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 dual_clip=dual_clip, normalizer=norms.tokens)
         active = mask & (c.adv != 0)[:, None]  # the weight statistics are over A != 0 tokens
@@ -175,13 +182,15 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
 
     elif cfg.algo == "sdpo":  # replaces the policy gradient (the released code's loss_mode)
         d_mask = mask & c.distill[:, None]
-        sd = _sdpo_per_token(cfg, logits, teacher_logits, logp)
+        sd = _sdpo_per_token(cfg, logits, teacher_logits, logp, old)
         stats["distill"] = mean_stat(sd, d_mask)
+        is_w = torch.exp((logp - old).detach().clamp(-20.0, 20.0)).clamp(max=cfg.is_clip)
+        stats["is_weight_mean"] = mean_stat(is_w, d_mask)  # 1 with one update per batch
         loss = _distill_mean(sd, c, d_mask)
 
     elif cfg.algo == "srpo":  # failed rows with a sibling to weighted SDPO, the rest to GRPO
         d_mask = mask & c.distill[:, None]
-        pg, sd = surrogate(c.adv), _sdpo_per_token(cfg, logits, teacher_logits, logp)
+        pg, sd = surrogate(c.adv), _sdpo_per_token(cfg, logits, teacher_logits, logp, old)
         h = grpo.entropy(teacher_logits, temperature=T)  # teacher entropy, full vocabulary
         w = distill.entropy_weights(h, d_mask, beta=cfg.srpo_beta, normalizer=norms.w_mean)
         stats["distill"] = mean_stat(sd, d_mask)
@@ -203,10 +212,10 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
     return loss, stats
 
 
-def _sdpo_per_token(cfg, logits, teacher_logits, logp):
+def _sdpo_per_token(cfg, logits, teacher_logits, logp, old):
     """SDPO's per-token loss: top-k (+ tail) JSD x the detached IS weight min(pi/pi_old, 2)."""
     V = logits.shape[-1]
-    return distill.sdpo_per_token(logits, teacher_logits, logp, logp.detach(), beta=cfg.beta,
+    return distill.sdpo_per_token(logits, teacher_logits, logp, old, beta=cfg.beta,
                                   top_k=min(cfg.top_k, V) if cfg.top_k else None,
                                   is_clip=cfg.is_clip, temperature=cfg.temperature)
 

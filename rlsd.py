@@ -95,8 +95,9 @@ def rlsd_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
 
     logp (N,T) current student log-probs with grad; old_logp (N,T) from the rollout policy;
     adv (N,) group advantages; teacher_logp (N,T) privileged-teacher log-probs of the same
-    tokens; `normalizer` the global token count (see grpo.aggregate). The trainer passes
-    old_logp = logp.detach(): one optimizer step per rollout batch, so the ratio is 1.
+    tokens; `normalizer` the global token count (see grpo.aggregate). With one optimizer step
+    per rollout batch the trainer passes old_logp = logp.detach() (ratio 1); with several, the
+    rollout policy's. The evidence ratio uses the current log-probs either way (below).
     metrics: the surrogate's (over `mask`), the lambda, and the fraction of clipped weights
     and their mean over the tokens of rollouts with A != 0.
     """

@@ -55,6 +55,17 @@ def build_toy_model(tokenizer, *, seed: int = 0, **overrides):
     return Qwen3ForCausalLM(cfg)
 
 
+def checkpoint_layers(model):
+    """Activation checkpointing of every decoder layer: its activations are recomputed in
+    backward instead of stored (non-reentrant, so it composes with FSDP2 and with the chunked
+    LM head, whose own checkpointing is update.backward_chunked's)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) from a local HF directory or a hub id, the same code path for both."""
     if os.path.isdir(path) and not any(

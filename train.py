@@ -9,10 +9,11 @@ How to read it: `train_step` is one optimizer step of every algorithm, as number
     2 reward      the reward function on each response (DAPO: re-roll) batch.sample, dapo_resample
     3 advantages  group-relative, (r - mean) / std or r - mean        grpo.group_advantages
     4 teacher     each row's privileged prompt, the distilled rows    batch.teacher_prompts
-    5 score       no-grad log-probs of the sampled tokens under the teacher (RLSD, OPD) and
-                  the KL reference, computed once                     teachers.py
+    5 score       no-grad log-probs of the sampled tokens under the teacher (RLSD, OPD), the
+                  KL reference and, with several updates, the rollout policy   teachers.py
     6 loss        per micro-batch, per chunk of positions             losses.chunk_loss
-    7 update      clip the global gradient norm, AdamW
+    7 update      clip the global gradient norm, AdamW (6-7 once per mini-batch of prompts,
+                  one by default, and per --ppo-epochs pass)          update_mini_batch
     8 teacher     sync / EMA the teacher toward the student           teachers.Teacher.update
 and `train` is the setup plus the loop around it. What each algorithm does differently is in
 losses.py (one branch each); the options and each paper's defaults are in config.py, the
@@ -39,7 +40,7 @@ from distributed import Dist, Stopwatch, autocast, setup_distributed, shard, tea
 from eval import eval_sets, evaluate
 from prompts import prompts_for
 from rlsd import lambda_schedule
-from rollout import load_model
+from rollout import checkpoint_layers, load_model
 from rundir import StopSignals, claim_run_dir, start_metrics_log
 from teachers import Teacher, chunked_logits, lm_head_logits, sampled_token_logprobs
 from update import (Metrics, backward_chunked, clip_and_step, column_chunks, global_norms,
@@ -134,16 +135,14 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                 ptd_tau=cfg.ptd_tau)
 
     # 5. score, without gradient and once per step: the log-probs of the sampled tokens under
-    # the teacher (RLSD's evidence, OPD's advantage) and under the KL reference. There is one
-    # optimizer step per rollout batch, so the "old" policy of the PPO ratio is the current
-    # one: its log-probs are the loss's own, detached (losses.py), and need no pass here.
+    # the teacher (RLSD's evidence, OPD's advantage), under the KL reference, and, when the
+    # batch is updated in several steps, under the rollout policy (the PPO ratio's "old"
+    # policy). With one update per batch the old policy IS the current one: the loss uses its
+    # own log-probs, detached (losses.py), and this pass is not needed.
     model.train()
     mbs = micro_batches(b, cfg.micro_batch_size)  # rows per forward: bounds activation memory
     chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
               for mb in mbs]  # the loss uses the same chunks, so the numbers are identical
-    norms = global_norms(b, cfg, dist)  # all-reduced once: every micro-batch divides by them
-    if b.distill is not None:  # --distill-agg as one weight per row, from whole-batch counts
-        b.distill_w = losses.distill_row_weights(cfg.distill_agg, b, norms)
     with sw("teacher"):
         # (N, T) tensors, one forward per micro-batch and no gradient: the teacher is data,
         # never trained, exactly like the KL reference (and cheaper than recomputing it in the
@@ -157,17 +156,81 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
         if cfg.kl_coef > 0:
             b.ref_logp = scored(lambda mb: chunked_logits(
                 ref, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask))
-        mbs = micro_batches(b, cfg.micro_batch_size)  # now with the scores
-        if cfg.algo == "srpo":  # pass 1 of its entropy-weight normaliser: a whole-batch mean
-            norms.w_mean = srpo_weight_mean(model, teacher, mbs, chunks, cfg, dist)
-    # RLSD's lambda: 0.5 decaying linearly to 0 over 50 steps, after which RLSD is GRPO
+        if updates_per_step(cfg) > 1:  # before the first update: the rollout policy
+            b.old_logp = scored(lambda mb: chunked_logits(
+                model, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask))
+    # RLSD's lambda: 0.5 decaying linearly to 0 over 50 steps, after which RLSD is GRPO. Like
+    # the teacher's sync and the learning rate it counts rollout batches (verl's global step)
     lam = lambda_schedule(step, lam0=cfg.lam0, warmup=cfg.lam_warmup,
                           decay=cfg.lam_decay) if cfg.algo == "rlsd" else 0.0
+
+    # 6-7. loss, backward and update, once per mini-batch of prompts (--mini-batch-size,
+    # verl's ppo_mini_batch_size) and per pass over the batch (--ppo-epochs); one mini-batch
+    # and one pass, the default, is one optimizer step per rollout batch
+    metrics, results = Metrics(), []
+    for _ in range(cfg.ppo_epochs):
+        for mini in rollout_mini_batches(b, cfg, dist):
+            results.append(update_mini_batch(model, opt, teacher, mini, cfg, dist, step, lam,
+                                             metrics, sw))
+    # 8. teacher: sync (RLSD) on its schedule, EMA (SDPO, SRPO) once per rollout batch after
+    # its updates, and only if one of them was taken (SDPO's update_policy, then the EMA)
+    skipped = all(r["skipped"] for r in results)
+    teacher.update(model, step, skipped=skipped)
+    loss = sum(r["loss"] for r in results) / len(results)
+    grad_norm = sum(r["grad_norm"] for r in results) / len(results)
+    norms = global_norms(b, cfg, dist)  # the whole batch's counts, for the metrics
+
+    # metrics: each a mean over its own tokens or rows, over all ranks
+    out = metrics.means(dist)
+    n = dist.sum(len(b.examples)).item()  # rows over all ranks
+    out.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norms.tokens,
+               updates=float(len(results)),
+               reward_mean=dist.sum(b.rewards.sum()).item() / n,
+               correct_frac=dist.sum(b.correct.float().sum()).item() / n,
+               response_len_mean=dist.sum(b.resp_mask.sum()).item() / n,
+               truncated_frac=dist.sum(b.truncated.sum()).item() / n)
+    if cfg.algo == "rlsd":
+        out["rlsd_lambda"] = lam
+    if b.distill is not None:  # the share of rows the distillation term acted on
+        out["distilled_frac"] = dist.sum(b.distill.float().sum()).item() / n
+    return out, b
+
+
+def updates_per_step(cfg: Config) -> int:
+    mini = cfg.mini_batch_size or cfg.prompts_per_step
+    return cfg.ppo_epochs * (cfg.prompts_per_step // mini)
+
+
+def rollout_mini_batches(b, cfg: Config, dist: Dist) -> list:
+    """This rank's rows cut into --mini-batch-size prompts (over all ranks) per optimizer step,
+    whole groups each (group statistics were computed on the whole batch already)."""
+    if not cfg.mini_batch_size:
+        return [b]
+    rows = cfg.mini_batch_size // dist.world * cfg.group_size
+    return [b.select_rows(slice(i, i + rows)) for i in range(0, len(b.examples), rows)]
+
+
+def update_mini_batch(model, opt, teacher: Teacher, b, cfg: Config, dist: Dist, step: int,
+                      lam: float, metrics: Metrics, sw: Stopwatch) -> dict:
+    """Steps 6-7 for one mini-batch: the loss of each micro-batch, a chunk of positions at a
+    time, backward, then one clipped AdamW step. Every normaliser is the mini-batch's count
+    over all micro-batches and ranks (Norms), so the gradient does not depend on how the
+    mini-batch is split. Returns {loss, grad_norm, skipped}."""
+    T = cfg.temperature
+    norms = global_norms(b, cfg, dist)  # all-reduced once: every micro-batch divides by them
+    if b.distill is not None:  # --distill-agg as one weight per row, from whole-batch counts
+        b.distill_w = losses.distill_row_weights(cfg.distill_agg, b, norms)
+    mbs = micro_batches(b, cfg.micro_batch_size)
+    chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
+              for mb in mbs]
+    if cfg.algo == "srpo":  # pass 1 of its entropy-weight normaliser: a whole-batch mean
+        with sw("teacher"):
+            norms.w_mean = srpo_weight_mean(model, teacher, mbs, chunks, cfg, dist)
 
     # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time. The
     # gradients of the micro-batches accumulate in .grad; nothing is averaged per micro-batch,
     # because every loss is already divided by a global count (Norms)
-    metrics, loss_sum = Metrics(), 0.0
+    loss_sum = 0.0
     for mb, ch in zip(mbs, chunks):
         teacher_logits_at = None  # (t0, t1) -> the teacher's (n, t, V) logits of a chunk
         if cfg.algo in losses.DISTRIBUTION_TEACHER:  # the whole next-token distribution
@@ -192,22 +255,7 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # norm is the full model's), then AdamW; skipped if the loss or the norm is not finite
     with sw("optimizer"):
         grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
-        # 8. teacher: sync (RLSD) on its schedule, EMA (SDPO, SRPO) only after a taken step
-        teacher.update(model, step, skipped=skipped)
-
-    # metrics: each a mean over its own tokens or rows, over all ranks
-    out = metrics.means(dist)
-    n = dist.sum(len(b.examples)).item()  # rows over all ranks
-    out.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norms.tokens,
-               reward_mean=dist.sum(b.rewards.sum()).item() / n,
-               correct_frac=dist.sum(b.correct.float().sum()).item() / n,
-               response_len_mean=dist.sum(b.resp_mask.sum()).item() / n,
-               truncated_frac=dist.sum(b.truncated.sum()).item() / n)
-    if cfg.algo == "rlsd":
-        out["rlsd_lambda"] = lam
-    if b.distill is not None:  # the share of rows the distillation term acted on
-        out["distilled_frac"] = dist.sum(b.distill.float().sum()).item() / n
-    return out, b
+    return dict(loss=loss, grad_norm=grad_norm, skipped=skipped)
 
 
 @torch.no_grad()
@@ -289,6 +337,8 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
                                           limit, cfg.long_prompts, source=cfg.data,
                                           verbose=main_rank, limit_name=name)
 
+    if cfg.gradient_checkpointing:  # before the teachers copy it: they run without grad anyway
+        checkpoint_layers(model)
     teacher, ref = teacher_and_reference(cfg, model, tok, dist)  # shards the student too
     # AdamW over the (sharded) student only: teachers and the reference are never optimised
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -393,9 +443,10 @@ def main(argv=None):
     # minutes of a warm start followed by a traceback
     cfg = parse_config(argv)
     dist = setup_distributed()  # one process under python, one per GPU (or core) under torchrun
-    if cfg.prompts_per_step % dist.world:  # every rank must run the same number of passes
-        raise SystemExit(f"config error: --prompts-per-step {cfg.prompts_per_step} is not "
-                         f"divisible by the {dist.world} processes")
+    for flag in ("prompts_per_step", "mini_batch_size"):  # every rank runs the same passes
+        if getattr(cfg, flag) % dist.world:
+            raise SystemExit(f"config error: --{flag.replace('_', '-')} {getattr(cfg, flag)} "
+                             f"is not divisible by the {dist.world} processes")
     if cfg.generation == "compiled" and dist.world > 1:  # FSDP hooks in a CUDA graph: untested
         raise SystemExit("config error: --generation compiled runs in one process; under "
                          "torchrun use --generation static or dynamic")

@@ -1,5 +1,6 @@
 """Run by test_train.py under `torchrun --nproc_per_node=2`: the chunked LM-head loss under
-FSDP2 must give the same gradient as the full-logits loss in one process."""
+FSDP2 (with --gradient-checkpointing: and each decoder layer recomputed in backward) must give
+the same gradient as the full-logits loss in one process."""
 import copy
 import os
 import sys
@@ -10,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
 from distributed import Dist, shard  # noqa: E402
-from rollout import build_toy_model, build_toy_tokenizer  # noqa: E402
+from rollout import build_toy_model, build_toy_tokenizer, checkpoint_layers  # noqa: E402
 from teachers import lm_head_logits, response_hidden, response_logits  # noqa: E402
 
 dist.init_process_group("gloo")
@@ -18,6 +19,12 @@ ctx = Dist(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
 tok = build_toy_tokenizer()
 model = build_toy_model(tok, seed=0)
 reference = copy.deepcopy(model)
+checkpointing = "--gradient-checkpointing" in sys.argv
+calls = []  # forward calls inside the first decoder layer: 2 per step when it is recomputed
+model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+if checkpointing:
+    checkpoint_layers(model)
+    model.train()
 g = torch.Generator().manual_seed(0)
 prompt = torch.randint(3, len(tok), (4, 5), generator=g)
 pmask = torch.ones_like(prompt)
@@ -46,5 +53,6 @@ logits = response_logits(reference, prompt, pmask, resp, rmask)
 grpo.aggregate(-grpo.token_logprobs(logits, resp), rmask, normalizer=norm).backward()
 for n, p in reference.named_parameters():
     torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+assert len(calls) == (2 if checkpointing else 1), calls
 print(f"rank {ctx.rank}: {len(grads)} gradients match", flush=True)
 dist.destroy_process_group()

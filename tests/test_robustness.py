@@ -168,7 +168,8 @@ def test_resume_under_torchrun_matches_uninterrupted(tmp_path, cache):
     def torchrun(out, steps, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                os.path.join(ROOT, "train.py"), *TINY, "--algo", "rlsd", "--cache-dir", cache,
-               "--out", out, "--steps", str(steps), "--teacher-sync", "3", *extra]
+               "--out", out, "--steps", str(steps), "--teacher-sync", "3",
+               "--lr-schedule", "constant", *extra]  # the stopped run has --steps 2
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]

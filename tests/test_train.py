@@ -70,7 +70,9 @@ def _train_rows(rows):
 
 @pytest.mark.parametrize("algo", ["rlsd", "srpo"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache, algo):
-    extra = ["--teacher-sync", "3"] + (["--lam-decay", "3"] if algo == "rlsd" else [])
+    # a constant rate: the stopped run has --steps 2, and a decay depends on --steps
+    extra = ["--teacher-sync", "3", "--lr-schedule", "constant"] + (
+        ["--lam-decay", "3"] if algo == "rlsd" else [])
     args = ["--algo", algo, "--steps", "4", *extra]
     full, rows_full = run(tmp_path / "a", cache, *args)
     part = str(tmp_path / "b")
@@ -134,13 +136,16 @@ def test_bad_configs_fail_before_training(tmp_path, cache):
 
 
 # synced, EMA, frozen teachers; the static KV cache under FSDP2 once
-@pytest.mark.parametrize("algo,generation", [("rlsd", "dynamic"), ("sdpo", "dynamic"),
-                                             ("ptdpo", "static")])
-def test_torchrun_two_processes(tmp_path, cache, algo, generation):
+@pytest.mark.parametrize("algo,generation,extra", [
+    ("rlsd", "dynamic", []), ("sdpo", "dynamic", []),
+    ("ptdpo", "static", ["--mini-batch-size", "2"])])  # two updates per batch, 1 prompt per rank
+def test_torchrun_two_processes(tmp_path, cache, algo, generation, extra):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *TINY, "--algo", algo, "--cache-dir", cache,
-           "--out", out, "--teacher-sync", "1", "--generation", generation]
+           "--out", out, "--generation", generation, *extra]
+    if algo == "rlsd":
+        cmd += ["--teacher-sync", "1"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -150,11 +155,13 @@ def test_torchrun_two_processes(tmp_path, cache, algo, generation):
     assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))
 
 
-def test_chunked_lm_head_gradient_under_fsdp_matches_one_process():
+@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]])
+def test_chunked_lm_head_gradient_under_fsdp_matches_one_process(extra):
     """The LM head applied per chunk of positions outside the model's forward, under FSDP2
-    with 2 processes, gives the single-process full-logits gradient for every parameter."""
+    with 2 processes (and with every decoder layer recomputed in backward), gives the
+    single-process full-logits gradient for every parameter."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "fsdp_grad_check.py")]
+           os.path.join(ROOT, "tests", "fsdp_grad_check.py"), *extra]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -196,3 +203,41 @@ def test_lr_schedule_resumes_exactly(tmp_path, cache):
     a = load_file(os.path.join(full, "checkpoint-000004", "model.safetensors"))
     b = load_file(os.path.join(part, "checkpoint-000004", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sdpo", "rlsd", "ptdpo"])
+def test_mini_batches_and_epochs_make_the_ratio_work(tmp_path, cache, algo):
+    """--mini-batch-size 2 of 4 prompts, --ppo-epochs 2: four optimizer steps per rollout
+    batch; the old log-probs are the rollout policy's, so after the first update the ratio
+    leaves 1 (and SDPO's IS weight with it), and the gradient still does not depend on the
+    micro-batch split."""
+    # SDPO: every rollout counts as a success, so that the tiny warm start has siblings to show
+    sdpo = ("--success-threshold", "-1") if algo == "sdpo" else ()
+    args = ("--algo", algo, "--mini-batch-size", "2", "--ppo-epochs", "2", "--lr", "3e-3", *sdpo)
+    _, a = run(tmp_path / "a", cache, *args)
+    _, b = run(tmp_path / "b", cache, *args, "--micro-batch-size", "1")
+    ratio = "is_weight_mean" if algo == "sdpo" else "ratio_mean"  # SDPO has no PPO ratio
+    for ra, rb in zip(a[1:], b[1:]):
+        assert ra["updates"] == 4.0
+        assert ra[ratio] != 1.0 and ra[ratio] > 0.5  # measured on real tokens, and moved
+        keys = ("loss", "grad_norm", ratio) + (() if algo == "sdpo" else ("clip_frac",))
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (algo, k)
+    _, one = run(tmp_path / "c", cache, "--algo", algo, *sdpo)
+    assert one[1]["updates"] == 1.0 and one[1][ratio] == 1.0  # on-policy: exactly 1
+
+
+def test_one_mini_batch_is_the_default_step(tmp_path, cache):
+    """--mini-batch-size equal to --prompts-per-step is the plain one-step update, bit for bit."""
+    _, a = run(tmp_path / "a", cache, "--algo", "rlsd")
+    _, b = run(tmp_path / "b", cache, "--algo", "rlsd", "--mini-batch-size", "4")
+    assert _train_rows(a) == _train_rows(b)
+
+
+def test_gradient_checkpointing_trains_like_plain(tmp_path, cache):
+    """--gradient-checkpointing recomputes each layer in backward: same losses and gradients."""
+    _, a = run(tmp_path / "a", cache, "--algo", "rlsd", "--gradient-checkpointing")
+    _, b = run(tmp_path / "b", cache, "--algo", "rlsd")
+    for ra, rb in zip(a[1:], b[1:]):
+        for k in ("loss", "grad_norm", "reward_mean", "entropy"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k
