@@ -82,7 +82,8 @@ class Batch:
         resp, rmask = pad(self.resp_ids, pad_id), pad(self.resp_mask, 0)
         idx = torch.tensor(rows, device=resp.device)
         resp[idx], rmask[idx] = pad(new.resp_ids, pad_id), pad(new.resp_mask, 0)
-        truncated, rewards, correct = self.truncated.clone(), self.rewards.clone(), self.correct.clone()
+        truncated, rewards = self.truncated.clone(), self.rewards.clone()
+        correct = self.correct.clone()
         truncated[idx], rewards[idx.to(rewards.device)] = new.truncated, new.rewards
         correct[idx.to(correct.device)] = new.correct
         texts = list(self.texts)

@@ -35,7 +35,8 @@ chunks, micro-batches and ranks add up to the full-batch gradient.
 
 The distillation term of OPSD, SDPO and PTD-PO is averaged as --distill-agg says, each mode
 being a weight per distilled row on the sum of its per-token divergences, computed once per
-step from whole-batch counts (`distill_row_weights`), so every mode stays split-invariant:
+update from the counts of the whole (mini-)batch (`distill_row_weights`), so every mode stays
+independent of the micro-batch and process split:
   token-mean          / distilled tokens of the batch (every token weighs the same)
   seq-mean            per-row token mean, / distilled rows: OPSD's default, its paper's
                       Algorithm 1 (its trainer's per-micro-batch token mean equals this at
@@ -100,7 +101,8 @@ PTD_MICRO_ROWS = 2  # PTD-PO config: micro_batch_size_per_device_for_update
 
 def distill_row_weights(mode: str, b, norms) -> torch.Tensor:
     """(N,) weights w: the distillation term is sum_n w_n * sum_t div_nt over the distilled
-    tokens. Counts are of the whole local batch and global norms, never of a micro-batch."""
+    tokens. Counts are of this rank's whole (mini-)batch and global norms, never of a
+    micro-batch."""
     d_NT = b.mask & b.distill[:, None]
     n_N = d_NT.sum(1).double()  # each distilled row's tokens
     one = torch.ones_like(n_N)
@@ -139,8 +141,8 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
     dual_clip = cfg.dual_clip if cfg.dual_clip > 0 else None  # <= 0: no dual clip
 
     def surrogate(adv, with_kl=True):
-        """The PPO/DAPO clipped surrogate per token, on-policy (old_logp = logp.detach()),
-        plus the k3 KL to the initial model when --kl-coef > 0 (and `with_kl`)."""
+        """The PPO/DAPO clipped surrogate per token against the old policy `old`, plus the k3
+        KL to the initial model when --kl-coef > 0 (and `with_kl`)."""
         per_tok, means = grpo.policy_loss(logp, old, adv, clip_low=cfg.clip_low,
                                           clip_high=cfg.clip_high, dual_clip=dual_clip, mask=mask)
         stats.update(_as_stats(means, mask))

@@ -218,7 +218,7 @@ def update_mini_batch(model, opt, teacher: Teacher, b, cfg: Config, dist: Dist, 
     mini-batch is split. Returns {loss, grad_norm, skipped}."""
     T = cfg.temperature
     norms = global_norms(b, cfg, dist)  # all-reduced once: every micro-batch divides by them
-    if b.distill is not None:  # --distill-agg as one weight per row, from whole-batch counts
+    if b.distill is not None:  # --distill-agg as one weight per row, from the mini-batch's counts
         b.distill_w = losses.distill_row_weights(cfg.distill_agg, b, norms)
     mbs = micro_batches(b, cfg.micro_batch_size)
     chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
