@@ -41,7 +41,8 @@ TOY_TEMPLATES = {
 }
 
 # (format strings: `{{}}` renders as the `{}` of \boxed{})
-OPSD_ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{{}}."
+OPSD_ANSWER_INSTRUCTION = ("Please reason step by step, and put your final answer within "
+                           "\\boxed{{}}.")
 OPSD_TRANSITION = (
     "\n\nAfter reading the reference solution above, make sure you truly understand the "
     "reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own words "
@@ -122,8 +123,11 @@ class Prompts:
         """(ids, has_context): the teacher's prompt for `context` (a field of the row,
         'sibling' with that sibling's response, or 'none'). A row with nothing to show gets
         the plain student prompt (through the teacher's template options) and False."""
-        if context == "none" or (context == "sibling" and sibling is None):
-            return self.ids(tok, render(self.templates["student"], ex), teacher=True), context == "none"
+        plain = render(self.templates["student"], ex)
+        if context == "none":  # OPD: the teacher is another model, shown the same prompt
+            return self.ids(tok, plain, teacher=True), True
+        if context == "sibling" and sibling is None:
+            return self.ids(tok, plain, teacher=True), False
         if context != "sibling" and getattr(ex, "teacher_prompt", ""):
             # the data's own teacher question, through the student's template (PTD-PO renders
             # prompt_with_hint with the same format prompt as the question)
@@ -131,7 +135,7 @@ class Prompts:
             return self.ids(tok, render(self.templates["student"], inner), teacher=True), True
         value = sibling if context == "sibling" else getattr(ex, context)
         if not value:
-            return self.ids(tok, render(self.templates["student"], ex), teacher=True), False
+            return self.ids(tok, plain, teacher=True), False
         return self._fit(tok, ex, context, value), True
 
     def _fit(self, tok, ex, context: str, value: str) -> list[int]:
@@ -139,9 +143,9 @@ class Prompts:
         prompt has at most max_teacher_tokens tokens (SDPO's max_reprompt_len); the question
         and the instructions around it are never cut."""
         def build(v):
-            if context == "sibling":
-                return self.ids(tok, render(self.templates["sibling"], ex, sibling=v), teacher=True)
-            return self.ids(tok, render(self.templates[context], _with(ex, context, v)), teacher=True)
+            text = (render(self.templates["sibling"], ex, sibling=v) if context == "sibling"
+                    else render(self.templates[context], _with(ex, context, v)))
+            return self.ids(tok, text, teacher=True)
         ids = build(value)
         budget = self.max_teacher_tokens
         value_ids = tok(value, add_special_tokens=False)["input_ids"]
