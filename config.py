@@ -174,7 +174,8 @@ PAPER_DEFAULTS = {
 # lengths are scaled to it; every algorithmic constant above is kept.
 # The learning rate decays (cosine): at 200x the papers' rate, a constant one left the greedy
 # accuracy drifting at the end (one run each, 500 test problems, from 32.8%: RLSD 49.4% and
-# GRPO 39.0% with a constant rate; 44.4% and 43.8% with the decay, which the README reports).
+# GRPO 39.0% with a constant rate, `python train.py [--algo grpo] --lr-schedule constant`;
+# 44.4% and 43.8% with the decay, which the README reports).
 TOY_DEFAULTS = dict(prompts_per_step=16, max_new_tokens=40, lr=2e-4, steps=150,
                     eval_every=50, overlong_cache=0, mini_batch_size=0, lr_schedule="cosine")
 TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=1300, eval_every=250,
@@ -258,8 +259,8 @@ def resolve_config(given: dict) -> Config:
         # the toy task's own prompts, and the toy model's 256-token context: the compact
         # template, and the plain verifier (no <answer> tags to score)
         values["student_template"] = ""
-        values["reward"] = "verifier" if values.get("reward") == "rlsd_format" else values.get(
-            "reward", Config.reward)
+        if values.get("reward") == "rlsd_format":
+            values["reward"] = "verifier"
     values.update(given)
     cfg = Config(**values)
     if not cfg.out:

@@ -159,13 +159,26 @@ def accuracy(spec: str, texts: list[str], examples: list) -> list[bool]:
 def score(fn, texts: list[str], examples: list) -> tuple[list[float], list[bool]]:
     """(scores, accs) of each response against its row."""
     if hasattr(fn, "many"):  # math_verify: all responses at once, in parallel
-        outs = fn.many([(t, e.answer) for t, e in zip(texts, examples)])
-    else:
-        outs = [fn(t, e.answer, solution=e.solution, hint=e.hint, rationale=e.rationale)
-                for t, e in zip(texts, examples)]
+        return _verdicts(fn.many([(t, e.answer) for t, e in zip(texts, examples)]))
+    scores, accs = [], []
+    for t, e in zip(texts, examples):
+        try:  # a plug-in's bug is one message naming it and the row, not a traceback
+            out = fn(t, e.answer, solution=e.solution, hint=e.hint, rationale=e.rationale)
+            (s,), (a,) = _verdicts([out])
+        except Exception as err:
+            raise data.DataError(f"--reward {getattr(fn, '__name__', fn)} failed on "
+                                 f"{e.where or repr(e.prompt[:40])}: {type(err).__name__}: "
+                                 f"{err}") from None
+        scores.append(s)
+        accs.append(a)
+    return scores, accs
+
+
+def _verdicts(outs) -> tuple[list[float], list[bool]]:
+    """Reward outputs (floats, or dicts with 'score' and maybe 'acc') -> (scores, accs)."""
     scores, accs = [], []
     for o in outs:
-        s = float(o["score"]) if isinstance(o, dict) else float(o)
-        scores.append(s)
-        accs.append(bool(o.get("acc", s > 0)) if isinstance(o, dict) else s > 0)
+        o = o if isinstance(o, dict) else {"score": o}
+        scores.append(float(o["score"]))
+        accs.append(bool(o.get("acc", scores[-1] > 0)))
     return scores, accs

@@ -13,7 +13,7 @@ How to read it: `train_step` is one optimizer step of every algorithm, as number
                   KL reference and, with several updates, the rollout policy   teachers.py
     6 loss        per micro-batch, per chunk of positions             losses.chunk_loss
     7 update      clip the global gradient norm, AdamW (6-7 once per mini-batch of prompts,
-                  one by default, and per --ppo-epochs pass)          update_mini_batch
+                  one by default, and per --ppo-epochs pass)   update.update_mini_batch
     8 teacher     sync / EMA the teacher toward the student           teachers.Teacher.update
 and `train` is the setup plus the loop around it. What each algorithm does differently is in
 losses.py (one branch each); the options and each paper's defaults are in config.py, the
@@ -42,9 +42,9 @@ from prompts import prompts_for
 from rlsd import lambda_schedule
 from rollout import checkpoint_layers, load_model
 from rundir import StopSignals, claim_run_dir, start_metrics_log
-from teachers import Teacher, chunked_logits, lm_head_logits, sampled_token_logprobs
-from update import (Metrics, backward_chunked, clip_and_step, column_chunks, global_norms,
-                    micro_batches)
+from teachers import Teacher, chunked_logits, sampled_token_logprobs
+from update import (Metrics, column_chunks, micro_batches, rollout_mini_batches,
+                    update_mini_batch, updates_per_step)
 from warmstart import load_policy, sft_batch, sft_step, toy_checkpoint
 
 
@@ -178,12 +178,12 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     teacher.update(model, step, skipped=skipped)
     loss = sum(r["loss"] for r in results) / len(results)
     grad_norm = sum(r["grad_norm"] for r in results) / len(results)
-    norms = global_norms(b, cfg, dist)  # the whole batch's counts, for the metrics
 
     # metrics: each a mean over its own tokens or rows, over all ranks
     out = metrics.means(dist)
     n = dist.sum(len(b.examples)).item()  # rows over all ranks
-    out.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norms.tokens,
+    out.update(loss=loss, grad_norm=grad_norm, skipped=float(skipped),
+               tokens=dist.sum(b.mask.sum()).item(),  # loss tokens of the whole batch
                updates=float(len(results)),
                reward_mean=dist.sum(b.rewards.sum()).item() / n,
                correct_frac=dist.sum(b.correct.float().sum()).item() / n,
@@ -194,88 +194,6 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     if b.distill is not None:  # the share of rows the distillation term acted on
         out["distilled_frac"] = dist.sum(b.distill.float().sum()).item() / n
     return out, b
-
-
-def updates_per_step(cfg: Config) -> int:
-    mini = cfg.mini_batch_size or cfg.prompts_per_step
-    return cfg.ppo_epochs * (cfg.prompts_per_step // mini)
-
-
-def rollout_mini_batches(b, cfg: Config, dist: Dist) -> list:
-    """This rank's rows cut into --mini-batch-size prompts (over all ranks) per optimizer step,
-    whole groups each (group statistics were computed on the whole batch already)."""
-    if not cfg.mini_batch_size:
-        return [b]
-    rows = cfg.mini_batch_size // dist.world * cfg.group_size
-    return [b.select_rows(slice(i, i + rows)) for i in range(0, len(b.examples), rows)]
-
-
-def update_mini_batch(model, opt, teacher: Teacher, b, cfg: Config, dist: Dist, step: int,
-                      lam: float, metrics: Metrics, sw: Stopwatch) -> dict:
-    """Steps 6-7 for one mini-batch: the loss of each micro-batch, a chunk of positions at a
-    time, backward, then one clipped AdamW step. Every normaliser is the mini-batch's count
-    over all micro-batches and ranks (Norms), so the gradient does not depend on how the
-    mini-batch is split. Returns {loss, grad_norm, skipped}."""
-    T = cfg.temperature
-    norms = global_norms(b, cfg, dist)  # all-reduced once: every micro-batch divides by them
-    if b.distill is not None:  # --distill-agg as one weight per row, from the mini-batch's counts
-        b.distill_w = losses.distill_row_weights(cfg.distill_agg, b, norms)
-    mbs = micro_batches(b, cfg.micro_batch_size)
-    chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
-              for mb in mbs]
-    if cfg.algo == "srpo":  # pass 1 of its entropy-weight normaliser: a whole-batch mean
-        with sw("teacher"):
-            norms.w_mean = srpo_weight_mean(model, teacher, mbs, chunks, cfg, dist)
-
-    # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time. The
-    # gradients of the micro-batches accumulate in .grad; nothing is averaged per micro-batch,
-    # because every loss is already divided by a global count (Norms)
-    loss_sum = 0.0
-    for mb, ch in zip(mbs, chunks):
-        teacher_logits_at = None  # (t0, t1) -> the teacher's (n, t, V) logits of a chunk
-        if cfg.algo in losses.DISTRIBUTION_TEACHER:  # the whole next-token distribution
-            with sw("teacher"):
-                teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask,
-                                                   mb.resp_ids, mb.resp_mask)
-
-        # the student's logits and log-probs of one chunk, and its loss; under activation
-        # checkpointing this runs again in backward, so the (n, t, V) logits are never stored
-        def loss_fn(h_ntH, t0, t1, mb=mb, teacher_logits_at=teacher_logits_at):
-            logits_ntV = lm_head_logits(model, h_ntH)
-            c = mb.positions(t0, t1)
-            logp_nt = grpo.token_logprobs(logits_ntV, c.resp_ids, temperature=T)
-            t_ntV = teacher_logits_at(t0, t1) if teacher_logits_at else None
-            return losses.chunk_loss(cfg, c, logits_ntV, logp_nt, t_ntV, norms, lam)
-
-        with sw("fwd_bwd"):
-            loss_sum += backward_chunked(model, mb, ch, loss_fn, dist.world, metrics)
-    loss = dist.sum(loss_sum).item()  # the same global value on every rank
-
-    # 7. update: clip the global gradient norm (after FSDP has reduced the gradients, so the
-    # norm is the full model's), then AdamW; skipped if the loss or the norm is not finite
-    with sw("optimizer"):
-        grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
-    return dict(loss=loss, grad_norm=grad_norm, skipped=skipped)
-
-
-@torch.no_grad()
-def srpo_weight_mean(model, teacher: Teacher, mbs: list, chunks: list, cfg: Config,
-                     dist: Dist) -> float:
-    """Pass 1 of SRPO's two-pass normaliser: the mean of exp(-beta H_teacher) over every SDPO
-    token of the batch (all ranks), so the weights have mean 1 over the whole batch (Sec. 3.2).
-    It costs one more teacher forward per micro-batch: the teacher's hidden states are not
-    kept from here to the loss, which would hold them for the whole batch at once."""
-    total, count = 0.0, 0.0
-    for mb, ch in zip(mbs, chunks):
-        teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids,
-                                           mb.resp_mask)
-        for t0, t1 in ch:
-            s, n = losses.srpo_weight_sum(teacher_logits_at(t0, t1), mb.positions(t0, t1),
-                                          srpo_beta=cfg.srpo_beta, temperature=cfg.temperature)
-            total, count = total + s.item(), count + n.item()
-    total, count = dist.sum(total).item(), dist.sum(count).item()
-    return total / count if count else 1.0
-
 
 
 # ----------------------------------------------------------------------------------------

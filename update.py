@@ -1,5 +1,6 @@
 """The update machinery of a step: global normalisers, micro-batches, LM-head chunks, metrics,
-the chunked backward, the learning rate, and the clipped optimizer step.
+the chunked backward, the learning rate, and the clipped optimizer step; then the RL update
+of one mini-batch (`update_mini_batch`, steps 6-7 of train.train_step) built from them.
 
 train.train_step (RL and distillation) and warmstart.sft_step (SFT) share all of it.
 The one rule everything here keeps: a loss is a SUM over tokens divided by a GLOBAL count
@@ -12,10 +13,12 @@ from functools import partial
 
 import torch
 
+import grpo
+import losses
 from batch import Batch
 from config import Config
 from distributed import Dist
-from teachers import response_hidden
+from teachers import lm_head_logits, response_hidden
 
 @dataclass
 class Norms:
@@ -140,3 +143,88 @@ def clip_and_step(model, opt, cfg: Config, loss: float, step: int):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return norm, skipped
+
+
+# ----------------------------------------------------------------------------------------
+# Steps 6-7 of the RL step (train.train_step): one optimizer update per mini-batch
+# ----------------------------------------------------------------------------------------
+
+def updates_per_step(cfg: Config) -> int:
+    mini = cfg.mini_batch_size or cfg.prompts_per_step
+    return cfg.ppo_epochs * (cfg.prompts_per_step // mini)
+
+
+def rollout_mini_batches(b, cfg: Config, dist: Dist) -> list:
+    """This rank's rows cut into --mini-batch-size prompts (over all ranks) per optimizer step,
+    whole groups each (group statistics were computed on the whole batch already)."""
+    if not cfg.mini_batch_size:
+        return [b]
+    rows = cfg.mini_batch_size // dist.world * cfg.group_size
+    return [b.select_rows(slice(i, i + rows)) for i in range(0, len(b.examples), rows)]
+
+
+def update_mini_batch(model, opt, teacher, b, cfg: Config, dist: Dist, step: int,
+                      lam: float, metrics: Metrics, sw) -> dict:
+    """Steps 6-7 for one mini-batch: the loss of each micro-batch, a chunk of positions at a
+    time, backward, then one clipped AdamW step. Every normaliser is the mini-batch's count
+    over all micro-batches and ranks (Norms), so the gradient does not depend on how the
+    mini-batch is split. Returns {loss, grad_norm, skipped}."""
+    T = cfg.temperature
+    norms = global_norms(b, cfg, dist)  # all-reduced once: every micro-batch divides by them
+    if b.distill is not None:  # --distill-agg as one weight per row, from the mini-batch's counts
+        b.distill_w = losses.distill_row_weights(cfg.distill_agg, b, norms)
+    mbs = micro_batches(b, cfg.micro_batch_size)
+    chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
+              for mb in mbs]
+    if cfg.algo == "srpo":  # pass 1 of its entropy-weight normaliser: a whole-batch mean
+        with sw("teacher"):
+            norms.w_mean = srpo_weight_mean(model, teacher, mbs, chunks, cfg, dist)
+
+    # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time. The
+    # gradients of the micro-batches accumulate in .grad; nothing is averaged per micro-batch,
+    # because every loss is already divided by a global count (Norms)
+    loss_sum = 0.0
+    for mb, ch in zip(mbs, chunks):
+        teacher_logits_at = None  # (t0, t1) -> the teacher's (n, t, V) logits of a chunk
+        if cfg.algo in losses.DISTRIBUTION_TEACHER:  # the whole next-token distribution
+            with sw("teacher"):
+                teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask,
+                                                   mb.resp_ids, mb.resp_mask)
+
+        # the student's logits and log-probs of one chunk, and its loss; under activation
+        # checkpointing this runs again in backward, so the (n, t, V) logits are never stored
+        def loss_fn(h_ntH, t0, t1, mb=mb, teacher_logits_at=teacher_logits_at):
+            logits_ntV = lm_head_logits(model, h_ntH)
+            c = mb.positions(t0, t1)
+            logp_nt = grpo.token_logprobs(logits_ntV, c.resp_ids, temperature=T)
+            t_ntV = teacher_logits_at(t0, t1) if teacher_logits_at else None
+            return losses.chunk_loss(cfg, c, logits_ntV, logp_nt, t_ntV, norms, lam)
+
+        with sw("fwd_bwd"):
+            loss_sum += backward_chunked(model, mb, ch, loss_fn, dist.world, metrics)
+    loss = dist.sum(loss_sum).item()  # the same global value on every rank
+
+    # 7. update: clip the global gradient norm (after FSDP has reduced the gradients, so the
+    # norm is the full model's), then AdamW; skipped if the loss or the norm is not finite
+    with sw("optimizer"):
+        grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
+    return dict(loss=loss, grad_norm=grad_norm, skipped=skipped)
+
+
+@torch.no_grad()
+def srpo_weight_mean(model, teacher, mbs: list, chunks: list, cfg: Config,
+                     dist: Dist) -> float:
+    """Pass 1 of SRPO's two-pass normaliser: the mean of exp(-beta H_teacher) over every SDPO
+    token of the batch (all ranks), so the weights have mean 1 over the whole batch (Sec. 3.2).
+    It costs one more teacher forward per micro-batch: the teacher's hidden states are not
+    kept from here to the loss, which would hold them for the whole batch at once."""
+    total, count = 0.0, 0.0
+    for mb, ch in zip(mbs, chunks):
+        teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids,
+                                           mb.resp_mask)
+        for t0, t1 in ch:
+            s, n = losses.srpo_weight_sum(teacher_logits_at(t0, t1), mb.positions(t0, t1),
+                                          srpo_beta=cfg.srpo_beta, temperature=cfg.temperature)
+            total, count = total + s.item(), count + n.item()
+    total, count = dist.sum(total).item(), dist.sum(count).item()
+    return total / count if count else 1.0

@@ -99,8 +99,8 @@ def load_policy(cfg: Config, dist: Dist, name: str):
 
 # the toy warm start: 30% of its prompts carry the answer, so that the same network later
 # acts as a teacher that USES a privileged context (30%, not 20%: measured). Without a context
-# the demonstrations drop 80% of the carries (data.sloppy_solution): with 0.6 the warm start
-# reached 36.0% and RLSD 44.5% after 150 steps; with 0.8, 33.5% and 49.0% (one run each)
+# the demonstrations drop 80% of the carries (data.sloppy_solution); in a trial run 0.6 left
+# the warm start nearer to where RL levels off, so less for RL to fix
 TOY_SLIP = 0.8
 TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
 

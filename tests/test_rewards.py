@@ -29,13 +29,19 @@ def test_reward_plugin_loaded_by_path(tmp_path, monkeypatch):
         "def by_length(response, answer, **row):\n"
         "    return {'score': len(response) / 10, 'acc': response == answer + row['hint']}\n"
         "def plain(response, answer, **_):\n"
-        "    return -1.0\n")
+        "    return -1.0\n"
+        "def broken(response, answer, **_):\n"
+        "    return {'acc': True}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     f = rewards.load_reward("my_rewards:by_length")
     ex = data.Example(prompt="p", answer="ab", hint="c")
     assert rewards.score(f, ["abc", "xyz12"], [ex, ex]) == ([0.3, 0.5], [True, False])
     # a bare float: correct when positive
     assert rewards.score(rewards.load_reward("my_rewards:plain"), ["a"], [ex]) == ([-1.0], [False])
+    # a plug-in that breaks: one message naming it and the row
+    with pytest.raises(data.DataError, match=r"--reward broken failed on d\.jsonl:7: KeyError"):
+        rewards.score(rewards.load_reward("my_rewards:broken"), ["a"],
+                      [data.Example(prompt="p", answer="a", where="d.jsonl:7")])
 
 
 @pytest.mark.parametrize("spec, words", [("nope", "expected one of"),
@@ -61,7 +67,7 @@ def _sleep_then_one(response, answer):  # a worker that hangs for `answer` secon
 
 
 def test_worker_timeout_scores_zero_and_the_pool_recovers(monkeypatch):
-    monkeypatch.setattr(rewards, "MATH_VERIFY_TIMEOUT", 3.0)
+    monkeypatch.setattr(rewards, "MATH_VERIFY_TIMEOUT", 10.0)  # generous on a loaded machine
     f = rewards._MathVerify(workers=2, worker=_sleep_then_one)
     t = time.time()
     # the hung one scores 0; the quick ones, before and after it, are still scored
