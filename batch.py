@@ -22,7 +22,7 @@ import grpo
 import rewards as reward_fns
 from distributed import gathered
 from prompts import Prompts
-from rollout import Rollouts, generate, left_pad, stop_ids
+from rollout import Rollouts, concat_rollouts, generate, left_pad, stop_ids
 
 # The (N, T) fields: cut along T by `positions`; every tensor and list field is cut along N.
 _POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp", "old_logp")
@@ -99,18 +99,26 @@ class Batch:
 
 def sample(model, tok, examples, *, prompts: Prompts, max_new_tokens: int, temperature: float,
            ignore_eos: bool, generation: str, overlong_cache: int, generator,
-           device, top_k: int = 0, top_p: float = 1.0, reward=reward_fns.verifier) -> Batch:
+           device, top_k: int = 0, top_p: float = 1.0, reward=reward_fns.verifier,
+           rows_per_pass: int = 0) -> Batch:
     """Sample one response per row (rows repeat each prompt G times) and reward it.
 
     The reward is `reward(response, answer, **row)` (default: the binary verifier, RLSD Eq. 1),
-    plus DAPO's overlong penalty (Eq. 13) on the response length when `overlong_cache` > 0."""
-    ids, mask = left_pad([prompts.student(tok, e) for e in examples], tok.pad_token_id)
+    plus DAPO's overlong penalty (Eq. 13) on the response length when `overlong_cache` > 0.
+    `rows_per_pass` (--rollout-micro-batch) samples that many rows at a time, so the KV cache
+    holds that many rows, not the whole batch (0: all at once)."""
+    n = rows_per_pass or len(examples)
+    parts = []
     with gathered(model):  # FSDP: unshard once for the whole generation, not per token
-        ro: Rollouts = generate(model, ids.to(device), mask.to(device),
-                                max_new_tokens=max_new_tokens, temperature=temperature,
-                                eos_id=-1 if ignore_eos else stop_ids(model, tok),
-                                pad_id=tok.pad_token_id, generator=generator, mode=generation,
-                                top_k=top_k, top_p=top_p)
+        for i in range(0, len(examples), n):
+            ids, mask = left_pad([prompts.student(tok, e) for e in examples[i:i + n]],
+                                 tok.pad_token_id)
+            parts.append(generate(model, ids.to(device), mask.to(device),
+                                  max_new_tokens=max_new_tokens, temperature=temperature,
+                                  eos_id=-1 if ignore_eos else stop_ids(model, tok),
+                                  pad_id=tok.pad_token_id, generator=generator, mode=generation,
+                                  top_k=top_k, top_p=top_p))
+    ro: Rollouts = concat_rollouts(parts, tok.pad_token_id)
     texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                              skip_special_tokens=True)
     scores, accs = reward_fns.score(reward, texts, examples)

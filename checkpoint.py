@@ -1,7 +1,8 @@
 """Checkpoints that survive being killed at any moment, and load anywhere with from_pretrained.
 
 A checkpoint is a Hugging Face model directory (model.safetensors, config.json, tokenizer
-files) plus what exact resume needs:
+files; with LoRA a PEFT adapter directory instead: adapter_model.safetensors and
+adapter_config.json, the adapters only) plus what exact resume needs:
     trainer_state.pt      step, optimizer state, the rank-0 config, per-rank RNG states
     teacher.safetensors   the teacher's weights when they differ from both the student and the
                           initial model (a synced frozen copy, an EMA)
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
+import lora
 from distributed import full_state_dict, load_full_state_dict
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -33,8 +35,10 @@ def _plain(state_dict: dict, tied: bool) -> dict:
 
 
 def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config, tokenizer,
-                    trainer_state: dict, teacher_state: dict | None = None, keep: int = 3) -> str:
-    """Rank 0 only. Writes atomically, then deletes all but the newest `keep` checkpoints."""
+                    trainer_state: dict, teacher_state: dict | None = None, keep: int = 3,
+                    lora_model=None) -> str:
+    """Rank 0 only. Writes atomically, then deletes all but the newest `keep` checkpoints.
+    With `lora_model` (a PEFT model) the states are its adapters (lora.adapter_state)."""
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
     os.makedirs(out_dir, exist_ok=True)
@@ -42,10 +46,15 @@ def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config,
         if name.startswith("checkpoint-") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     os.makedirs(tmp)
-    tied = bool(getattr(model_config, "tie_word_embeddings", False))
-    save_file(_plain(model_state, tied), os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
-    model_config.save_pretrained(tmp)
+    tied = lora_model is None and bool(getattr(model_config, "tie_word_embeddings", False))
+    if lora_model is None:
+        save_file(_plain(model_state, tied), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        model_config.save_pretrained(tmp)
+    else:  # PeftModel.from_pretrained(base, checkpoint) loads these two files
+        save_file(_plain(model_state, False), os.path.join(tmp, lora.ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        lora.save_adapter_config(lora_model, tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     if teacher_state is not None:
@@ -99,7 +108,9 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
     written before stay intact (the half-written one is a .tmp directory, never picked)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_optimizer_state_dict)
+    adapters = lora.is_lora(model)  # then only the adapters are saved (the base is frozen)
     state = full_state_dict(model, dist)
+    state = lora.adapter_state(state) if adapters else state
     if dist.world > 1:
         optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
@@ -108,12 +119,15 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
     else:
         optim, rngs = opt.state_dict(), [gen.get_state()]
     t_state = full_state_dict(teacher.model, dist) if teacher.has_state else None
+    if t_state is not None and adapters:
+        t_state = lora.adapter_state(t_state)
     if dist.rank == 0:
         try:
             save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
-                                               config=dataclasses.asdict(cfg)))
+                                               config=dataclasses.asdict(cfg)),
+                            lora_model=model if adapters else None)
         except OSError as e:
             free = shutil.disk_usage(cfg.out).free / 2**30 if os.path.isdir(cfg.out) else 0.0
             last = latest_checkpoint(cfg.out)
@@ -124,7 +138,8 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
     dist.barrier()
 
 
-RESUME_KEYS = ("algo", "model", "teacher", "data", "seed", "warm_start_steps")
+RESUME_KEYS = ("algo", "model", "teacher", "data", "seed", "warm_start_steps", "lora_rank",
+               "lora_targets")
 
 
 def check_resumable(saved: dict, cfg) -> None:
@@ -152,9 +167,12 @@ def load_verified(path: str, cfg, need_teacher: bool):
         return value
     state = read("trainer_state.pt", load_trainer_state)
     check_resumable(state.get("config", {}), cfg)
-    model_state = read("model.safetensors",
-                       lambda p: load_file(os.path.join(p, "model.safetensors")))
+    weights = lora.ADAPTER_WEIGHTS if cfg.lora_rank else "model.safetensors"
+    model_state = read(weights, lambda p: load_file(os.path.join(p, weights)))
     t_state = read("teacher.safetensors", load_teacher_state) if need_teacher else None
+    if cfg.lora_rank:  # the files' adapter names -> the model's parameter names
+        model_state = lora.model_state(model_state)
+        t_state = lora.model_state(t_state) if t_state is not None else None
     return state, model_state, t_state
 
 
@@ -175,7 +193,10 @@ def restore(model, opt, teacher, gen, cfg, dist) -> int:
                       flush=True)
     else:
         raise SystemExit(f"--resume: no checkpoint in {cfg.out} loads (all damaged)")
-    load_full_state_dict(model, model_state, dist)
+    try:
+        load_full_state_dict(model, model_state, dist)
+    except ValueError as e:  # a checkpoint of another model shape or LoRA layout
+        raise SystemExit(f"--resume: {path} does not fit this model: {e}") from None
     if dist.world > 1:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)

@@ -19,8 +19,10 @@ import torch
 
 import data
 import losses
+import presets
 import prompts
 import rewards
+from lora import LORA_TARGETS
 from rollout import GENERATION_MODES
 from teachers import TEACHER_MODES
 
@@ -30,6 +32,7 @@ ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "opd", "opsd", "sdpo", "srpo", "ptdpo
 @dataclass
 class Config:
     # --- what to train, on what
+    preset: str = ""                  # a paper's recipe from recipes/ (--list-presets); any flag overrides it
     algo: str = "rlsd"                # sft grpo dr_grpo dapo opd opsd sdpo srpo ptdpo rlsd
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
     teacher: str = ""                 # OPD's external teacher: 'toy' or a directory / hub id
@@ -59,6 +62,7 @@ class Config:
     rollout_top_k: int = 0            # sample from the k likeliest tokens (0 = all); not --top-k
     ignore_eos: bool = False          # benchmarks: always generate max_new_tokens tokens
     generation: str = "dynamic"       # KV cache: dynamic | static | compiled (CUDA, one process)
+    rollout_micro_batch: int = 0      # rows sampled together per process (0 = all): bounds the rollout's KV cache
     max_prompt_tokens: int = 0        # longest student prompt allowed (0 = no limit)
     long_prompts: str = "fail"        # a prompt over the limit: 'fail' (name the row) or 'skip' (count)
     # --- optimisation
@@ -73,6 +77,11 @@ class Config:
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (less memory, ~1/3 more compute)
     logit_chunk: int = 0              # positions per LM-head chunk: 0 auto (16M logits CPU, 128M GPU), -1 all
     dtype: str = "float32"            # compute dtype: float32 | bfloat16 (master weights stay float32)
+    # --- LoRA (lora.py; pip install -e '.[lora]')
+    lora_rank: int = 0                # adapter rank r; 0 = full fine-tuning. Only the adapters are trained and saved
+    lora_alpha: float = 0.0           # adapter scale alpha (the update is alpha / r * B A); 0 = 2 * rank
+    lora_dropout: float = 0.0         # dropout on the adapters' input
+    lora_targets: str = LORA_TARGETS  # comma-separated linear layers to adapt
     # --- the policy-gradient loss (GRPO family; RLSD, OPD, SRPO and PTD-PO use it too)
     adv_scale: str = "group"          # advantages: 'group' (r - mean) / std (GRPO) or 'none' r - mean (Dr. GRPO)
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo.aggregate)
@@ -117,6 +126,8 @@ class Config:
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 1300      # toy: SFT steps of the cached warm start
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
+    dry_run: bool = False             # build the model on the meta device, print its size and memory per GPU, check --data, exit
+    gpus: int = 0                     # --dry-run: GPUs to estimate for (0 = the preset's, else this run's processes)
 
 
 # Paper settings per algorithm (see the spec notes and each module's docstring).
@@ -246,16 +257,29 @@ def parse_config(argv=None) -> Config:
         kw = dict(choices=ALGOS) if f.name == "algo" else {}
         g.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS,
                        help=f"{text} (default: {f.default!r})", **kw)
+    p.add_argument("--list-presets", action="store_true", default=argparse.SUPPRESS,
+                   help="print the recipes in recipes/ (model, data, GPUs) and exit")
     given = vars(p.parse_args(argv))
+    if given.pop("list_presets", False):
+        print(presets.listing(DEFAULTS))
+        raise SystemExit(0)
     return resolve_config(given)
 
 
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
 def resolve_config(given: dict) -> Config:
-    algo = given.get("algo", Config.algo)
+    """The layers, each overriding the one before: the algorithm's paper defaults, the toy's
+    scale (on the toy model), the --preset recipe, then the command line."""
+    preset = presets.load(given["preset"], DEFAULTS)[1] if given.get("preset") else {}
+    chosen = {**preset, **given}
+    algo, model = chosen.get("algo", Config.algo), chosen.get("model", Config.model)
     values = dict(PAPER_DEFAULTS[algo])
-    if given.get("model", Config.model) == "toy":
+    if model == "toy":
         values.update(TOY_DEFAULTS, **TOY_ALGO_DEFAULTS.get(algo, {}))
-    if "toy" in (given.get("data", Config.data), given.get("model", Config.model)):
+    values.update(preset)
+    if "toy" in (chosen.get("data", Config.data), model):
         # the toy task's own prompts, and the toy model's 256-token context: the compact
         # template, and the plain verifier (no <answer> tags to score)
         values["student_template"] = ""
@@ -265,7 +289,7 @@ def resolve_config(given: dict) -> Config:
     cfg = Config(**values)
     if not cfg.out:
         cfg.out = os.path.join("runs", cfg.algo)
-    check_config(cfg, given)
+    check_config(cfg, chosen)
     return cfg
 
 
@@ -319,7 +343,8 @@ def check_config(cfg: Config, given: dict = ()):
         "save_every": (0, None, False), "keep_checkpoints": (1, None, False),
         "eval_every": (0, None, False), "eval_n": (1, None, False), "log_every": (1, None, False),
         "max_skips": (1, None, False), "warm_start_steps": (1, None, False),
-        "max_teacher_prompt_tokens": (0, None, False),
+        "max_teacher_prompt_tokens": (0, None, False), "lora_rank": (0, None, False), "rollout_micro_batch": (0, None, False),
+        "lora_alpha": (0.0, None, False), "lora_dropout": (0.0, 1.0, False), "gpus": (0, None, False),
     }
     for name, (lo, hi, strict) in ranges.items():
         v = getattr(cfg, name)
@@ -330,7 +355,17 @@ def check_config(cfg: Config, given: dict = ()):
             bad(f"--{name.replace('_', '-')} must be {span}, got {v}{hint}")
     if cfg.dtype not in ("float32", "bfloat16"):
         bad(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    check_paths(cfg, bad)
+    if cfg.preset and not cfg.dry_run:
+        about = presets.load(cfg.preset, DEFAULTS)[0]
+        if cfg.model != "toy" and about.get("needs") == "vlm":
+            bad(f"--preset {cfg.preset} trains a vision-language model, and training with images "
+                f"is not built yet (README, Recipes); --dry-run checks it, --model toy runs its "
+                f"options on the text toy")
+        if cfg.model != "toy" and cfg.data == "toy":
+            bad(f"--preset {cfg.preset} trains {cfg.model} on {about.get('data', 'its dataset')}: "
+                f"give --data FILE (README, Recipes), or --model toy to try the recipe here")
+    if not cfg.dry_run:
+        check_paths(cfg, bad)
     rewards.load_reward(cfg.reward)  # a bad name or module:function path fails now
     prompts.prompts_for(cfg)  # chat-template options that are not JSON objects fail now
     if cfg.student_template:

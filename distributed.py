@@ -95,11 +95,19 @@ def full_state_dict(model, dist: Dist) -> dict:
 
 
 def load_full_state_dict(model, state: dict, dist: Dist):
+    """Load a full state dict into a (sharded) model. Keys may be missing (a tied lm_head, the
+    frozen base of a LoRA model), never unknown: a name that matches no parameter is an error,
+    not a silent no-op."""
     if dist.world == 1:
-        model.load_state_dict(state, strict=False)  # tied lm_head is absent from checkpoints
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        result = model.load_state_dict(state, strict=False)
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict)
+        result = set_model_state_dict(model, state, options=StateDictOptions(
+            full_state_dict=True, strict=False))
+    if result.unexpected_keys:
+        raise ValueError(f"{len(result.unexpected_keys)} saved tensors match no parameter of "
+                         f"the model, e.g. {result.unexpected_keys[0]}")
 
 
 def autocast(dtype_name: str, dist: Dist):

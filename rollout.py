@@ -14,12 +14,14 @@ response ids. Teachers therefore score exactly the tokens the student sampled
 import os
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
+import lora
 
 TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
 # the toy chat template: the user text, a newline, and ':' as the generation prompt
@@ -67,7 +69,8 @@ def checkpoint_layers(model):
 
 
 def load_model(path: str, *, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from a local HF directory or a hub id, the same code path for both."""
+    """(model, tokenizer) from a local HF directory or a hub id, the same code path for both.
+    A LoRA checkpoint (a PEFT adapter directory) loads as its base with the adapters merged."""
     if os.path.isdir(path) and not any(
             os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{path}: model directory has no tokenizer "
@@ -76,8 +79,11 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # many base models ship without one
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model, tokenizer
+    if os.path.isdir(path) and lora.is_adapter_dir(path):
+        model = lora.load_merged(path, partial(load_model, dtype=dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device), tokenizer
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -117,6 +123,24 @@ class Rollouts:
     resp_ids: torch.Tensor     # (N, T) sampled tokens, <eos> included, then padding
     resp_mask: torch.Tensor    # (N, T) 1 on sampled tokens up to and including <eos>
     truncated: torch.Tensor    # (N,) bool: no <eos> within max_new_tokens
+
+
+def concat_rollouts(parts: list, pad_id: int) -> Rollouts:
+    """Rollouts sampled in several passes as one batch: prompts left-padded and responses
+    right-padded to the widest part. Position ids skip padding, so no row's numbers change."""
+    if len(parts) == 1:
+        return parts[0]
+    Lp = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.resp_ids.shape[1] for p in parts)
+
+    def cat(name, width, value, left):
+        xs = [getattr(p, name) for p in parts]
+        return torch.cat([torch.nn.functional.pad(
+            x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]), value=value)
+            for x in xs])
+    return Rollouts(cat("prompt_ids", Lp, pad_id, True), cat("prompt_mask", Lp, 0, True),
+                    cat("resp_ids", T, pad_id, False), cat("resp_mask", T, 0, False),
+                    torch.cat([p.truncated for p in parts]))
 
 
 GENERATION_MODES = ("dynamic", "static", "compiled")

@@ -121,7 +121,7 @@ class Teacher:
         self.mode, self.model = mode, model
         self.sync_every = sync_every  # sync: copy the student every N optimizer steps
         self.ema_rate = ema_rate      # ema: the EMA rate; trust: the student's share of the logits
-        if model is not None:
+        if isinstance(model, torch.nn.Module):  # not lora.BaseView: the student's own base
             model.eval().requires_grad_(False)
 
     def logits(self, student, prompt_ids, prompt_mask, resp_ids, resp_mask):

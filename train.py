@@ -40,6 +40,7 @@ from distributed import Dist, Stopwatch, autocast, setup_distributed, shard, tea
 from eval import eval_sets, evaluate
 from prompts import prompts_for
 from rlsd import lambda_schedule
+from lora import BaseView, add_lora, is_lora
 from rollout import checkpoint_layers, load_model
 from rundir import StopSignals, claim_run_dir, start_metrics_log
 from teachers import Teacher, chunked_logits, sampled_token_logprobs
@@ -58,17 +59,21 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
 
     The teacher's own weights (frozen, sync, ema, trust) and the reference are copies of the
     initial student. The reference is never the same object as a teacher that moves (sync,
-    EMA; audit F10): then it gets a copy of its own."""
+    EMA; audit F10): then it gets a copy of its own. With LoRA the initial student is the
+    student with its adapters off (lora.BaseView), so a frozen or trust-region teacher and
+    the reference cost no copy at all."""
     # copies are made BEFORE sharding: each copy is then sharded like the student, so a sync or
     # an EMA update is a parameter-by-parameter operation between identically sharded models
-    own = cfg.teacher_mode in ("frozen", "sync", "ema", "trust")
-    initial = copy.deepcopy(model) if own else None
+    base = BaseView(model) if is_lora(model) else None
+    moving = cfg.teacher_mode in ("sync", "ema")  # teachers whose weights leave theta_0
+    initial = None
+    if cfg.teacher_mode in ("frozen", "trust", "sync", "ema"):
+        initial = copy.deepcopy(model) if (moving or base is None) else base
     ref = None
     if cfg.kl_coef > 0:
         # a frozen teacher IS the initial model, so the reference may share its weights; a
         # sync or EMA teacher moves away from it, and the KL must stay anchored at theta_0
-        moving = cfg.teacher_mode in ("sync", "ema")
-        ref = initial if (initial is not None and not moving) else copy.deepcopy(model)
+        ref = base or (initial if (initial is not None and not moving) else copy.deepcopy(model))
     if cfg.teacher_mode == "external":
         name = cfg.teacher
         if name == "toy":  # a stronger toy teacher: the same SFT, three times longer
@@ -79,7 +84,8 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
                              f"the student has {len(tok)}; OPD needs a shared tokenizer")
     # bf16 compute, float32 master weights (FSDP's mixed precision; autocast in one process)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    for m in {id(x): x for x in (model, initial, ref) if x is not None}.values():  # each once
+    modules = [x for x in (model, initial, ref) if isinstance(x, torch.nn.Module)]
+    for m in {id(x): x for x in modules}.values():  # each once
         shard(m, dist, dtype)
     teacher = Teacher(cfg.teacher_mode, initial, sync_every=cfg.teacher_sync,
                       ema_rate=cfg.teacher_ema)
@@ -110,7 +116,7 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                      max_new_tokens=cfg.max_new_tokens, temperature=T, ignore_eos=cfg.ignore_eos,
                      generation=cfg.generation, overlong_cache=cfg.overlong_cache, generator=gen,
                      device=dist.device, top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p,
-                     reward=reward)
+                     reward=reward, rows_per_pass=cfg.rollout_micro_batch)
     with sw("rollout"):
         # our own KV-cache loop, exactly softmax(z / T) over the full vocabulary with our own
         # generator, so a run is reproducible and resumable to the bit on CPU
@@ -257,9 +263,14 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
 
     if cfg.gradient_checkpointing:  # before the teachers copy it: they run without grad anyway
         checkpoint_layers(model)
+    if cfg.lora_rank:  # adapters on the loaded weights; a resumed run loads its own below
+        model = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                         dropout=cfg.lora_dropout, targets=cfg.lora_targets)
     teacher, ref = teacher_and_reference(cfg, model, tok, dist)  # shards the student too
-    # AdamW over the (sharded) student only: teachers and the reference are never optimised
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # AdamW over the (sharded) student's trainable weights only (with LoRA: the adapters):
+    # teachers and the reference are never optimised
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     # one sampling stream per rank (1_000_003 is a prime: ranks and seeds never share one)
     gen = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank)
     # resume restores everything that is not a function of (seed, step): weights, AdamW's
@@ -351,7 +362,7 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
     ck = ckpt.latest_checkpoint(cfg.out)
     if main_rank and not label and ck:
         print(f"outputs in {cfg.out}: metrics.jsonl (one line per step), config.json, {ck} (a "
-              f"Hugging Face model directory).\nnext: python eval.py {ck}   |   python eval.py "
+              f"{'PEFT adapter' if is_lora(model) else 'Hugging Face model'} directory).\nnext: python eval.py {ck}   |   python eval.py "
               f"--compare {cfg.out} OTHER_RUN --plot cmp.png", flush=True)
     return {"before": first, "after": last}
 
@@ -360,6 +371,13 @@ def main(argv=None):
     # every flag is checked here, before anything is loaded: a typo costs a second, not the
     # minutes of a warm start followed by a traceback
     cfg = parse_config(argv)
+    if cfg.dry_run:  # the model's size and memory per GPU from its config.json alone
+        import dryrun
+        try:
+            return dryrun.main(cfg)
+        except (data.DataError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
     dist = setup_distributed()  # one process under python, one per GPU (or core) under torchrun
     for flag in ("prompts_per_step", "mini_batch_size"):  # every rank runs the same passes
         if getattr(cfg, flag) % dist.world:

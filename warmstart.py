@@ -46,7 +46,8 @@ def warm_start_key(sft: Config) -> str:
     import transformers
     settings = {k: v for k, v in dataclasses.asdict(sft).items()  # those that change weights
                 if k not in ("out", "cache_dir", "eval_n", "eval_data", "eval_every", "log_every",
-                             "overwrite", "save_every", "keep_checkpoints")}
+                             "overwrite", "save_every", "keep_checkpoints", "dry_run",
+                             "gpus", "preset")}
     parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
              torch.__version__, transformers.__version__, data.TOY_CHARS, repr(TOY_TEMPLATES),
              repr(TOY_SFT_MIX), repr(TOY_SLIP), repr(data.MAX_OPERAND)]

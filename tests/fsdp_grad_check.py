@@ -1,6 +1,7 @@
 """Run by test_train.py under `torchrun --nproc_per_node=2`: the chunked LM-head loss under
-FSDP2 (with --gradient-checkpointing: and each decoder layer recomputed in backward) must give
-the same gradient as the full-logits loss in one process."""
+FSDP2 (with --gradient-checkpointing: and each decoder layer recomputed in backward; with
+--lora: LoRA adapters, the only weights with a gradient) must give the same gradient as the
+full-logits loss in one process."""
 import copy
 import os
 import sys
@@ -18,10 +19,17 @@ dist.init_process_group("gloo")
 ctx = Dist(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
 tok = build_toy_tokenizer()
 model = build_toy_model(tok, seed=0)
+if "--lora" in sys.argv:
+    from lora import LORA_TARGETS, add_lora
+    model = add_lora(model, rank=4, alpha=8, dropout=0.0, targets=LORA_TARGETS)
+    with torch.no_grad():  # B = 0 at init would hide a wrong gradient of A
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
 reference = copy.deepcopy(model)
 checkpointing = "--gradient-checkpointing" in sys.argv
 calls = []  # forward calls inside the first decoder layer: 2 per step when it is recomputed
-model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+model.get_decoder().layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
 if checkpointing:
     checkpoint_layers(model)
     model.train()
@@ -47,12 +55,15 @@ def nll(h_chunk, t0, t1):
 loss = sum(torch.utils.checkpoint.checkpoint(nll, h[:, t0:t0 + 3], t0, min(t0 + 3, 7),
                                              use_reentrant=False) for t0 in range(0, 7, 3))
 (loss * ctx.world).backward()
-grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
 
 logits = response_logits(reference, prompt, pmask, resp, rmask)
 grpo.aggregate(-grpo.token_logprobs(logits, resp), rmask, normalizer=norm).backward()
 for n, p in reference.named_parameters():
-    torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    if p.requires_grad:
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    else:
+        assert p.grad is None, n
 assert len(calls) == (2 if checkpointing else 1), calls
 print(f"rank {ctx.rank}: {len(grads)} gradients match", flush=True)
 dist.destroy_process_group()

@@ -138,7 +138,8 @@ def test_bad_configs_fail_before_training(tmp_path, cache):
 # synced, EMA, frozen teachers; the static KV cache under FSDP2 once
 @pytest.mark.parametrize("algo,generation,extra", [
     ("rlsd", "dynamic", []), ("sdpo", "dynamic", []),
-    ("ptdpo", "static", ["--mini-batch-size", "2"])])  # two updates per batch, 1 prompt per rank
+    ("ptdpo", "static", ["--mini-batch-size", "2"]),  # two updates per batch, 1 prompt per rank
+    ("opsd", "dynamic", ["--lora-rank", "4"])])  # FSDP2 + LoRA, the teacher is the adapters-off base
 def test_torchrun_two_processes(tmp_path, cache, algo, generation, extra):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -152,20 +153,22 @@ def test_torchrun_two_processes(tmp_path, cache, algo, generation, extra):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))
+    weights = "adapter_model.safetensors" if "--lora-rank" in extra else "model.safetensors"
+    assert os.path.exists(os.path.join(out, "checkpoint-000002", weights))
 
 
-@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]])
-def test_chunked_lm_head_gradient_under_fsdp_matches_one_process(extra):
+@pytest.mark.parametrize("extra,n", [([], 35), (["--gradient-checkpointing"], 35),
+                                     (["--lora", "--gradient-checkpointing"], 42)])
+def test_chunked_lm_head_gradient_under_fsdp_matches_one_process(extra, n):
     """The LM head applied per chunk of positions outside the model's forward, under FSDP2
-    with 2 processes (and with every decoder layer recomputed in backward), gives the
-    single-process full-logits gradient for every parameter."""
+    with 2 processes (and with every decoder layer recomputed in backward; with LoRA: its 42
+    adapter matrices), gives the single-process full-logits gradient for every parameter."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "fsdp_grad_check.py"), *extra]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "rank 0: 35 gradients match" in res.stdout and "rank 1: 35 gradients match" in res.stdout
+    assert f"rank 0: {n} gradients match" in res.stdout and f"rank 1: {n} gradients match" in res.stdout
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rlsd", "srpo", "ptdpo", "opsd"])
