@@ -132,3 +132,25 @@ def test_top_k_one_is_greedy():
     top1 = generate(model, ids, mask, max_new_tokens=20, temperature=1.0, eos_id=TOK.eos_token_id,
                     pad_id=TOK.pad_token_id, generator=torch.Generator().manual_seed(0), top_k=1)
     assert torch.equal(greedy.resp_ids, top1.resp_ids)
+
+
+def test_sampling_in_passes_is_sampling_all_at_once():
+    """--rollout-micro-batch: rows sampled two at a time and concatenated (prompts left-padded,
+    responses right-padded to the widest part) are the rows of one greedy batch."""
+    model = build_toy_model(TOK, seed=1).eval()
+
+    def greedy(prompts):
+        ids, mask = left_pad(prompts, TOK.pad_token_id)
+        return generate(model, ids, mask, max_new_tokens=20, temperature=0.0,
+                        eos_id=TOK.eos_token_id, pad_id=TOK.pad_token_id,
+                        generator=torch.Generator().manual_seed(0), mode="dynamic")
+    whole = greedy(PROMPTS)
+    parts = [greedy(PROMPTS[:2]), greedy(PROMPTS[2:])]
+    joined = rollout.concat_rollouts(parts, TOK.pad_token_id)
+    assert joined.prompt_ids.shape == whole.prompt_ids.shape
+    assert torch.equal(joined.prompt_mask, whole.prompt_mask)
+    assert torch.equal(joined.prompt_ids, whole.prompt_ids)
+    assert torch.equal(joined.truncated, whole.truncated)
+    T = whole.resp_ids.shape[1]
+    assert joined.resp_ids.shape[1] == T == max(p.resp_ids.shape[1] for p in parts)
+    assert same_samples(joined, whole)
