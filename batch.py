@@ -51,6 +51,7 @@ class Batch:
     ref_logp: torch.Tensor | None = None       # (N, T) KL-reference log-probs   (step 5)
     old_logp: torch.Tensor | None = None       # (N, T) rollout-policy log-probs (several updates)
     row_tokens: torch.Tensor | None = None     # (N,) loss tokens of each WHOLE row (positions)
+    seq_log_ratio: torch.Tensor | None = None  # (N,) GSPO's log s_i under the current weights
 
     @property
     def mask(self) -> torch.Tensor:

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from progress import Progress
 from rollout import GENERATION_MODES
 
 PHASES = ("rollout", "teacher", "fwd_bwd", "optimizer")
@@ -282,7 +283,13 @@ def main(argv=None):
         for x in algos:
             print(f"{x}: {ops_per_chunk(x):.0f} tensor ops per LM-head chunk (forward, recompute, backward)")
         return
-    results = [run_isolated(a, algo=x) for x in algos]
+    prog = Progress("bench: configurations measured", len(algos))
+    results = []
+    for i, x in enumerate(algos):  # minutes each on CPU: say how far along
+        prog.update(i)
+        results.append(run_isolated(a, algo=x))
+    prog.update(len(algos))
+    prog.close()
     print(table(results))
     by = {r["algo"]: r for r in results}
     if "grpo" in by and "rlsd" in by:
@@ -295,8 +302,12 @@ def main(argv=None):
               f"ours: {ours['step_s']:.3f} s; ours / TRL = {ours['step_s'] / trl['step_s']:.2f} "
               f"(goal <= 0.5)")
     if a.scaling:
-        rows = [run_isolated(a, algo=algos[0], group_size=g, max_new_tokens=64) for g in (4, 8, 16)]
-        rows += [run_isolated(a, algo=algos[0], group_size=8, max_new_tokens=n) for n in (128, 256)]
+        shapes = [(g, 64) for g in (4, 8, 16)] + [(8, n) for n in (128, 256)]
+        prog, rows = Progress("bench: scaling configurations", len(shapes)), []
+        for i, (g, n) in enumerate(shapes):
+            prog.update(i)
+            rows.append(run_isolated(a, algo=algos[0], group_size=g, max_new_tokens=n))
+        prog.close()
         print("\nScaling (" + algos[0] + "):\n" + table(rows))
     r0 = results[0]
     print(f"\n{r0['device']}, {r0['threads']} threads, {r0['params_m']:.1f}M parameters, "

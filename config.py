@@ -22,18 +22,20 @@ import losses
 import presets
 import prompts
 import rewards
+import trackers
 from lora import LORA_TARGETS
 from rollout import GENERATION_MODES
 from teachers import TEACHER_MODES
 
-ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "opd", "opsd", "sdpo", "srpo", "ptdpo", "rlsd")
+ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "opd", "opsd", "sdpo", "srpo",
+         "ptdpo", "rlsd")
 
 
 @dataclass
 class Config:
     # --- what to train, on what
     preset: str = ""                  # a paper's recipe from recipes/ (--list-presets); any flag overrides it
-    algo: str = "rlsd"                # sft grpo dr_grpo dapo opd opsd sdpo srpo ptdpo rlsd
+    algo: str = "rlsd"                # sft grpo dr_grpo dapo gspo rloo opd opsd sdpo srpo ptdpo rlsd
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
     teacher: str = ""                 # OPD's external teacher: 'toy' or a directory / hub id
     data: str = "toy"                 # 'toy' or a .jsonl / .parquet file
@@ -83,7 +85,7 @@ class Config:
     lora_dropout: float = 0.0         # dropout on the adapters' input
     lora_targets: str = LORA_TARGETS  # comma-separated linear layers to adapt
     # --- the policy-gradient loss (GRPO family; RLSD, OPD, SRPO and PTD-PO use it too)
-    adv_scale: str = "group"          # advantages: 'group' (r - mean) / std (GRPO) or 'none' r - mean (Dr. GRPO)
+    adv_scale: str = "group"          # advantages: 'group' (r - mean) / std (GRPO), 'none' r - mean (Dr. GRPO), 'loo' leave-one-out (RLOO)
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo.aggregate)
     clip_low: float = 0.2             # PPO ratio clip below 1 (inert on-policy: one step per batch)
     clip_high: float = 0.28           # PPO ratio clip above 1, DAPO's clip-higher (inert on-policy)
@@ -123,6 +125,7 @@ class Config:
     eval_every: int = 0               # evaluate every N steps (0 = only before and after)
     eval_n: int = 500                 # toy evaluation problems per split
     log_every: int = 1                # console line every N steps (metrics.jsonl gets every step)
+    report_to: str = ""               # also send the metrics to: tensorboard, wandb, trackio (comma-separated; trackers.py)
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 1300      # toy: SFT steps of the cached warm start
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
@@ -146,6 +149,18 @@ PAPER_DEFAULTS = {
     "dapo": dict(max_new_tokens=20480, overlong_cache=4096, context="none", group_size=16,
                  prompts_per_step=512, mini_batch_size=32, dapo_max_gen_batches=10, weight_decay=0.1,
                  lr_warmup_steps=10, dual_clip=10.0, reward="dapo"),
+    # GSPO (Zheng et al. 2025): one ratio per sequence, clipped to [1 - 3e-4, 1 + 4e-4] (its
+    # Sec. 5.1; verl's gspo forces the per-sequence token mean and has no dual clip); the ratio
+    # only acts with several updates per batch: 4 mini-batches per rollout batch, as the
+    # paper's setup splits each batch (as recalled; the spec notes give only the clip range)
+    "gspo": dict(clip_low=3e-4, clip_high=4e-4, dual_clip=0.0, loss_agg="seq-mean-token-mean",
+                 kl_coef=0.0, context="none", mini_batch_size=8),
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, the whole completion one action (a
+    # token sum per sequence; here / the length limit, a constant), k = 4 samples, no clip
+    # in the paper (on-policy the PPO clip never acts). Its KL penalty in the reward is not
+    # implemented: --kl-coef adds the k3 KL to the loss instead
+    "rloo": dict(adv_scale="loo", loss_agg="seq-mean-token-sum-norm", kl_coef=0.0,
+                 clip_high=0.2, context="none", group_size=4),
     # Thinking Machines OPD: external teacher, sampled-token reverse KL as the advantage;
     # 1024 groups of 4 (its lr 1e-4 is LoRA's, not set here)
     "opd": dict(teacher_mode="external", group_size=4, context="none", prompts_per_step=1024),
@@ -192,14 +207,15 @@ TOY_DEFAULTS = dict(prompts_per_step=16, max_new_tokens=40, lr=2e-4, steps=150,
 TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=1300, eval_every=250,
                                  lr_schedule="constant"),
                      "opsd": dict(prompts_per_step=32, max_grad_norm=1.0),
-                     "dapo": dict(dapo_max_gen_batches=3)}
+                     "dapo": dict(dapo_max_gen_batches=3),
+                     "gspo": dict(mini_batch_size=4)}  # 4 updates of 4 prompts: the ratio acts
 
 # Algorithm-specific flags and the algorithms that read them: giving one to another algorithm
 # is a config error, not a silent no-op.
 USED_BY = {
-    "kl_coef": ("grpo", "dr_grpo", "dapo", "opd", "srpo", "ptdpo"),
-    "adv_scale": ("grpo", "dr_grpo", "dapo", "rlsd", "srpo", "ptdpo"),
-    "loss_agg": ("grpo", "dr_grpo", "dapo"),
+    "kl_coef": ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "opd", "srpo", "ptdpo"),
+    "adv_scale": ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "rlsd", "srpo", "ptdpo"),
+    "loss_agg": ("grpo", "dr_grpo", "dapo", "gspo", "rloo"),
     "overlong_cache": ("dapo",), "dapo_max_gen_batches": ("dapo",),
     "lam0": ("rlsd",), "lam_decay": ("rlsd",), "lam_warmup": ("rlsd",), "eps_w": ("rlsd",),
     "beta": ("opsd", "sdpo", "srpo"), "token_clip": ("opsd",), "is_clip": ("sdpo", "srpo"),
@@ -307,14 +323,15 @@ def check_config(cfg: Config, given: dict = ()):
     if cfg.teacher and cfg.teacher_mode != "external":
         bad(f"--teacher is the external teacher; --teacher-mode {cfg.teacher_mode} scores with "
             f"the student's own weights (use --teacher-mode external)")
-    if cfg.algo in ("sdpo", "srpo", "grpo", "dr_grpo", "dapo", "rlsd", "ptdpo") and cfg.group_size < 2:
+    if cfg.algo in ("sdpo", "srpo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "rlsd",
+                    "ptdpo") and cfg.group_size < 2:
         bad(f"--algo {cfg.algo} compares rollouts within a group: --group-size must be >= 2")
     if cfg.teacher_mode not in TEACHER_MODES:
         bad(f"unknown --teacher-mode {cfg.teacher_mode!r}")
     if cfg.context not in ("none", "sibling") + data.CONTEXTS:
         bad(f"unknown --context {cfg.context!r}")
-    if cfg.adv_scale not in ("group", "none"):
-        bad("--adv-scale must be 'group' or 'none'")
+    if cfg.adv_scale not in ("group", "none", "loo"):
+        bad("--adv-scale must be 'group', 'none' or 'loo'")
     if cfg.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         bad(f"unknown --loss-agg {cfg.loss_agg!r}")
     if cfg.mini_batch_size and cfg.prompts_per_step % cfg.mini_batch_size:
@@ -366,6 +383,10 @@ def check_config(cfg: Config, given: dict = ()):
                 f"give --data FILE (README, Recipes), or --model toy to try the recipe here")
     if not cfg.dry_run:
         check_paths(cfg, bad)
+    try:
+        trackers.names(cfg.report_to)
+    except ValueError as e:
+        bad(str(e))
     rewards.load_reward(cfg.reward)  # a bad name or module:function path fails now
     prompts.prompts_for(cfg)  # chat-template options that are not JSON objects fail now
     if cfg.student_template:

@@ -19,9 +19,10 @@ import torch
 
 import data
 import rewards
-from prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, Prompts, prompts_for, templates
 import grpo
 from distributed import gathered
+from progress import Progress
+from prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, Prompts, prompts_for, templates
 from rollout import generate, left_pad, load_model, stop_ids
 from teachers import response_logits
 
@@ -38,12 +39,14 @@ def _sum(dist, x):
 
 @torch.no_grad()
 def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1,
-           generator=None, device="cpu"):
+           generator=None, device="cpu", progress: Progress | None = None):
     """k responses per example (temperature 0: greedy); `encode(example)` gives the prompt
     ids. Returns (texts, rollouts per batch)."""
     texts, stats = [], []
     rows = [e for e in examples for _ in range(k)]
     for i in range(0, len(rows), BATCH):
+        if progress is not None:
+            progress.update(i)
         chunk = rows[i:i + BATCH]
         ids, mask = left_pad([encode(e) for e in chunk], tok.pad_token_id)
         ro = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
@@ -53,6 +56,8 @@ def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1
         texts += tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                                   skip_special_tokens=True)
         stats.append(ro)
+    if progress is not None:
+        progress.close()
     return texts, stats
 
 
@@ -60,8 +65,11 @@ def accuracy(model, tok, examples, encode, cfg, dist=None) -> float:
     """Greedy pass@1 over `examples`, sharded over ranks and all-reduced."""
     mine = _shard(examples, dist)
     device = dist.device if dist is not None else "cpu"
+    # a line on a terminal only: training logs stay one line per step
+    quiet = (dist is not None and dist.rank != 0) or not sys.stderr.isatty()
     texts, _ = sample(model, tok, mine, encode, max_new_tokens=cfg.max_new_tokens,
-                      device=device) if mine else ([], [])
+                      device=device, progress=Progress("evaluating", len(mine), quiet=quiet)
+                      ) if mine else ([], [])
     correct = sum(rewards.accuracy(cfg.reward, texts, mine))
     return _sum(dist, correct) / max(_sum(dist, len(mine)), 1.0)
 
@@ -94,13 +102,15 @@ def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperatu
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     encode = partial(prompts.student, tok)
-    greedy, g_ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens)
+    greedy, g_ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens,
+                          progress=Progress(f"{path}: greedy", len(examples)))
     res = {"n": len(examples),
            "pass@1_greedy": sum(rewards.accuracy(reward, greedy, examples)) / len(examples)}
     texts, ro = greedy, g_ro
     if k > 1 or temperature > 0:
         texts, ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens,
-                           temperature=temperature or 1.0, k=k, generator=gen)
+                           temperature=temperature or 1.0, k=k, generator=gen,
+                           progress=Progress(f"{path}: {k} samples each", k * len(examples)))
         acc = rewards.accuracy(reward, texts, [e for e in examples for _ in range(k)])
         correct = [sum(acc[i * k:(i + 1) * k]) for i in range(len(examples))]
         res[f"avg@{k}"] = sum(correct) / (k * len(examples))

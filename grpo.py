@@ -11,6 +11,11 @@ Papers
   DAPO     Yu et al., arXiv:2503.14476v2. Asymmetric "clip-higher" (0.2 / 0.28, Eq. 10),
            global token-mean (Eq. 12), overlong reward shaping (Eq. 13).
   Dual-clip PPO: Ye et al., arXiv:1912.09729v3, Eq. 5 (caps the loss of A<0 tokens).
+  RLOO     Ahmadian et al., "Back to Basics", arXiv:2402.14740v2 (Kool et al. 2019):
+           A_i = r_i - mean of the other G - 1 rewards of the group (Eq. 5).
+  GSPO     Zheng et al., "Group Sequence Policy Optimization", arXiv:2507.18071v2: one
+           length-normalised ratio per sequence, s_i = (pi/pi_old)(y_i)^(1/|y_i|) (Eq. 7),
+           clipped to [1 - 3e-4, 1 + 4e-4]; here in its GSPO-token form (Eq. 13).
 
 Objective (one token y_t of rollout i, rho = pi_theta / pi_old):
     l_t = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high))        PPO / DAPO
@@ -38,17 +43,34 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
     scale="group": A = (r - mean) / (std + eps)       GRPO (DeepSeekMath Eq. 3 / Sec. 4.1.2)
     scale="none":  A = r - mean                        Dr. GRPO (Liu et al. Sec. 3.1)
+    scale="loo":   A = r - mean of the others          RLOO (`rloo_advantages`)
     A group whose rewards are all equal gets exactly 0: it carries no learning signal, and
     float rounding in `r - mean` must not invent one.
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if scale == "loo":
+        return rloo_advantages(rewards, group_size)
     if scale not in ("group", "none"):
-        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+        raise ValueError(f"scale must be 'group', 'none' or 'loo', got {scale!r}")
     r_PG = rewards.float().view(-1, group_size)
     adv_PG = r_PG - r_PG.mean(dim=1, keepdim=True)
     if scale == "group" and group_size > 1:
         adv_PG = adv_PG / (r_PG.std(dim=1, keepdim=True) + eps)  # Bessel std, as verl/TRL
+    constant = (r_PG == r_PG[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(adv_PG), adv_PG).view(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) rewards -> (N,) REINFORCE leave-one-out advantages: each response's reward minus
+    the mean of the OTHER G - 1 rewards of its group (Kool et al. 2019; RLOO, Ahmadian et
+    al., arXiv:2402.14740v2, Eq. 5). It equals G / (G - 1) (r - mean): Dr. GRPO's advantage,
+    rescaled, so a group's advantages sum to zero and a flat group gets exactly 0."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 rollouts per prompt (a leave-one-out baseline)")
+    r_PG = rewards.float().view(-1, group_size)
+    baseline = (r_PG.sum(dim=1, keepdim=True) - r_PG) / (group_size - 1)
+    adv_PG = r_PG - baseline
     constant = (r_PG == r_PG[:, :1]).all(dim=1, keepdim=True)
     return torch.where(constant, torch.zeros_like(adv_PG), adv_PG).view(-1)
 
@@ -99,6 +121,23 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, *
             "ratio_mean": (torch.where(m > 0, ratio, 0.0)).sum() / n,
         }
     return loss, metrics
+
+
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """(N,T) -> (N,): GSPO's log s_i = (1/|y_i|) sum_t log(pi_theta / pi_old)(y_t), the log
+    of the length-normalised sequence ratio (Zheng et al., arXiv:2507.18071v2, Eq. 7)."""
+    m = mask.to(logp.dtype)
+    return ((logp - old_logp.detach()) * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def gspo_token_logp(logp: torch.Tensor, seq_log_ratio: torch.Tensor) -> torch.Tensor:
+    """(N,T) log-probs -> the (N,T) "log-ratio" of GSPO-token (Eq. 13), to hand to
+    `policy_loss` with old_logp = 0: its value is the sequence's sg[log s_i] at every token,
+    its gradient each token's own grad log pi(y_t). With one advantage per sequence and the
+    per-sequence token mean this is GSPO's gradient exactly, and the sequence ratio can be
+    computed once (no grad) while the loss runs a chunk of positions at a time."""
+    return seq_log_ratio.detach()[:, None] + logp - logp.detach()
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ row choice in `distilled_rows`:
   grpo      -                       -             -                               surrogate + k3 KL 0.04, seq-mean
   dr_grpo   -                       -             -                               surrogate, sum / (rows x max len)
   dapo      -                       -             -                               surrogate, token-mean
+  gspo      -                       -             -                               surrogate of the sequence ratio, seq-mean
+  rloo      -                       -             -                               leave-one-out A, sum / (rows x max len)
   rlsd      initial, synced / 10    answer        - (every token reweighted)      surrogate with RLSD token advantages
   opd       external model          none          -                               surrogate with A_t = log pT - log pS
   opsd      frozen initial          solution      rows with a solution            forward KL, pointwise clip 0.05
@@ -61,7 +63,7 @@ import distill
 import grpo
 from rlsd import rlsd_loss
 
-GRPO_FAMILY = ("grpo", "dr_grpo", "dapo")
+GRPO_FAMILY = ("grpo", "dr_grpo", "dapo", "gspo", "rloo")
 SAMPLED_TOKEN_TEACHER = ("rlsd", "opd")                     # Batch.teacher_logp, (N, T)
 DISTRIBUTION_TEACHER = ("opsd", "sdpo", "srpo", "ptdpo")    # teacher logits per chunk
 
@@ -140,10 +142,10 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
     old = c.old_logp if c.old_logp is not None else logp.detach()
     dual_clip = cfg.dual_clip if cfg.dual_clip > 0 else None  # <= 0: no dual clip
 
-    def surrogate(adv, with_kl=True):
+    def surrogate(adv, with_kl=True, ratio_logp=logp, ratio_old=old):
         """The PPO/DAPO clipped surrogate per token against the old policy `old`, plus the k3
         KL to the initial model when --kl-coef > 0 (and `with_kl`)."""
-        per_tok, means = grpo.policy_loss(logp, old, adv, clip_low=cfg.clip_low,
+        per_tok, means = grpo.policy_loss(ratio_logp, ratio_old, adv, clip_low=cfg.clip_low,
                                           clip_high=cfg.clip_high, dual_clip=dual_clip, mask=mask)
         stats.update(_as_stats(means, mask))
         if cfg.kl_coef > 0 and with_kl:
@@ -155,8 +157,16 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
     if cfg.algo in GRPO_FAMILY:  # differ only in advantage scale, aggregation, clip, KL
         normalizer = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
                       "seq-mean-token-sum-norm": norms.rows_x_len}[cfg.loss_agg]
-        loss = grpo.aggregate(surrogate(c.adv), mask, mode=cfg.loss_agg, normalizer=normalizer,
-                              row_tokens=c.row_tokens)
+        ratio = {}
+        if cfg.algo == "gspo":  # each token carries its sequence's ratio sg[s_i] (GSPO-token):
+            # log s_i of the whole row, computed before the loss (update.gspo_sequence_ratios;
+            # 0 with one update per batch, where s_i = 1)
+            log_s = (c.seq_log_ratio if c.seq_log_ratio is not None
+                     else torch.zeros(logp.shape[0], device=logp.device))
+            ratio = dict(ratio_logp=grpo.gspo_token_logp(logp, log_s),
+                         ratio_old=torch.zeros_like(logp))
+        loss = grpo.aggregate(surrogate(c.adv, **ratio), mask, mode=cfg.loss_agg,
+                              normalizer=normalizer, row_tokens=c.row_tokens)
 
     elif cfg.algo == "rlsd":  # the GRPO surrogate with A_t = A * ((1-lam) + lam * clip(w_t))
         loss, means = rlsd_loss(logp, old, c.adv, c.teacher_logp, mask, lam=lam,

@@ -57,9 +57,9 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     The same forward as `response_logits`, but a forward pre-hook on the LM head takes its
     input (the last T + 1 normed hidden states) and hands the head an empty slice instead, so
     a 150k-token vocabulary never becomes an (N, T, V) tensor. Callers apply `lm_head_logits`
-    a chunk of positions at a time. This is exact for causal LMs whose logits are plain
-    lm_head(hidden) (Qwen, Llama, Mistral...); models that post-process their logits
-    (soft-capping, a logit scale) are not supported.
+    a chunk of positions at a time. The head's input is taken, so a scale applied to the
+    hidden states before the head is included; what a family applies after it is redone by
+    `lm_head_logits` (`check_logits` refuses a model where that does not match).
     """
     captured = {}
 
@@ -75,10 +75,50 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     return captured["h"][:, :-1]
 
 
+# What a family does to its logits after the LM head, read from its config (the text config
+# of a vision-language model), in the order the transformers models apply it
+def _postprocess(config, z: torch.Tensor) -> torch.Tensor:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)  # Cohere, Cohere2: z * scale
+    if scale is not None:
+        z = z * scale
+    divisor = getattr(text, "logits_scaling", None)  # Granite: z / logits_scaling
+    if divisor is not None:
+        z = z / divisor
+    cap = getattr(text, "final_logit_softcapping", None)  # Gemma 2 / 3: cap tanh(z / cap)
+    if cap is not None:
+        z = torch.tanh(z / cap) * cap
+    return z
+
+
 def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's LM head on some hidden states: (..., H) -> (..., V)."""
+    """The model's logits for some final hidden states: (..., H) -> (..., V). The LM head (with
+    its bias, if any), then the family's own post-processing (`_postprocess`): a logit scale
+    (Cohere), a divisor (Granite), soft-capping (Gemma 2 / 3), exactly as its forward does."""
     head = model.get_output_embeddings()
-    return torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None))
+    z = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None))
+    return _postprocess(model.config, z)
+
+
+@torch.no_grad()
+def check_logits(model, name: str):
+    """Refuse a model whose forward computes logits some other way than `lm_head_logits` (a
+    post-processing this project does not apply): one forward of a few tokens, the full
+    logits against the chunked path's. Otherwise sampling (full logits) and the losses,
+    entropies and log-probs (chunked) would silently disagree."""
+    V = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    device = model.get_output_embeddings().weight.device
+    prompt = torch.randint(0, V, (1, 3), generator=g).to(device)
+    resp = torch.randint(0, V, (1, 3), generator=g).to(device)
+    ones = torch.ones_like(prompt)
+    full = response_logits(model, prompt, ones, resp, ones).float()
+    ours = chunked_logits(model, prompt, ones, resp, ones)(0, 3).float()
+    err = (full - ours).abs().max().item()
+    if err > 1e-3 * max(1.0, full.abs().max().item()):
+        raise SystemExit(f"{name}: its logits differ from lm_head(hidden states) by up to "
+                         f"{err:.3g} ({type(model).__name__} post-processes them in a way this "
+                         f"project does not apply); its losses would not match its samples")
 
 
 @torch.no_grad()

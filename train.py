@@ -39,11 +39,12 @@ from config import Config, parse_config
 from distributed import Dist, Stopwatch, autocast, setup_distributed, shard, teardown
 from eval import eval_sets, evaluate
 from prompts import prompts_for
-from rlsd import lambda_schedule
 from lora import BaseView, add_lora, is_lora
+from rlsd import lambda_schedule
 from rollout import checkpoint_layers, load_model
 from rundir import StopSignals, claim_run_dir, start_metrics_log
-from teachers import Teacher, chunked_logits, sampled_token_logprobs
+from teachers import Teacher, check_logits, chunked_logits, sampled_token_logprobs
+from trackers import Trackers
 from update import (Metrics, column_chunks, micro_batches, rollout_mini_batches,
                     update_mini_batch, updates_per_step)
 from warmstart import load_policy, sft_batch, sft_step, toy_checkpoint
@@ -79,6 +80,7 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
         if name == "toy":  # a stronger toy teacher: the same SFT, three times longer
             name = toy_checkpoint(cfg, dist, steps=3 * cfg.warm_start_steps, name="teacher")
         initial, t_tok = load_model(name, device=dist.device)
+        check_logits(initial, f"--teacher {cfg.teacher}")
         if len(t_tok) != len(tok):
             raise SystemExit(f"--teacher {cfg.teacher}: vocabulary of {len(t_tok)} tokens, "
                              f"the student has {len(tok)}; OPD needs a shared tokenizer")
@@ -230,14 +232,18 @@ def train(cfg: Config, dist: Dist, label: str = "") -> dict:
     """Set up and run the loop; `label` prefixes the console lines (the warm start's)."""
     run_lock = claim_run_dir(cfg) if dist.rank == 0 else None  # refuse to clobber or share --out
     dist.barrier()
+    # --report-to: TensorBoard / W&B / Trackio get what metrics.jsonl gets (rank 0 only)
+    tracker = Trackers(cfg) if dist.rank == 0 and cfg.report_to else None
     try:
-        return _train(cfg, dist, label)
+        return _train(cfg, dist, label, tracker)
     finally:
+        if tracker is not None:
+            tracker.close()
         if run_lock is not None:
             run_lock.close()  # releases the lock (a dead process releases it too)
 
 
-def _train(cfg: Config, dist: Dist, label: str) -> dict:
+def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
     torch.manual_seed(cfg.seed)
     main_rank = dist.rank == 0
     columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}  # --prompt-key etc.
@@ -251,6 +257,7 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
     sets = eval_sets(cfg, columns)  # loaded now: a bad eval file fails before any training
     model, tok = load_policy(cfg, dist, cfg.model)
+    check_logits(model, f"--model {cfg.model}")  # losses and samples see the same logits
     # prompts longer than the model can answer fail here (naming the row), not after minutes
     # of training with a traceback about a 30 GB allocation
     limit = prompt_limit(cfg, model)
@@ -292,6 +299,8 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
         if main_rank:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if tracker is not None:
+                tracker.log(record)
 
     def show(when, values):
         if main_rank:
@@ -367,6 +376,21 @@ def _train(cfg: Config, dist: Dist, label: str) -> dict:
     return {"before": first, "after": last}
 
 
+def overview(cfg: Config) -> str:
+    """What `python train.py` on the toy is about to do, and for how long, before the minutes
+    of the warm start begin."""
+    from warmstart import warm_start_path
+    cached = os.path.exists(warm_start_path(cfg, steps=cfg.warm_start_steps, name="student"))
+    warm = ("the cached warm start" if cached else
+            f"first the one-time warm start (supervised fine-tuning, about "
+            f"{cfg.warm_start_steps * 0.25 / 60:.0f} minutes on 2 CPU cores, then cached)")
+    evals = (f", evaluated greedily on {cfg.eval_n} test problems every {cfg.eval_every} steps"
+             if cfg.eval_data and cfg.eval_every else "")
+    return (f"--algo {cfg.algo} on the embedded toy task (arithmetic with carries, a "
+            f"~0.3M-parameter Qwen3): {warm}, then {cfg.steps} RL steps (about 1 s each on 2 "
+            f"CPU cores){evals}. Outputs: {cfg.out}/.")
+
+
 def main(argv=None):
     # every flag is checked here, before anything is loaded: a typo costs a second, not the
     # minutes of a warm start followed by a traceback
@@ -386,6 +410,8 @@ def main(argv=None):
     if cfg.generation == "compiled" and dist.world > 1:  # FSDP hooks in a CUDA graph: untested
         raise SystemExit("config error: --generation compiled runs in one process; under "
                          "torchrun use --generation static or dynamic")
+    if dist.rank == 0 and cfg.model == "toy" and cfg.algo != "sft" and not cfg.resume:
+        print(overview(cfg), flush=True)
     try:
         train(cfg, dist)
     # bad input ends in one line naming the file and row, never a traceback

@@ -18,7 +18,8 @@ import losses
 from batch import Batch
 from config import Config
 from distributed import Dist
-from teachers import lm_head_logits, response_hidden
+from teachers import (chunked_logits, lm_head_logits, response_hidden,
+                      sampled_token_logprobs)
 
 @dataclass
 class Norms:
@@ -179,6 +180,9 @@ def update_mini_batch(model, opt, teacher, b, cfg: Config, dist: Dist, step: int
     if cfg.algo == "srpo":  # pass 1 of its entropy-weight normaliser: a whole-batch mean
         with sw("teacher"):
             norms.w_mean = srpo_weight_mean(model, teacher, mbs, chunks, cfg, dist)
+    if cfg.algo == "gspo" and b.old_logp is not None:  # each row's ratio, before its chunks
+        with sw("teacher"):
+            gspo_sequence_ratios(model, mbs, chunks, cfg)
 
     # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time. The
     # gradients of the micro-batches accumulate in .grad; nothing is averaged per micro-batch,
@@ -209,6 +213,18 @@ def update_mini_batch(model, opt, teacher, b, cfg: Config, dist: Dist, step: int
     with sw("optimizer"):
         grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
     return dict(loss=loss, grad_norm=grad_norm, skipped=skipped)
+
+
+@torch.no_grad()
+def gspo_sequence_ratios(model, mbs: list, chunks: list, cfg: Config):
+    """GSPO's log s_i of every row under the CURRENT weights (set on each micro-batch), one
+    no-grad forward per micro-batch: the ratio is a mean over the whole sequence, and the loss
+    sees one chunk of positions at a time. With one update per batch s_i = 1 (not called)."""
+    for mb, ch in zip(mbs, chunks):
+        logp = sampled_token_logprobs(chunked_logits(model, mb.prompt_ids, mb.prompt_mask,
+                                                     mb.resp_ids, mb.resp_mask),
+                                      mb.resp_ids, temperature=cfg.temperature, chunks=ch)
+        mb.seq_log_ratio = grpo.sequence_log_ratio(logp, mb.old_logp, mb.resp_mask)
 
 
 @torch.no_grad()

@@ -57,15 +57,24 @@ def warm_start_key(sft: Config) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
+def _sft_config(cfg: Config, steps: int) -> Config:
+    return resolve_config(dict(algo="sft", model="toy", steps=steps, seed=cfg.seed,
+                               cache_dir=cfg.cache_dir, eval_every=0, save_every=0,
+                               keep_checkpoints=1, eval_data="toy", eval_n=cfg.eval_n,
+                               log_every=max(1, steps // 20), overwrite=True, out="-"))
+
+
+def warm_start_path(cfg: Config, *, steps: int, name: str) -> str:
+    """Where the cached warm start of these settings lives (built or not)."""
+    return os.path.join(cache_dir(cfg), f"toy-{name}-sft{steps}-seed{cfg.seed}-"
+                                        f"{warm_start_key(_sft_config(cfg, steps))}")
+
+
 def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str) -> str:
     """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached. Built
     under a file lock: a second process waits for the first one's instead of racing it."""
-    sft = resolve_config(dict(algo="sft", model="toy", steps=steps, seed=cfg.seed,
-                              cache_dir=cfg.cache_dir, eval_every=0, save_every=0,
-                              keep_checkpoints=1, eval_data="toy", eval_n=cfg.eval_n,
-                              log_every=max(1, steps // 20), overwrite=True, out="-"))
-    path = os.path.join(cache_dir(cfg), f"toy-{name}-sft{steps}-seed{cfg.seed}-"
-                                        f"{warm_start_key(sft)}")
+    sft = _sft_config(cfg, steps)
+    path = warm_start_path(cfg, steps=steps, name=name)
     if dist.rank == 0:
         with file_lock(path + ".lock", waiting=f"waiting for another process that is building "
                                                   f"the warm start {path}"):

@@ -259,3 +259,81 @@ def test_k3_value_is_clamped_like_verl():
     kl = grpo.kl_k3(logp, ref)
     assert kl[0, 0].item() == 10.0 and kl[0, 1].item() == 0.0
     assert kl[0, 2].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1.0)
+
+
+# ---- RLOO ---------------------------------------------------------------------------------
+
+def test_rloo_hand_computed():
+    # r = 1 against the other three (1, 0, 0 -> mean 1/3); r = 0 against (1, 0, 1 -> 2/3)
+    adv = grpo.rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 4)
+    third = 1 / 3
+    want = [2 * third, -2 * third, -2 * third, 2 * third, 1.0, -third, -third, -third]
+    torch.testing.assert_close(adv, torch.tensor(want))
+    assert torch.equal(grpo.group_advantages(torch.ones(4), 4, scale="loo"), torch.zeros(4))
+    with pytest.raises(ValueError, match="at least 2"):
+        grpo.rloo_advantages(torch.ones(3), 1)
+
+
+@given(seed=st.integers(0, 10_000), p=st.integers(1, 4), g=st.integers(2, 8))
+def test_rloo_groups_sum_to_zero_and_rescale_dr_grpo(seed, p, g):
+    r = torch.randint(0, 3, (p * g,), generator=torch.Generator().manual_seed(seed)).float()
+    adv = grpo.group_advantages(r, g, scale="loo")
+    assert adv.view(p, g).sum(1).abs().max() < 1e-5
+    torch.testing.assert_close(adv, g / (g - 1) * grpo.group_advantages(r, g, scale="none"))
+
+
+# ---- GSPO ---------------------------------------------------------------------------------
+
+def _gspo_loss(logp, old, adv, mask, eps=(3e-4, 4e-4)):
+    """The GSPO-token loss through policy_loss, aggregated as GSPO does (per-sequence mean)."""
+    tok = grpo.gspo_token_logp(logp, grpo.sequence_log_ratio(logp, old, mask))
+    per_tok, _ = grpo.policy_loss(tok, torch.zeros_like(logp), adv, clip_low=eps[0],
+                                  clip_high=eps[1], dual_clip=None)
+    return grpo.aggregate(per_tok, mask, mode="seq-mean-token-mean", normalizer=logp.shape[0])
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 5))
+def test_gspo_with_one_token_per_sequence_is_the_token_ratio(seed, n):
+    """|y_i| = 1: the sequence ratio is the token ratio, so GSPO is the PPO surrogate."""
+    logp = randn(seed, n, 1, scale=0.5).requires_grad_()
+    old, adv = randn(seed + 1, n, 1, scale=0.5), randn(seed + 2, n)
+    mask = torch.ones(n, 1, dtype=torch.bool)
+    ours = _gspo_loss(logp, old, adv, mask, eps=(0.2, 0.28))
+    per_tok, _ = grpo.policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.28, dual_clip=None)
+    ref = grpo.aggregate(per_tok, mask, mode="seq-mean-token-mean", normalizer=n)
+    (g_ours,), (g_ref,) = (torch.autograd.grad(x, logp) for x in (ours, ref))
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4), t=st.integers(1, 6),
+       eps=st.sampled_from([(3e-4, 4e-4), (0.2, 0.28)]))
+def test_gspo_token_form_has_the_sequence_form_gradient(seed, n, t, eps):
+    """GSPO Eq. 5-7 written per sequence: -(1/N) sum_i min(s_i A_i, clip(s_i) A_i) with s_i the
+    geometric mean ratio WITH its gradient; the token form gives the same value and gradient."""
+    logp = randn(seed, n, t, scale=0.05).requires_grad_()
+    old, adv = randn(seed + 1, n, t, scale=0.05) + logp.detach(), randn(seed + 2, n)
+    mask = torch.rand(n, t, generator=torch.Generator().manual_seed(seed)) > 0.3
+    mask[:, 0] = True
+    s = torch.exp(grpo.sequence_log_ratio(logp, old, mask))
+    seq = -torch.minimum(s * adv, s.clamp(1 - eps[0], 1 + eps[1]) * adv).mean()
+    ours = _gspo_loss(logp, old, adv, mask, eps)
+    (g_ours,), (g_seq,) = (torch.autograd.grad(x, logp) for x in (ours, seq))
+    torch.testing.assert_close(ours, seq)
+    torch.testing.assert_close(g_ours, g_seq, atol=1e-6, rtol=1e-5)
+
+
+@given(seed=st.integers(0, 10_000), t=st.integers(1, 6))
+def test_gspo_ratio_is_a_geometric_mean(seed, t):
+    """s_i is the geometric mean of the token ratios: appending a token whose log-ratio is
+    log s_i leaves it unchanged (a log-ratio of 0 does so only when s_i = 1, the case the spec
+    notes state); on-policy s_i = 1."""
+    logp, old = randn(seed, 1, t), randn(seed + 1, 1, t)
+    mask = torch.ones(1, t, dtype=torch.bool)
+    log_s = grpo.sequence_log_ratio(logp, old, mask)
+    logp2 = torch.cat([logp, old[:, :1] + log_s[:, None]], 1)
+    old2 = torch.cat([old, old[:, :1]], 1)
+    torch.testing.assert_close(grpo.sequence_log_ratio(logp2, old2, torch.ones(1, t + 1,
+                                                                                dtype=torch.bool)),
+                               log_s)
+    assert grpo.sequence_log_ratio(logp, logp, mask).abs().max() == 0  # on-policy: s = 1

@@ -208,7 +208,7 @@ def test_lr_schedule_resumes_exactly(tmp_path, cache):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "sdpo", "rlsd", "ptdpo"])
+@pytest.mark.parametrize("algo", ["grpo", "sdpo", "rlsd", "ptdpo", "gspo"])
 def test_mini_batches_and_epochs_make_the_ratio_work(tmp_path, cache, algo):
     """--mini-batch-size 2 of 4 prompts, --ppo-epochs 2: four optimizer steps per rollout
     batch; the old log-probs are the rollout policy's, so after the first update the ratio

@@ -1,0 +1,47 @@
+"""Progress on long work (progress.py) and what `python train.py` says before and after."""
+import io
+
+import config
+import train
+from progress import Progress
+from tests.conftest import warm_start_dir
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_log_file_gets_a_line_per_quarter_with_an_eta():
+    out = io.StringIO()
+    p = Progress("evaluating", 100, stream=out)
+    for i in range(0, 101, 5):
+        p.update(i)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.split(":")[1].split()[0] for ln in lines] == ["25/100", "50/100", "75/100",
+                                                              "100/100"]
+    assert all("eta" in ln for ln in lines)
+
+
+def test_a_terminal_gets_one_line_rewritten_and_cleared():
+    out = _Tty()
+    p = Progress("bench", 3, stream=out)
+    for i in range(4):
+        p.update(i)
+    p.close()
+    text = out.getvalue()
+    assert "\n" not in text and text.count("\r") == 6 and "3/3" in text  # 4 updates, clear
+    assert text.endswith("\r")  # cleared: the next print starts on a clean line
+    quiet = _Tty()
+    Progress("x", 3, stream=quiet, quiet=True).update(1)
+    assert quiet.getvalue() == ""
+
+
+def test_overview_says_what_happens_and_how_long(cache):
+    fresh = config.parse_config(["--cache-dir", "/nonexistent-cache"])
+    assert "one-time warm start" in train.overview(fresh) and "minutes" in train.overview(fresh)
+    assert "150 RL steps" in train.overview(fresh) and "runs/rlsd" in train.overview(fresh)
+    cached = config.parse_config(["--cache-dir", cache, "--warm-start-steps", "30"])
+    assert warm_start_dir(cache)  # the fixture built it
+    assert "the cached warm start" in train.overview(cached)
