@@ -78,6 +78,8 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
 # What a family does to its logits after the LM head, read from its config (the text config
 # of a vision-language model), in the order the transformers models apply it
 def _postprocess(config, z: torch.Tensor) -> torch.Tensor:
+    if config is None:  # not a transformers model: its logits are lm_head(h)
+        return z
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     scale = getattr(text, "logit_scale", None)  # Cohere, Cohere2: z * scale
     if scale is not None:
@@ -97,7 +99,7 @@ def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     (Cohere), a divisor (Granite), soft-capping (Gemma 2 / 3), exactly as its forward does."""
     head = model.get_output_embeddings()
     z = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None))
-    return _postprocess(model.config, z)
+    return _postprocess(getattr(model, "config", None), z)
 
 
 @torch.no_grad()
