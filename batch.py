@@ -20,6 +20,7 @@ import torch
 import distill
 import grpo
 import rewards as reward_fns
+import vision
 from distributed import gathered
 from prompts import Prompts
 from rollout import Rollouts, concat_rollouts, generate, left_pad, stop_ids
@@ -52,11 +53,22 @@ class Batch:
     old_logp: torch.Tensor | None = None       # (N, T) rollout-policy log-probs (several updates)
     row_tokens: torch.Tensor | None = None     # (N,) loss tokens of each WHOLE row (positions)
     seq_log_ratio: torch.Tensor | None = None  # (N,) GSPO's log s_i under the current weights
+    images: list | None = None                 # (N,) each row's processed images (vision.py)
 
     @property
     def mask(self) -> torch.Tensor:
         """(N, T) bool: the tokens in the loss."""
         return self.resp_mask.bool() & self.in_loss[:, None]
+
+    def student_inputs(self, model) -> dict:
+        """Images and M-RoPE positions of a forward over prompt + response ({} for text)."""
+        return vision.forward_inputs(model, self.images, self.prompt_ids, self.prompt_mask,
+                                     self.resp_ids, self.resp_mask)
+
+    def teacher_inputs(self, model) -> dict:
+        """The same images, with the positions of the teacher's (longer) prompt."""
+        return vision.forward_inputs(model, self.images, self.teacher_ids, self.teacher_mask,
+                                     self.resp_ids, self.resp_mask)
 
     def select_rows(self, rows: slice) -> "Batch":
         """The same batch restricted to some rows (a micro-batch)."""
@@ -109,16 +121,23 @@ def sample(model, tok, examples, *, prompts: Prompts, max_new_tokens: int, tempe
     `rows_per_pass` (--rollout-micro-batch) samples that many rows at a time, so the KV cache
     holds that many rows, not the whole batch (0: all at once)."""
     n = rows_per_pass or len(examples)
+    images = [vision.row_images(tok, e.images) for e in examples]  # () for a text row
     parts = []
     with gathered(model):  # FSDP: unshard once for the whole generation, not per token
         for i in range(0, len(examples), n):
             ids, mask = left_pad([prompts.student(tok, e) for e in examples[i:i + n]],
                                  tok.pad_token_id)
-            parts.append(generate(model, ids.to(device), mask.to(device),
+            ids, mask = ids.to(device), mask.to(device)
+            # images: their pixels and M-RoPE positions in the prefill ({} for text)
+            extra = vision.forward_inputs(model, images[i:i + n], ids, mask)
+            parts.append(generate(model, ids, mask,
                                   max_new_tokens=max_new_tokens, temperature=temperature,
                                   eos_id=-1 if ignore_eos else stop_ids(model, tok),
                                   pad_id=tok.pad_token_id, generator=generator, mode=generation,
-                                  top_k=top_k, top_p=top_p))
+                                  top_k=top_k, top_p=top_p,
+                                  prefill_positions=extra.pop("position_ids", None),
+                                  prefill_inputs=extra,
+                                  banned_ids=vision.placeholder_ids(tok) if extra else None))
     ro: Rollouts = concat_rollouts(parts, tok.pad_token_id)
     texts = tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                              skip_special_tokens=True)
@@ -129,7 +148,8 @@ def sample(model, tok, examples, *, prompts: Prompts, max_new_tokens: int, tempe
                                                   max_len=max_new_tokens, cache_len=overlong_cache)
     return Batch(examples, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask, ro.truncated,
                  texts, rewards, torch.tensor(accs, dtype=torch.bool),
-                 in_loss=torch.ones(len(examples), dtype=torch.bool))
+                 in_loss=torch.ones(len(examples), dtype=torch.bool),
+                 images=images if any(images) else None)
 
 
 def flat_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:

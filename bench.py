@@ -48,7 +48,7 @@ def measure(args) -> dict:
     import data
     import train
     import warmstart
-    from distributed import Dist, Stopwatch, autocast, gathered
+    from distributed import Dist, Stopwatch, autocast, gathered, release_large_blocks
     from rollout import build_toy_model, build_toy_tokenizer
     from teachers import lm_head_logits, response_hidden
 
@@ -74,6 +74,7 @@ def measure(args) -> dict:
         model = build_toy_model(tok, **SHAPES[args.shape]).to(device)
     else:
         model, tok = warmstart.load_policy(cfg, dist, args.model)
+    release_large_blocks(model, device)  # as train.py does
     teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(0)

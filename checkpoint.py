@@ -56,6 +56,8 @@ def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config,
                   metadata={"format": "pt"})
         lora.save_adapter_config(lora_model, tmp)
     tokenizer.save_pretrained(tmp)
+    if getattr(tokenizer, "image_processor", None) is not None:  # a vision-language model
+        tokenizer.image_processor.save_pretrained(tmp)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     if teacher_state is not None:
         save_file(_plain(teacher_state, tied), os.path.join(tmp, "teacher.safetensors"))

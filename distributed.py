@@ -5,6 +5,8 @@ nccl on GPU, and shard models with FSDP2 (`fully_shard` per decoder layer, then 
 Under plain `python` there is one process and every helper here is a no-op.
 """
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import time
 from dataclasses import dataclass
@@ -56,8 +58,8 @@ def shard(model, dist: Dist, dtype):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for m in model.modules():
-        if type(m).__name__.endswith("DecoderLayer"):
+    for m in model.modules():  # the language model's layers, and a vision tower's blocks
+        if type(m).__name__.endswith(("DecoderLayer", "VisionBlock")):
             fully_shard(m, mp_policy=mp)
     # the root (embeddings, final norm, LM head) stays gathered after forward: the chunked loss
     # applies the LM head outside the model's forward, and FSDP reduce-scatters the root's
@@ -116,6 +118,29 @@ def autocast(dtype_name: str, dist: Dist):
     if dtype_name == "bfloat16" and dist.world == 1:
         return torch.autocast(dist.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; after that,
+# the LM-head chunks of a wide vocabulary (8 rows x 151,936 floats = 4.9 MB each) come from
+# the heap, fragment, and stay resident: one RLSD step at V = 151,936 peaked at 14.2 GB of RSS
+# instead of 1.4 GB (BENCH.md). A fixed 4 MiB threshold gives every such block its own mmap,
+# returned to the OS when freed. Only for wide vocabularies on CPU: the toy (V = 31) and GPU
+# runs never take this path, so it costs them nothing.
+WIDE_VOCAB, MMAP_THRESHOLD = 32768, 4 << 20
+
+
+def release_large_blocks(model, device: torch.device) -> bool:
+    """Set glibc's mmap threshold to 4 MiB (once, process-wide) when `model` has a wide LM head
+    and runs on the CPU; a MALLOC_MMAP_THRESHOLD_ in the environment is left to win. Returns
+    whether it was set."""
+    if (device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ
+            or model.get_output_embeddings().weight.shape[0] < WIDE_VOCAB):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
 
 
 def reshard(*models):

@@ -19,6 +19,7 @@ import torch
 
 import data
 import rewards
+import vision
 import grpo
 from distributed import gathered
 from progress import Progress
@@ -49,12 +50,18 @@ def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1
             progress.update(i)
         chunk = rows[i:i + BATCH]
         ids, mask = left_pad([encode(e) for e in chunk], tok.pad_token_id)
-        ro = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+        ids, mask = ids.to(device), mask.to(device)
+        # a vision-language row's images in the prefill ({} for text), as batch.sample does
+        images = [vision.row_images(tok, e.images) for e in chunk]
+        extra = vision.forward_inputs(model, images, ids, mask)
+        ro = generate(model, ids, mask, max_new_tokens=max_new_tokens,
                       temperature=temperature, eos_id=stop_ids(model, tok),
-                      pad_id=tok.pad_token_id,
-                      generator=generator)
+                      pad_id=tok.pad_token_id, generator=generator,
+                      prefill_positions=extra.pop("position_ids", None), prefill_inputs=extra,
+                      banned_ids=vision.placeholder_ids(tok) if extra else None)
         texts += tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                                   skip_special_tokens=True)
+        ro.images = images  # for response_entropy's forward
         stats.append(ro)
     if progress is not None:
         progress.close()
@@ -90,7 +97,9 @@ def leakage(texts, phrases) -> float:
 @torch.no_grad()
 def response_entropy(model, ro, temperature=1.0) -> float:
     """Mean per-token entropy of the model on its own responses."""
-    z = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
+    z = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask,
+                        **vision.forward_inputs(model, getattr(ro, "images", None), ro.prompt_ids,
+                                                ro.prompt_mask, ro.resp_ids, ro.resp_mask))
     h = grpo.entropy(z, temperature=temperature)
     m = ro.resp_mask.bool()
     return (h[m].sum() / m.sum().clamp(min=1)).item()
@@ -222,7 +231,7 @@ def main(argv=None):
             p.error("give a checkpoint, or --compare RUN_DIR...")
         toy = a.data == "toy"
         sets = ({s: data.make_toy(s, a.n) for s in ("test", "ood")} if toy
-                else {"eval": data.load_examples(a.data)})
+                else {"eval": data.load_data(a.data, "eval", n_toy=0)})  # images checked too
         phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
         if toy:
             phrases += list(TOY_LEAK_MARKERS)

@@ -30,6 +30,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import vision
+
 # The toy tokenizer is character level, so its templates are compact.
 TOY_TEMPLATES = {
     "student": "Q{prompt}",
@@ -90,17 +92,23 @@ def render(template: str, ex, sibling: str = "") -> str:
                            rationale=ex.rationale.strip(), sibling=sibling)
 
 
-def prompt_ids(tokenizer, text: str, *, system: str = "", **template_kwargs) -> list[int]:
+def prompt_ids(tokenizer, text: str, *, system: str = "", images: tuple = (),
+               **template_kwargs) -> list[int]:
     """Token ids of one user message (after an optional system message) through the model's
-    chat template, ready to generate. `template_kwargs` reach the template (enable_thinking)."""
+    chat template, ready to generate. `template_kwargs` reach the template (enable_thinking).
+    `images` (vision.row_images) come first in the message, each placeholder expanded to the
+    image's number of tokens."""
     if getattr(tokenizer, "chat_template", None):
+        content = ([{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+                   if images else text)
         messages = ([{"role": "system", "content": system}] if system else []) + \
-                   [{"role": "user", "content": text}]
+                   [{"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                              tokenize=False, **template_kwargs)
     elif system:  # no chat template (the toy model): the system text simply comes first
         text = system + "\n" + text
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return vision.expand_row(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"],
+                             images)
 
 
 @dataclass
@@ -112,12 +120,14 @@ class Prompts:
     teacher_options: dict = field(default_factory=dict)  # ... and of the teacher
     max_teacher_tokens: int = 0                          # 0: no budget for the teacher prompt
 
-    def ids(self, tok, text: str, *, teacher: bool = False) -> list[int]:
-        return prompt_ids(tok, text, system=self.system,
+    def ids(self, tok, text: str, *, teacher: bool = False, ex=None) -> list[int]:
+        """`ex`: the row whose images (if any) the prompt shows, the teacher's as the student's."""
+        images = vision.row_images(tok, ex.images) if ex is not None and ex.images else ()
+        return prompt_ids(tok, text, system=self.system, images=images,
                           **(self.teacher_options if teacher else self.student_options))
 
     def student(self, tok, ex) -> list[int]:
-        return self.ids(tok, render(self.templates["student"], ex))
+        return self.ids(tok, render(self.templates["student"], ex), ex=ex)
 
     def teacher(self, tok, ex, context: str, sibling: str | None = None) -> tuple[list[int], bool]:
         """(ids, has_context): the teacher's prompt for `context` (a field of the row,
@@ -125,17 +135,18 @@ class Prompts:
         the plain student prompt (through the teacher's template options) and False."""
         plain = render(self.templates["student"], ex)
         if context == "none":  # OPD: the teacher is another model, shown the same prompt
-            return self.ids(tok, plain, teacher=True), True
+            return self.ids(tok, plain, teacher=True, ex=ex), True
         if context == "sibling" and sibling is None:
-            return self.ids(tok, plain, teacher=True), False
+            return self.ids(tok, plain, teacher=True, ex=ex), False
         if context != "sibling" and getattr(ex, "teacher_prompt", ""):
             # the data's own teacher question, through the student's template (PTD-PO renders
             # prompt_with_hint with the same format prompt as the question)
             inner = _with(ex, "prompt", ex.teacher_prompt)
-            return self.ids(tok, render(self.templates["student"], inner), teacher=True), True
+            return self.ids(tok, render(self.templates["student"], inner), teacher=True,
+                            ex=ex), True
         value = sibling if context == "sibling" else getattr(ex, context)
         if not value:
-            return self.ids(tok, plain, teacher=True), False
+            return self.ids(tok, plain, teacher=True, ex=ex), False
         return self._fit(tok, ex, context, value), True
 
     def _fit(self, tok, ex, context: str, value: str) -> list[int]:
@@ -145,7 +156,7 @@ class Prompts:
         def build(v):
             text = (render(self.templates["sibling"], ex, sibling=v) if context == "sibling"
                     else render(self.templates[context], _with(ex, context, v)))
-            return self.ids(tok, text, teacher=True)
+            return self.ids(tok, text, teacher=True, ex=ex)
         ids = build(value)
         budget = self.max_teacher_tokens
         value_ids = tok(value, add_special_tokens=False)["input_ids"]

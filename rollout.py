@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import lora
+import vision
 
 TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
 # the toy chat template: the user text, a newline, and ':' as the generation prompt
@@ -81,6 +82,8 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
         tokenizer.pad_token = tokenizer.eos_token
     if os.path.isdir(path) and lora.is_adapter_dir(path):
         model = lora.load_merged(path, partial(load_model, dtype=dtype))
+    elif vision.is_vision_language(path):  # image-text-to-text: the tokenizer carries the
+        model, tokenizer, _ = vision.load(path, dtype=dtype)  # image processor (vision.py)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device), tokenizer
@@ -196,9 +199,18 @@ def nucleus(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torc
     return logits
 
 
+def next_positions(pos: torch.Tensor) -> torch.Tensor:
+    """(N, 1): the position of each row's first generated token, one after its largest so
+    far. For text that is its last position + 1; after an image, M-RoPE has advanced the
+    positions by the image's largest side, not by its token count (vision.py)."""
+    return (pos.amax(dim=(0, 2)) if pos.dim() == 3 else pos.amax(dim=1))[:, None] + 1
+
+
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float,
              eos_id: int | list[int], pad_id: int, generator: torch.Generator | None = None,
-             mode: str = "dynamic", top_k: int = 0, top_p: float = 1.0) -> Rollouts:
+             mode: str = "dynamic", top_k: int = 0, top_p: float = 1.0,
+             prefill_inputs: dict | None = None, prefill_positions=None,
+             banned_ids: list[int] | None = None) -> Rollouts:
     """Sample responses with the KV cache; temperature 0 is greedy. A row ends at the first of
     its `eos_id` tokens (one id or several, see `stop_ids`); sampling stops when all have.
 
@@ -213,6 +225,13 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     decode step, which replays it as one CUDA graph instead of hundreds of small kernel
     launches (the prefill stays eager). "compiled" is for one CUDA process; the first call
     per shape compiles (tens of seconds).
+
+    A vision-language model's images go in `prefill_inputs` (pixel values, patch grids), with
+    its M-RoPE `prefill_positions` (vision.rope_positions): the vision tower runs once, in the
+    prefill; each generated token is text, one position after the largest so far.
+    `banned_ids` are never sampled: the image placeholder tokens, which a forward would read as
+    images (the losses still normalise over the full vocabulary; a trained model gives these
+    ids ~0 probability after its prompt).
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"generation mode {mode!r}: expected one of {GENERATION_MODES}")
@@ -227,15 +246,20 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     # the whole attention mask up front: each step passes a view (dynamic: a growing one;
     # static: all of it, as slots not yet written are hidden by the causal mask)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, width - Lp)], 1)
-    pos = positions(prompt_mask)
+    if prefill_inputs and mode != "dynamic":
+        raise ValueError("images are sampled with --generation dynamic")
+    pos = positions(prompt_mask) if prefill_positions is None else prefill_positions
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **(prefill_inputs or {}))
     cache = out.past_key_values
-    next_pos = pos[:, -1:] + 1
+    next_pos = next_positions(pos)
     done = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # used up before the next step (a CUDA graph reuses it)
+        if banned_ids:
+            logits[:, banned_ids] = float("-inf")
         if temperature == 0:
             tok = logits.argmax(-1)
         else:

@@ -36,22 +36,26 @@ TEACHER_MODES = ("none", "live", "frozen", "sync", "ema", "trust", "external")
 # One forward over prompt + response: logits or hidden states of the response positions
 # ----------------------------------------------------------------------------------------
 
-def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
+def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, *, position_ids=None,
+                    **model_kwargs):
     """(N, T, V) logits that predict each response token, from one forward over prompt+response.
 
     Only the last T + 1 positions go through the LM head (`logits_to_keep`), so a long
     privileged prompt costs attention, not vocabulary-sized logits. Position ids skip the left
-    padding, so a row's numbers do not depend on how much padding its batch needed.
+    padding, so a row's numbers do not depend on how much padding its batch needed. A
+    vision-language model gets its images and M-RoPE positions through `position_ids` and
+    `model_kwargs` (vision.py).
     """
     ids = torch.cat([prompt_ids, resp_ids], dim=1)
     mask = torch.cat([prompt_mask, resp_mask], dim=1)
     T = resp_ids.shape[1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+    out = model(input_ids=ids, attention_mask=mask,
+                position_ids=positions(mask) if position_ids is None else position_ids,
                 use_cache=False, logits_to_keep=T + 1, **model_kwargs)
     return out.logits[:, :-1]  # position t predicts token t + 1: drop the last prediction
 
 
-def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
     """(N, T, H) final hidden states that predict each response token, and no logits at all.
 
     The same forward as `response_logits`, but a forward pre-hook on the LM head takes its
@@ -69,7 +73,7 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
 
     handle = model.get_output_embeddings().register_forward_pre_hook(grab)
     try:
-        response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
+        response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs)
     finally:
         handle.remove()
     return captured["h"][:, :-1]
@@ -124,11 +128,11 @@ def check_logits(model, name: str):
 
 
 @torch.no_grad()
-def chunked_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+def chunked_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
     """A function (t0, t1) -> (n, t1 - t0, V) logits for response positions t0:t1, no grad.
 
     The hidden states come from one forward here; each call applies only the LM head."""
-    h_nTH = response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
+    h_nTH = response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs)
 
     def logits(t0: int, t1: int) -> torch.Tensor:
         with torch.no_grad():  # also when called from inside the student's loss
@@ -166,13 +170,15 @@ class Teacher:
         if isinstance(model, torch.nn.Module):  # not lora.BaseView: the student's own base
             model.eval().requires_grad_(False)
 
-    def logits(self, student, prompt_ids, prompt_mask, resp_ids, resp_mask):
-        """A function (t0, t1) -> the teacher's (n, t1 - t0, V) logits of those positions."""
+    def logits(self, student, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
+        """A function (t0, t1) -> the teacher's (n, t1 - t0, V) logits of those positions.
+        `model_kwargs`: a vision-language row's images and positions (vision.forward_inputs)."""
         own = chunked_logits(student if self.mode == "live" else self.model,
-                             prompt_ids, prompt_mask, resp_ids, resp_mask)
+                             prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs)
         if self.mode != "trust":
             return own
-        current = chunked_logits(student, prompt_ids, prompt_mask, resp_ids, resp_mask)
+        current = chunked_logits(student, prompt_ids, prompt_mask, resp_ids, resp_mask,
+                                 **model_kwargs)
         # SDPO Eq. 6: the softmax of the lerped logits is the normalised geometric mixture
         return lambda t0, t1: distill.trust_region_logits(own(t0, t1), current(t0, t1),
                                                           self.ema_rate)

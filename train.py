@@ -36,7 +36,8 @@ import grpo
 import losses
 import rewards
 from config import Config, parse_config
-from distributed import Dist, Stopwatch, autocast, setup_distributed, shard, teardown
+from distributed import (Dist, Stopwatch, autocast, release_large_blocks, setup_distributed,
+                         shard, teardown)
 from eval import eval_sets, evaluate
 from prompts import prompts_for
 from lora import BaseView, add_lora, is_lora
@@ -74,7 +75,10 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
     if cfg.kl_coef > 0:
         # a frozen teacher IS the initial model, so the reference may share its weights; a
         # sync or EMA teacher moves away from it, and the KL must stay anchored at theta_0
-        ref = base or (initial if (initial is not None and not moving) else copy.deepcopy(model))
+        if base is not None:
+            ref = base
+        else:
+            ref = initial if (initial is not None and not moving) else copy.deepcopy(model)
     if cfg.teacher_mode == "external":
         name = cfg.teacher
         if name == "toy":  # a stronger toy teacher: the same SFT, three times longer
@@ -160,13 +164,16 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                                                      chunks=ch) for mb, ch in zip(mbs, chunks)])
         if cfg.algo in losses.SAMPLED_TOKEN_TEACHER:
             b.teacher_logp = scored(lambda mb: teacher.logits(
-                model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids, mb.resp_mask))
+                model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids, mb.resp_mask,
+                **mb.teacher_inputs(model)))  # images: the same as the student's ({} for text)
         if cfg.kl_coef > 0:
             b.ref_logp = scored(lambda mb: chunked_logits(
-                ref, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask))
+                ref, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask,
+                **mb.student_inputs(ref)))
         if updates_per_step(cfg) > 1:  # before the first update: the rollout policy
             b.old_logp = scored(lambda mb: chunked_logits(
-                model, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask))
+                model, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask,
+                **mb.student_inputs(model)))
     # RLSD's lambda: 0.5 decaying linearly to 0 over 50 steps, after which RLSD is GRPO. Like
     # the teacher's sync and the learning rate it counts rollout batches (verl's global step)
     lam = lambda_schedule(step, lam0=cfg.lam0, warmup=cfg.lam_warmup,
@@ -224,7 +231,8 @@ def prompt_limit(cfg: Config, model) -> int:
     if cfg.max_prompt_tokens:
         return cfg.max_prompt_tokens
     # max_position_embeddings is the context length of every HF causal LM config we load
-    context = getattr(model.config, "max_position_embeddings", 0) or 0
+    text = model.config.get_text_config()  # a vision-language model's language model
+    context = getattr(text, "max_position_embeddings", 0) or 0
     return max(1, context - cfg.max_new_tokens) if context else 0
 
 
@@ -258,6 +266,7 @@ def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
     sets = eval_sets(cfg, columns)  # loaded now: a bad eval file fails before any training
     model, tok = load_policy(cfg, dist, cfg.model)
     check_logits(model, f"--model {cfg.model}")  # losses and samples see the same logits
+    release_large_blocks(model, dist.device)  # CPU + wide vocabulary: chunks returned to the OS
     # prompts longer than the model can answer fail here (naming the row), not after minutes
     # of training with a traceback about a 30 GB allocation
     limit = prompt_limit(cfg, model)

@@ -102,7 +102,8 @@ def backward_chunked(model, b: Batch, chunks: list, loss_fn, world: int, metrics
     With several chunks, each runs under activation checkpointing: its (n, t, V) logits, and
     the teacher's, are recomputed in backward instead of stored, so memory holds one chunk's
     logits, never the whole (n, T, V)."""
-    h_nTH = response_hidden(model, b.prompt_ids, b.prompt_mask, b.resp_ids, b.resp_mask)
+    h_nTH = response_hidden(model, b.prompt_ids, b.prompt_mask, b.resp_ids, b.resp_mask,
+                            **b.student_inputs(model))
     # one chunk (a small vocabulary): nothing to save by recomputing it in backward
     run = loss_fn if len(chunks) == 1 else partial(torch.utils.checkpoint.checkpoint, loss_fn,
                                                    use_reentrant=False)
@@ -193,7 +194,8 @@ def update_mini_batch(model, opt, teacher, b, cfg: Config, dist: Dist, step: int
         if cfg.algo in losses.DISTRIBUTION_TEACHER:  # the whole next-token distribution
             with sw("teacher"):
                 teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask,
-                                                   mb.resp_ids, mb.resp_mask)
+                                                   mb.resp_ids, mb.resp_mask,
+                                                   **mb.teacher_inputs(model))
 
         # the student's logits and log-probs of one chunk, and its loss; under activation
         # checkpointing this runs again in backward, so the (n, t, V) logits are never stored
@@ -222,7 +224,8 @@ def gspo_sequence_ratios(model, mbs: list, chunks: list, cfg: Config):
     sees one chunk of positions at a time. With one update per batch s_i = 1 (not called)."""
     for mb, ch in zip(mbs, chunks):
         logp = sampled_token_logprobs(chunked_logits(model, mb.prompt_ids, mb.prompt_mask,
-                                                     mb.resp_ids, mb.resp_mask),
+                                                     mb.resp_ids, mb.resp_mask,
+                                                     **mb.student_inputs(model)),
                                       mb.resp_ids, temperature=cfg.temperature, chunks=ch)
         mb.seq_log_ratio = grpo.sequence_log_ratio(logp, mb.old_logp, mb.resp_mask)
 
@@ -237,7 +240,7 @@ def srpo_weight_mean(model, teacher, mbs: list, chunks: list, cfg: Config,
     total, count = 0.0, 0.0
     for mb, ch in zip(mbs, chunks):
         teacher_logits_at = teacher.logits(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids,
-                                           mb.resp_mask)
+                                           mb.resp_mask, **mb.teacher_inputs(model))
         for t0, t1 in ch:
             s, n = losses.srpo_weight_sum(teacher_logits_at(t0, t1), mb.positions(t0, t1),
                                           srpo_beta=cfg.srpo_beta, temperature=cfg.temperature)
