@@ -45,7 +45,7 @@ class Config:
     solution_key: str = "solution"    # data column with a reference solution (OPSD's teacher)
     hint_key: str = "hint"            # data column with an answer-free hint (PTD-PO's teacher)
     rationale_key: str = "rationale"  # data column with a rationale (OmniOPSD-style OPSD)
-    images_key: str = "images"        # data column with image paths (checked, not yet shown to a model)
+    images_key: str = "images"        # data column with image paths, relative to the data file (vision-language models)
     teacher_prompt_key: str = "teacher_prompt"  # data column with a row's whole teacher prompt (PTD-PO prompt_with_hint)
     reward: str = "verifier"          # verifier | dapo (+-1) | rlsd_format | math_verify | module:function (rewards.py)
     # --- prompts (prompts.py)
@@ -374,10 +374,6 @@ def check_config(cfg: Config, given: dict = ()):
         bad(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.preset and not cfg.dry_run:
         about = presets.load(cfg.preset, DEFAULTS)[0]
-        if cfg.model != "toy" and about.get("needs") == "vlm":
-            bad(f"--preset {cfg.preset} trains a vision-language model, and training with images "
-                f"is not built yet (README, Recipes); --dry-run checks it, --model toy runs its "
-                f"options on the text toy")
         if cfg.model != "toy" and cfg.data == "toy":
             bad(f"--preset {cfg.preset} trains {cfg.model} on {about.get('data', 'its dataset')}: "
                 f"give --data FILE (README, Recipes), or --model toy to try the recipe here")

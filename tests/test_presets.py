@@ -67,8 +67,8 @@ def test_bad_presets_are_named(tmp_path, monkeypatch, capsys):
 def test_a_real_model_preset_needs_data():
     with pytest.raises(SystemExit, match="give --data FILE"):
         config.parse_config(["--preset", "sdpo-qwen3-8b"])
-    with pytest.raises(SystemExit, match="vision-language"):
-        config.parse_config(["--preset", "rlsd-qwen3-vl-8b", "--data", __file__])
+    cfg = config.parse_config(["--preset", "rlsd-qwen3-vl-8b", "--data", __file__])
+    assert cfg.model == "Qwen/Qwen3-VL-8B-Instruct" and cfg.teacher_sync == 10
 
 
 def test_list_presets(capsys):
