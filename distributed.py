@@ -121,16 +121,17 @@ def autocast(dtype_name: str, dist: Dist):
 
 
 # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; after that,
-# the LM-head chunks of a wide vocabulary (8 rows x 151,936 floats = 4.9 MB each) come from
-# the heap, fragment, and stay resident: one RLSD step at V = 151,936 peaked at 14.2 GB of RSS
-# instead of 1.4 GB (BENCH.md). A fixed 4 MiB threshold gives every such block its own mmap,
-# returned to the OS when freed. Only for wide vocabularies on CPU: the toy (V = 31) and GPU
-# runs never take this path, so it costs them nothing.
-WIDE_VOCAB, MMAP_THRESHOLD = 32768, 4 << 20
+# the vocabulary-sized blocks of a wide LM head (rows x 151,936 floats: 2.4 MB for 4 rows, in
+# every decode step and every loss chunk) come from the heap, fragment, and stay resident: one
+# RLSD step at V = 151,936 peaked at 14.2 GB of RSS instead of 1.4 GB (BENCH.md). A fixed
+# 512 KiB threshold gives every block of one row of logits or more its own mmap, returned to
+# the OS when freed (4 MiB was not enough with 4 rollouts: 2.7 GB RLSD, 5.1 GB SDPO). Only for
+# wide vocabularies on CPU: the toy (V = 31) and GPU runs never take this path.
+WIDE_VOCAB, MMAP_THRESHOLD = 32768, 512 << 10
 
 
 def release_large_blocks(model, device: torch.device) -> bool:
-    """Set glibc's mmap threshold to 4 MiB (once, process-wide) when `model` has a wide LM head
+    """Set glibc's mmap threshold to 512 KiB (process-wide) when `model` has a wide LM head
     and runs on the CPU; a MALLOC_MMAP_THRESHOLD_ in the environment is left to win. Returns
     whether it was set."""
     if (device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ
