@@ -38,6 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 import data
 import presets
+from config import DEFAULTS
 from update import LOGIT_CHUNK_ELEMENTS
 
 GB = 1e9
@@ -135,7 +136,6 @@ def estimate(s: dict, cfg, world: int) -> dict:
 
 def main(cfg):
     """Print the model's size and the per-GPU memory estimate, validate --data; exit 0."""
-    from config import DEFAULTS
     about = presets.load(cfg.preset, DEFAULTS)[0] if cfg.preset else {}
     world = cfg.gpus or about.get("gpus") or int(os.environ.get("WORLD_SIZE", "1"))
     config, source = model_config(cfg)

@@ -9,6 +9,7 @@ Leakage is the fraction of responses that mention material only the privileged t
 student learning to talk as if it had been given the answer.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -61,8 +62,7 @@ def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1
                       banned_ids=vision.placeholder_ids(tok) if extra else None)
         texts += tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                                   skip_special_tokens=True)
-        ro.images = images  # for response_entropy's forward
-        stats.append(ro)
+        stats.append(dataclasses.replace(ro, images=images))  # for response_entropy
     if progress is not None:
         progress.close()
     return texts, stats
@@ -98,7 +98,7 @@ def leakage(texts, phrases) -> float:
 def response_entropy(model, ro, temperature=1.0) -> float:
     """Mean per-token entropy of the model on its own responses."""
     z = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask,
-                        **vision.forward_inputs(model, getattr(ro, "images", None), ro.prompt_ids,
+                        **vision.forward_inputs(model, ro.images, ro.prompt_ids,
                                                 ro.prompt_mask, ro.resp_ids, ro.resp_mask))
     h = grpo.entropy(z, temperature=temperature)
     m = ro.resp_mask.bool()

@@ -39,10 +39,12 @@ def load(name: str, fields: dict) -> tuple[dict, dict]:
     except tomllib.TOMLDecodeError as e:
         raise SystemExit(f"config error: {path}: {e}") from None
     about, values = doc.get("about", {}), doc.get("config", {})
-    for key in set(doc) - {"about", "config"}:
-        raise SystemExit(f"config error: {path}: unknown table [{key}] (expected [about], [config])")
-    for key in set(about) - set(ABOUT):
-        raise SystemExit(f"config error: {path}: [about] {key} is not one of {', '.join(ABOUT)}")
+    tables, keys = sorted(set(doc) - {"about", "config"}), sorted(set(about) - set(ABOUT))
+    if tables:
+        raise SystemExit(f"config error: {path}: unknown table [{tables[0]}] (expected [about], "
+                         f"[config])")
+    if keys:
+        raise SystemExit(f"config error: {path}: [about] {keys[0]} is not one of {', '.join(ABOUT)}")
     for key, value in values.items():
         if key not in fields or key == "preset":
             raise SystemExit(f"config error: {path}: [config] {key} is not an option of "

@@ -192,3 +192,14 @@ def prompts_for(cfg) -> Prompts:
                if cfg.teacher_chat_template_kwargs else student)
     return Prompts(tpl, system=cfg.system_prompt, student_options=student,
                    teacher_options=teacher, max_teacher_tokens=cfg.max_teacher_prompt_tokens)
+
+
+def prompt_limit(cfg, model) -> int:
+    """--max-prompt-tokens, or by default the model's context length minus the response's:
+    a longer prompt could not be answered in full, and a huge one would exhaust memory."""
+    if cfg.max_prompt_tokens:
+        return cfg.max_prompt_tokens
+    # max_position_embeddings is the context length of every HF causal LM config we load
+    text = model.config.get_text_config()  # a vision-language model's language model
+    context = getattr(text, "max_position_embeddings", 0) or 0
+    return max(1, context - cfg.max_new_tokens) if context else 0

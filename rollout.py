@@ -83,7 +83,7 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     if os.path.isdir(path) and lora.is_adapter_dir(path):
         model = lora.load_merged(path, partial(load_model, dtype=dtype))
     elif vision.is_vision_language(path):  # image-text-to-text: the tokenizer carries the
-        model, tokenizer, _ = vision.load(path, dtype=dtype)  # image processor (vision.py)
+        model, tokenizer = vision.load(path, dtype=dtype)  # image processor (vision.py)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device), tokenizer
@@ -126,6 +126,7 @@ class Rollouts:
     resp_ids: torch.Tensor     # (N, T) sampled tokens, <eos> included, then padding
     resp_mask: torch.Tensor    # (N, T) 1 on sampled tokens up to and including <eos>
     truncated: torch.Tensor    # (N,) bool: no <eos> within max_new_tokens
+    images: list | None = None  # (N,) each row's processed images, when the caller keeps them
 
 
 def concat_rollouts(parts: list, pad_id: int) -> Rollouts:

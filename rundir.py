@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 RUN_FILES = ("config.json", "metrics.jsonl")  # plus checkpoint-NNNNNN directories
 
@@ -109,3 +110,14 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def log_line(step, total, metrics, t_start, label=""):
+    """The console line of a step: a progress bar, the main metrics, the step time and ETA."""
+    done = int(20 * step / max(total, 1))
+    eta = (time.time() - t_start) / max(step, 1) * (total - step)
+    keys = ("reward_mean", "loss", "entropy", "response_len_mean", "rlsd_lambda",
+            "rlsd_weight_clip_frac", "distilled_frac", "kl", "test_acc", "ood_acc")
+    parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
+    print(f"{label}[{'#' * done}{'.' * (20 - done)}] {step}/{total} | " + " | ".join(parts)
+          + f" | {metrics.get('step_time_s', 0):.2f}s/step eta {eta / 60:.1f}m", flush=True)

@@ -74,5 +74,8 @@ class Trackers:
 
     def close(self):
         for name, w in self.writers:
-            w.close() if name == "tensorboard" else w.finish()
+            if name == "tensorboard":
+                w.close()
+            else:
+                w.finish()
         self.writers = []

@@ -39,16 +39,16 @@ from config import Config, parse_config
 from distributed import (Dist, Stopwatch, autocast, release_large_blocks, setup_distributed,
                          shard, teardown)
 from eval import eval_sets, evaluate
-from prompts import prompts_for
+from prompts import prompt_limit, prompts_for
 from lora import BaseView, add_lora, is_lora
 from rlsd import lambda_schedule
 from rollout import checkpoint_layers, load_model
-from rundir import StopSignals, claim_run_dir, start_metrics_log
+from rundir import StopSignals, claim_run_dir, log_line, start_metrics_log
 from teachers import Teacher, check_logits, chunked_logits, sampled_token_logprobs
 from trackers import Trackers
 from update import (Metrics, column_chunks, micro_batches, rollout_mini_batches,
                     update_mini_batch, updates_per_step)
-from warmstart import load_policy, sft_batch, sft_step, toy_checkpoint
+from warmstart import load_policy, overview, sft_batch, sft_step, toy_checkpoint
 
 
 
@@ -215,27 +215,6 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
 # The loop
 # ----------------------------------------------------------------------------------------
 
-def log_line(step, total, metrics, t_start, label=""):
-    done = int(20 * step / max(total, 1))
-    eta = (time.time() - t_start) / max(step, 1) * (total - step)
-    keys = ("reward_mean", "loss", "entropy", "response_len_mean", "rlsd_lambda",
-            "rlsd_weight_clip_frac", "distilled_frac", "kl", "test_acc", "ood_acc")
-    parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
-    print(f"{label}[{'#' * done}{'.' * (20 - done)}] {step}/{total} | " + " | ".join(parts)
-          + f" | {metrics.get('step_time_s', 0):.2f}s/step eta {eta / 60:.1f}m", flush=True)
-
-
-def prompt_limit(cfg: Config, model) -> int:
-    """--max-prompt-tokens, or by default the model's context length minus the response's:
-    a longer prompt could not be answered in full, and a huge one would exhaust memory."""
-    if cfg.max_prompt_tokens:
-        return cfg.max_prompt_tokens
-    # max_position_embeddings is the context length of every HF causal LM config we load
-    text = model.config.get_text_config()  # a vision-language model's language model
-    context = getattr(text, "max_position_embeddings", 0) or 0
-    return max(1, context - cfg.max_new_tokens) if context else 0
-
-
 def train(cfg: Config, dist: Dist, label: str = "") -> dict:
     """Set up and run the loop; `label` prefixes the console lines (the warm start's)."""
     run_lock = claim_run_dir(cfg) if dist.rank == 0 else None  # refuse to clobber or share --out
@@ -383,21 +362,6 @@ def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
               f"{'PEFT adapter' if is_lora(model) else 'Hugging Face model'} directory).\nnext: python eval.py {ck}   |   python eval.py "
               f"--compare {cfg.out} OTHER_RUN --plot cmp.png", flush=True)
     return {"before": first, "after": last}
-
-
-def overview(cfg: Config) -> str:
-    """What `python train.py` on the toy is about to do, and for how long, before the minutes
-    of the warm start begin."""
-    from warmstart import warm_start_path
-    cached = os.path.exists(warm_start_path(cfg, steps=cfg.warm_start_steps, name="student"))
-    warm = ("the cached warm start" if cached else
-            f"first the one-time warm start (supervised fine-tuning, about "
-            f"{cfg.warm_start_steps * 0.25 / 60:.0f} minutes on 2 CPU cores, then cached)")
-    evals = (f", evaluated greedily on {cfg.eval_n} test problems every {cfg.eval_every} steps"
-             if cfg.eval_data and cfg.eval_every else "")
-    return (f"--algo {cfg.algo} on the embedded toy task (arithmetic with carries, a "
-            f"~0.3M-parameter Qwen3): {warm}, then {cfg.steps} RL steps (about 1 s each on 2 "
-            f"CPU cores){evals}. Outputs: {cfg.out}/.")
 
 
 def main(argv=None):

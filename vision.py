@@ -33,8 +33,8 @@ def is_vision_language(path_or_config) -> bool:
 
 
 def load(path: str, *, dtype=torch.float32):
-    """(model, tokenizer, image processor) of a vision-language checkpoint, on CPU torch with or
-    without torchvision."""
+    """(model, tokenizer) of a vision-language checkpoint, on CPU torch with or without
+    torchvision; the tokenizer carries the image processor (`tok.image_processor`)."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "preprocessor_config.json")):
         raise FileNotFoundError(f"{path}: a vision-language model directory needs "
                                 f"preprocessor_config.json (its image processor)")
@@ -44,7 +44,7 @@ def load(path: str, *, dtype=torch.float32):
     processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     tok.image_processor = processor  # prompts with images are built from the tokenizer (row_images)
-    return model, tok, processor
+    return model, tok
 
 
 def image_tokens(grid_thw: torch.Tensor, merge: int) -> list[int]:

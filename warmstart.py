@@ -166,3 +166,17 @@ def sft_step(model, opt, b: Batch, cfg: Config, dist: Dist, step: int) -> dict:
     loss = dist.sum(loss_sum).item()
     grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
     return dict(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norm)
+
+
+def overview(cfg: Config) -> str:
+    """What `python train.py` on the toy is about to do, and for how long, before the minutes
+    of the warm start begin."""
+    cached = os.path.exists(warm_start_path(cfg, steps=cfg.warm_start_steps, name="student"))
+    warm = ("the cached warm start" if cached else
+            f"first the one-time warm start (supervised fine-tuning, about "
+            f"{cfg.warm_start_steps * 0.25 / 60:.0f} minutes on 2 CPU cores, then cached)")
+    evals = (f", evaluated greedily on {cfg.eval_n} test problems every {cfg.eval_every} steps"
+             if cfg.eval_data and cfg.eval_every else "")
+    return (f"--algo {cfg.algo} on the embedded toy task (arithmetic with carries, a "
+            f"~0.3M-parameter Qwen3): {warm}, then {cfg.steps} RL steps (about 1 s each on 2 "
+            f"CPU cores){evals}. Outputs: {cfg.out}/.")

@@ -1,6 +1,7 @@
 """Recipes (presets.py, recipes/*.toml) and the dry run (dryrun.py): every preset loads, names
 the source of every value, passes --dry-run, and runs two steps on the toy model; the memory
 formula is checked against tensors measured on CPU."""
+import json
 import os
 import re
 
@@ -123,7 +124,7 @@ def test_every_text_preset_runs_two_steps_on_the_toy(tmp_path, cache, name):
                        "--mini-batch-size", "2", "--micro-batch-size", "3",
                        "--rollout-micro-batch", "3", "--eval-data", ""])
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [__import__("json").loads(line) for line in f]
+        rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2] and all(r["updates"] == 2 for r in rows)
     assert all(r["loss"] == r["loss"] for r in rows)
 
@@ -191,7 +192,8 @@ def test_static_memory_is_exact_after_an_optimizer_step():
                                  if v.dim() > 0)}
     est = dryrun.estimate(dryrun.shapes(model, _cfg()), _cfg(), world=1)
     assert {k: est[k] for k in measured} == measured
-    lora = pytest.importorskip("peft") and __import__("lora")
+    pytest.importorskip("peft")
+    import lora
     adapted = lora.add_lora(build_toy_model(tok), rank=4, alpha=8, dropout=0.0,
                             targets=lora.LORA_TARGETS)
     trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)

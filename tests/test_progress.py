@@ -2,7 +2,7 @@
 import io
 
 import config
-import train
+import warmstart
 from progress import Progress
 from tests.conftest import warm_start_dir
 
@@ -40,8 +40,8 @@ def test_a_terminal_gets_one_line_rewritten_and_cleared():
 
 def test_overview_says_what_happens_and_how_long(cache):
     fresh = config.parse_config(["--cache-dir", "/nonexistent-cache"])
-    assert "one-time warm start" in train.overview(fresh) and "minutes" in train.overview(fresh)
-    assert "150 RL steps" in train.overview(fresh) and "runs/rlsd" in train.overview(fresh)
+    assert "one-time warm start" in warmstart.overview(fresh) and "minutes" in warmstart.overview(fresh)
+    assert "150 RL steps" in warmstart.overview(fresh) and "runs/rlsd" in warmstart.overview(fresh)
     cached = config.parse_config(["--cache-dir", cache, "--warm-start-steps", "30"])
     assert warm_start_dir(cache)  # the fixture built it
-    assert "the cached warm start" in train.overview(cached)
+    assert "the cached warm start" in warmstart.overview(cached)

@@ -16,8 +16,8 @@ from teachers import chunked_logits, response_logits
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     d = vision.build_toy_vlm(str(tmp_path_factory.mktemp("toy-vlm")))
-    model, tok, proc = vision.load(d)
-    return d, model.eval(), tok, proc
+    model, tok = vision.load(d)
+    return d, model.eval(), tok, tok.image_processor
 
 
 def _image(seed, size=64):
