@@ -38,8 +38,8 @@ class Config:
     algo: str = "rlsd"                # sft grpo dr_grpo dapo gspo rloo opd opsd sdpo srpo ptdpo rlsd
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
     teacher: str = ""                 # OPD's external teacher: 'toy' or a directory / hub id
-    data: str = "toy"                 # 'toy' or a .jsonl / .parquet file
-    eval_data: str = "toy"            # 'toy' (test + ood splits), a file, or '' for no evaluation
+    data: str = "toy"                 # 'toy' (arithmetic), 'shapes' (images; a tiny Qwen3-VL) or a .jsonl / .parquet file
+    eval_data: str = "toy"            # 'toy' or 'shapes' (test + ood splits; --data shapes: shapes), a file, or '' for no evaluation
     prompt_key: str = "prompt"        # data column with the question (the student's prompt)
     answer_key: str = "answer"        # data column with the final answer (the verifier's target)
     solution_key: str = "solution"    # data column with a reference solution (OPSD's teacher)
@@ -295,7 +295,11 @@ def resolve_config(given: dict) -> Config:
     if model == "toy":
         values.update(TOY_DEFAULTS, **TOY_ALGO_DEFAULTS.get(algo, {}))
     values.update(preset)
-    if "toy" in (chosen.get("data", Config.data), model):
+    if chosen.get("data") == "shapes":  # evaluated on its own test + ood splits
+        values["eval_data"] = "shapes"
+        if model == "toy":  # its answers are at most 11 characters
+            values["max_new_tokens"] = 16
+    if "toy" in (chosen.get("data", Config.data), model) or chosen.get("data") == "shapes":
         # the toy task's own prompts, and the toy model's 256-token context: the compact
         # template, and the plain verifier (no <answer> tags to score)
         values["student_template"] = ""
@@ -374,7 +378,7 @@ def check_config(cfg: Config, given: dict = ()):
         bad(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.preset and not cfg.dry_run:
         about = presets.load(cfg.preset, DEFAULTS)[0]
-        if cfg.model != "toy" and cfg.data == "toy":
+        if cfg.model != "toy" and cfg.data in data.TASKS:
             bad(f"--preset {cfg.preset} trains {cfg.model} on {about.get('data', 'its dataset')}: "
                 f"give --data FILE (README, Recipes), or --model toy to try the recipe here")
     if not cfg.dry_run:
@@ -420,7 +424,7 @@ def check_paths(cfg: Config, bad):
         elif value.startswith((".", "/", "~")) or value.count("/") != 1:
             bad(f"{flag} {value}: no such directory (and not a hub id of the form org/name)")
     for flag, value in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if value not in ("", "toy") and not os.path.isfile(value):
+        if value not in ("", *data.TASKS) and not os.path.isfile(value):
             bad(f"{flag} {value}: no such file" + (" (a directory)" if os.path.isdir(value) else ""))
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         bad(f"--out {cfg.out}: is a file; expected a run directory")

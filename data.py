@@ -11,7 +11,8 @@ SDPO and SRPO build their teacher context at run time from a correct sibling rol
 The embedded toy task makes every algorithm runnable offline on a laptop: left-to-right
 chains of additions and subtractions of numbers 0-99, e.g. "36+78-11" -> "36+78=114;114-11=103",
 answer 103. Train and test use 2-3 operations, the out-of-distribution split 4. Problems are
-assigned to splits by a hash, so test questions never occur in training.
+assigned to splits by a hash, so test questions never occur in training. Its image
+counterpart, `--data shapes` (count the shapes of a colour in a picture), is in shapes.py.
 
 The warm start imitates a sloppy demonstrator (`sloppy_solution`, warmstart.TOY_SLIP): shown
 only the question, it drops most carries and borrows ("36+78=104"); shown a privileged context
@@ -275,6 +276,25 @@ def _jsonl_rows(path: str):
         yield f"{path}:{i}", row
 
 
+def _images(cell, base: str, where: str, name: str) -> list:
+    """A row's images: one or a list of file paths (relative to the data file), encoded bytes,
+    or {"bytes": ..., "path": ...} structs (a Hugging Face datasets Image column in Parquet)."""
+    if cell is None or (isinstance(cell, (str, bytes, list, tuple)) and not cell):
+        return []
+    out = []
+    for item in (cell if isinstance(cell, (list, tuple)) else [cell]):
+        if isinstance(item, dict):
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, bytes):
+            out.append(item)
+        elif isinstance(item, str) and item:
+            out.append(os.path.join(base, item))
+        else:
+            raise DataError(f"{where}: '{name}' must hold image paths or image bytes, "
+                            f"got {type(item).__name__}")
+    return out
+
+
 def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -> list[Example]:
     """Examples from a .jsonl or .parquet file. `columns` renames fields (Example field ->
     file column); `need` lists privileged contexts that must be present on every row."""
@@ -291,12 +311,11 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
                 raise DataError(f"{where}: missing or empty '{col[name]}' "
                                 f"(needed as the {name})")
         fields = {c: row.get(col[c]) for c in CONTEXTS + ("teacher_prompt",)}
-        images = row.get(col["images"]) or []
-        images = [images] if isinstance(images, str) else list(images)
         base = os.path.dirname(os.path.abspath(path))  # relative image paths: next to the file
         out.append(Example(prompt=str(row[col["prompt"]]),
                            **{c: "" if v is None else str(v) for c, v in fields.items()},
-                           images=[os.path.join(base, i) for i in images], where=where))
+                           images=_images(row.get(col["images"]), base, where, col["images"]),
+                           where=where))
     if not out:
         raise DataError(f"{path}: no rows")
     return out
@@ -332,13 +351,15 @@ def check_images(examples: list[Example]):
     except ImportError:
         raise DataError(f"{rows[0].where}: rows have images; reading them needs pillow "
                         f"(pip install -e '.[vision]')") from None
+    import vision
     for e in rows:
-        for p in e.images:
+        for k, p in enumerate(e.images, 1):
             try:
-                with Image.open(p) as im:
+                with vision.open_image(p) as im:
                     im.verify()
             except Exception as err:  # PIL raises many types for a bad file
-                raise DataError(f"{e.where}: image {p} cannot be read "
+                name = f"image {k} (bytes)" if isinstance(p, bytes) else f"image {p}"
+                raise DataError(f"{e.where}: {name} cannot be read "
                                 f"({type(err).__name__}: {err})") from None
 
 
@@ -359,11 +380,22 @@ def step_examples(examples: list, step: int, *, prompts_per_step: int, seed: int
     return out
 
 
+TASKS = ("toy", "shapes")  # the embedded tasks: arithmetic (text), shapes (images, shapes.py)
+
+
+def make_task(spec: str, split: str, n: int, *, seed: int = 0) -> list[Example]:
+    """n generated problems of an embedded task's split."""
+    if spec == "shapes":
+        import shapes
+        return shapes.make_shapes(split, n, seed=seed)
+    return make_toy(split, n, seed=seed)
+
+
 def load_data(spec: str, split: str, *, n_toy: int, seed: int = 0, columns=None,
               need=()) -> list[Example]:
-    """'toy' (generated) or a file path."""
-    if spec == "toy":
-        return make_toy(split, n_toy, seed=seed)
+    """An embedded task ('toy', 'shapes': generated) or a file path."""
+    if spec in TASKS:
+        return make_task(spec, split, n_toy, seed=seed)
     examples = load_examples(spec, columns=columns, need=need)
     check_images(examples)
     return examples

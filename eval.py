@@ -132,11 +132,12 @@ def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperatu
 
 
 def eval_sets(cfg, columns) -> dict:
-    """The trainer's evaluation sets: toy test + ood splits, or the --eval-data file."""
+    """The trainer's evaluation sets: an embedded task's test + ood splits, or the --eval-data
+    file."""
     if not cfg.eval_data:
         return {}
-    if cfg.eval_data == "toy":
-        return {s: data.make_toy(s, cfg.eval_n, seed=0) for s in ("test", "ood")}
+    if cfg.eval_data in data.TASKS:
+        return {s: data.make_task(cfg.eval_data, s, cfg.eval_n) for s in ("test", "ood")}
     return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
 
 
@@ -149,7 +150,7 @@ def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
     with gathered(model):
         for name, exs in sets.items():
             out[f"{name}_acc"] = accuracy(model, tok, exs, partial(P.student, tok), cfg, dist)
-            if cfg.data == "toy" and name == "test":  # does the self-teacher use the answer?
+            if cfg.data in data.TASKS and name == "test":  # does the self-teacher use the answer?
                 out["test_teacher_acc"] = accuracy(
                     model, tok, exs, lambda e: P.teacher(tok, e, "answer")[0], cfg, dist)
     return out
@@ -209,11 +210,12 @@ def plot_runs(run_dirs, out_png, keys=("reward_mean", "test_acc", "entropy", "re
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint or compare runs.")
     p.add_argument("checkpoint", nargs="?", help="HF model directory or hub id")
-    p.add_argument("--data", default="toy", help="'toy' (test + ood) or a .jsonl/.parquet file")
+    p.add_argument("--data", default="toy", help="'toy' or 'shapes' (test + ood) or a "
+                   ".jsonl/.parquet file")
     p.add_argument("--n", type=int, default=500, help="toy problems per split")
     p.add_argument("--k", type=int, default=1, help="samples per problem for avg@k / pass@k")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=int, default=0, help="0: 40 on toy, else 4096")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: 40 on toy, 16 on shapes, else 4096")
     p.add_argument("--leak-phrases", default="", help="comma-separated extra phrases")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR")
     p.add_argument("--plot", default="", help="with --compare: write a PNG of the curves")
@@ -229,8 +231,8 @@ def main(argv=None):
             return
         if not a.checkpoint:
             p.error("give a checkpoint, or --compare RUN_DIR...")
-        toy = a.data == "toy"
-        sets = ({s: data.make_toy(s, a.n) for s in ("test", "ood")} if toy
+        toy = a.data in data.TASKS
+        sets = ({s: data.make_task(a.data, s, a.n) for s in ("test", "ood")} if toy
                 else {"eval": data.load_data(a.data, "eval", n_toy=0)})  # images checked too
         phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
         if toy:
@@ -239,7 +241,8 @@ def main(argv=None):
         for name, exs in sets.items():
             res = evaluate_checkpoint(a.checkpoint, exs, prompts=P, k=a.k,
                                       temperature=a.temperature, phrases=phrases, reward=a.reward,
-                                      max_new_tokens=a.max_new_tokens or (40 if toy else 4096))
+                                      max_new_tokens=a.max_new_tokens or
+                                      {"toy": 40, "shapes": 16}.get(a.data, 4096))
             print(json.dumps({"split": name, **res}))
     except (data.DataError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -81,8 +81,8 @@ TOY_LEAK_MARKERS = ("Q", "A", "S", "H", "R")  # toy privileged-context markers
 
 
 def templates(data_spec: str) -> dict:
-    """The toy task's compact templates, or the papers' wording for real data."""
-    return TOY_TEMPLATES if data_spec == "toy" else PAPER_TEMPLATES
+    """The embedded tasks' compact templates, or the papers' wording for real data."""
+    return TOY_TEMPLATES if data_spec in ("toy", "shapes") else PAPER_TEMPLATES
 
 
 def render(template: str, ex, sibling: str = "") -> str:

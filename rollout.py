@@ -30,11 +30,11 @@ TOY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
                      "{% if add_generation_prompt %}:{% endif %}")
 
 
-def build_toy_tokenizer():
+def build_toy_tokenizer(extra_chars: str = ""):
     """A character-level tokenizer in Hugging Face format (saved and loaded like any other)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {t: i for i, t in enumerate(TOY_SPECIALS + sorted(set(data.TOY_CHARS)))}
+    vocab = {t: i for i, t in enumerate(TOY_SPECIALS + sorted(set(data.TOY_CHARS + extra_chars)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char, one token
     tok.decoder = decoders.Fuse()

@@ -249,7 +249,7 @@ def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
     # prompts longer than the model can answer fail here (naming the row), not after minutes
     # of training with a traceback about a 30 GB allocation
     limit = prompt_limit(cfg, model)
-    if limit and cfg.data != "toy":  # the toy task's prompts are short by construction
+    if limit and cfg.data not in data.TASKS:  # the embedded tasks' prompts are short
         name = ("--max-prompt-tokens" if cfg.max_prompt_tokens else
                 "the model's context minus --max-new-tokens =")
         examples = data.drop_long_prompts(examples, partial(prompts_for(cfg).student, tok),

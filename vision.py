@@ -1,7 +1,8 @@
 """Vision-language models (the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families): loading without
 torchvision, prompts with images, the multimodal RoPE positions, and the images of every
-forward (sampling, teachers, reference, loss, evaluation). Still to come: the embedded image
-task and its warm start, images as Parquet bytes.
+forward (sampling, teachers, reference, loss, evaluation), and the tiny Qwen3-VL of the
+embedded image task (shapes.py). An image is a file path or the encoded bytes of a PNG / JPEG
+(Parquet image columns, the generated task).
 
 A Qwen-VL prompt holds one `<|image_pad|>` placeholder per image, written by the tokenizer's
 chat template, which must become as many image tokens as the vision tower emits for that image:
@@ -17,6 +18,7 @@ without images needs nothing special: 1-D positions that skip the padding (rollo
 give every M-RoPE component the same value, which is what the model computes for text.
 """
 import functools
+import io
 import os
 
 import torch
@@ -82,18 +84,24 @@ def encode(tok, processor, model_config, text: str, images: list, *, chat_kwargs
     return ids, px["pixel_values"], px["image_grid_thw"]
 
 
-@functools.lru_cache(maxsize=4096)
-def _pixels(processor, path: str):
-    """(pixel_values, patch grid) of one image file, processed once per run."""
+def open_image(ref):
+    """A PIL image from a file path or from encoded bytes."""
     from PIL import Image
-    with Image.open(path) as im:
+    return Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pixels(processor, ref):
+    """(pixel_values, patch grid) of one image (a path or bytes), processed once per run."""
+    with open_image(ref) as im:
         px = processor(images=[im.convert("RGB")], return_tensors="pt")
     return px["pixel_values"], px["image_grid_thw"]
 
 
 def row_images(tok, paths: list) -> tuple:
-    """The processed images of one row: ((pixel_values, grid), ...), () without images. The
-    image processor travels with the tokenizer (`tok.image_processor`, set by `load`)."""
+    """The processed images of one row (paths or bytes): ((pixel_values, grid), ...), () without
+    images. The image processor travels with the tokenizer (`tok.image_processor`, set by
+    `load`)."""
     if not paths:
         return ()
     processor = getattr(tok, "image_processor", None)
@@ -163,34 +171,45 @@ TOY_VLM_TEMPLATE = (
     "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}:{% endif %}")
 
 
-def build_toy_vlm(directory: str, *, seed: int = 0) -> str:
-    """A ~0.1M-parameter Qwen3-VL with random weights, the toy's character tokenizer plus the
-    vision special tokens, and a PIL image processor (16-pixel patches, 2 x 2 merged), saved
-    in Hugging Face format to `directory`."""
+def toy_vlm(*, seed: int = 0, hidden: int = 64, layers: int = 2, rope_theta: float = 10000.0):
+    """(model, tokenizer) of a tiny Qwen3-VL with random weights: the toy's character tokenizer
+    plus the colour letters of the image task and the vision special tokens, and a PIL image
+    processor (16-pixel patches, 2 x 2 merged) as `tok.image_processor`."""
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import shapes
     from rollout import build_toy_tokenizer
-    tok = build_toy_tokenizer()
+    tok = build_toy_tokenizer(extra_chars=shapes.CHARS)
     tok.add_special_tokens({"additional_special_tokens": VISION_SPECIALS})
     tok.chat_template = TOY_VLM_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_SPECIALS}
+    heads = hidden // 16
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 2), head_dim=16,
+                         max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
                                           "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=64, deepstack_visual_indexes=[0],
+                           out_hidden_size=hidden, deepstack_visual_indexes=[0],
                            num_position_embeddings=64),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
-    processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                         min_pixels=32 * 32, max_pixels=64 * 64)
+    tok.image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+                                                   temporal_patch_size=2, min_pixels=32 * 32,
+                                                   max_pixels=128 * 128)
+    return model, tok
+
+
+def build_toy_vlm(directory: str, *, seed: int = 0, **sizes) -> str:
+    """`toy_vlm` saved in Hugging Face format (weights, tokenizer, image processor) to
+    `directory`, loadable with `load` like any Qwen3-VL checkpoint."""
+    model, tok = toy_vlm(seed=seed, **sizes)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    tok.image_processor.save_pretrained(directory)
     return directory

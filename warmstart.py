@@ -22,6 +22,8 @@ import torch
 import checkpoint as ckpt
 import data
 import grpo
+import shapes
+import vision
 from batch import Batch
 from config import Config, resolve_config
 from distributed import Dist
@@ -51,22 +53,31 @@ def warm_start_key(sft: Config) -> str:
     parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
              torch.__version__, transformers.__version__, data.TOY_CHARS, repr(TOY_TEMPLATES),
              repr(TOY_SFT_MIX), repr(TOY_SLIP), repr(data.MAX_OPERAND)]
+    if sft.data == "shapes":  # the image task: its pictures and the tiny Qwen3-VL
+        parts += [inspect.getsource(shapes), inspect.getsource(vision.toy_vlm), repr(TOY_VLM)]
     parts += [inspect.getsource(f) for f in (data.toy_example, data.toy_chain, data.sloppy_solution, data.make_toy, data.step_examples,
                                              build_toy_model, build_toy_tokenizer, sft_batch, render,
                                              sft_step, backward_chunked, lr_at, clip_and_step)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
+def task_of(cfg: Config) -> str:
+    """The embedded task the toy model is warm-started on: --data's, or arithmetic."""
+    return cfg.data if cfg.data in data.TASKS else "toy"
+
+
 def _sft_config(cfg: Config, steps: int) -> Config:
-    return resolve_config(dict(algo="sft", model="toy", steps=steps, seed=cfg.seed,
+    task = task_of(cfg)
+    return resolve_config(dict(algo="sft", model="toy", data=task, steps=steps, seed=cfg.seed,
                                cache_dir=cfg.cache_dir, eval_every=0, save_every=0,
-                               keep_checkpoints=1, eval_data="toy", eval_n=cfg.eval_n,
+                               keep_checkpoints=1, eval_data=task, eval_n=cfg.eval_n,
                                log_every=max(1, steps // 20), overwrite=True, out="-"))
 
 
 def warm_start_path(cfg: Config, *, steps: int, name: str) -> str:
     """Where the cached warm start of these settings lives (built or not)."""
-    return os.path.join(cache_dir(cfg), f"toy-{name}-sft{steps}-seed{cfg.seed}-"
+    prefix = "toy" if task_of(cfg) == "toy" else task_of(cfg)  # toy-..., shapes-...
+    return os.path.join(cache_dir(cfg), f"{prefix}-{name}-sft{steps}-seed{cfg.seed}-"
                                         f"{warm_start_key(_sft_config(cfg, steps))}")
 
 
@@ -80,10 +91,12 @@ def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str) -> str:
                                                   f"the warm start {path}"):
             if not os.path.exists(path):
                 sft.out = path + ".run"  # a crashed attempt's files are overwritten
-                minutes = steps * 0.25 / 60  # ~0.25 s per SFT step on 2 CPU cores
-                print(f"warm start ({name}): supervised fine-tuning of the ~0.3M-parameter toy "
-                      f"Qwen3 on the arithmetic task, {steps} steps, about {minutes:.0f} minutes "
-                      f"on 2 CPU cores. Done once: cached in {path}", flush=True)
+                minutes = steps * SFT_SECONDS[sft.data] / 60
+                what = ("the ~0.3M-parameter toy Qwen3 on the arithmetic task" if sft.data == "toy"
+                        else "the tiny Qwen3-VL on the shapes task")
+                print(f"warm start ({name}): supervised fine-tuning of {what}, {steps} steps, "
+                      f"about {minutes:.0f} minutes on 2 CPU cores. Done once: cached in {path}",
+                      flush=True)
                 from train import train  # the warm start is a run of the same loop
                 train(sft, Dist(device=dist.device), label="warm start: ")  # one local process
                 os.replace(ckpt.latest_checkpoint(sft.out), path)
@@ -96,6 +109,9 @@ def load_policy(cfg: Config, dist: Dist, name: str):
     """(model, tokenizer) for 'toy-init' (random), 'toy' (cached warm start) or a path/hub id."""
     dtype = torch.float32  # master weights; bf16 compute comes from FSDP's policy or autocast
     if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
+        if task_of(cfg) == "shapes":
+            model, tok = vision.toy_vlm(seed=cfg.seed, **TOY_VLM)
+            return model.to(dist.device), tok
         tok = build_toy_tokenizer()
         return build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
     if name == "toy":  # trained once, then read from the cache like any HF directory
@@ -113,6 +129,11 @@ def load_policy(cfg: Config, dist: Dist, name: str):
 # the warm start nearer to where RL levels off, so less for RL to fix
 TOY_SLIP = 0.8
 TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
+# the shapes task's demonstrator overlooks this share of the right-hand column's shapes, and
+# its tiny Qwen3-VL has this language model (the vision tower: vision.toy_vlm)
+SHAPES_SLIP = 0.8
+SFT_SECONDS = {"toy": 0.25, "shapes": 0.35}  # per SFT step on 2 CPU cores (measured)
+TOY_VLM = dict(hidden=64, layers=2)
 
 
 def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
@@ -124,14 +145,16 @@ def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
                              seed=cfg.seed, rank=dist.rank, world=dist.world)
     rng = random.Random(f"{cfg.seed}-{step}-{dist.rank}")  # a string seed: stable across runs
     tpl, P = templates(cfg.data), prompts_for(cfg)
+    toy = cfg.data in data.TASKS
     prompts, targets = [], []
     for e in exs:
-        kind = rng.choice(TOY_SFT_MIX) if cfg.data == "toy" else "student"
+        kind = rng.choice(TOY_SFT_MIX) if toy else "student"
         kind = kind if kind == "student" or getattr(e, kind) else "student"  # e.g. no hint
-        prompts.append(P.ids(tok, render(tpl[kind], e)))
+        prompts.append(P.ids(tok, render(tpl[kind], e), ex=e))  # with the row's images
         target = e.solution or e.answer  # the worked solution; a bare answer if there is none
-        if cfg.data == "toy" and kind == "student":  # the demonstrator slips without a context
-            target = data.sloppy_solution(e, rng, TOY_SLIP)
+        if toy and kind == "student":  # the demonstrator slips without a context
+            target = (shapes.careless_solution(e, rng, SHAPES_SLIP) if cfg.data == "shapes"
+                      else data.sloppy_solution(e, rng, TOY_SLIP))
         targets.append(tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     # the same layout as a rollout batch (left-padded prompts, right-padded targets), so SFT
     # runs through the same hidden-state forward and chunked loss as RL
@@ -141,10 +164,12 @@ def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
     rmask = torch.zeros((n, T), dtype=torch.long)
     for i, t in enumerate(targets):
         resp[i, :len(t)], rmask[i, :len(t)] = torch.tensor(t), 1
+    images = [vision.row_images(tok, e.images) for e in exs]  # () for a text row
     return Batch(exs, *(x.to(dist.device) for x in (ids, mask, resp, rmask)),
                  truncated=torch.zeros(n, dtype=torch.bool), texts=[], rewards=torch.zeros(n),
                  correct=torch.zeros(n, dtype=torch.bool),
-                 in_loss=torch.ones(n, dtype=torch.bool, device=dist.device))
+                 in_loss=torch.ones(n, dtype=torch.bool, device=dist.device),
+                 images=images if any(images) else None)
 
 
 def sft_step(model, opt, b: Batch, cfg: Config, dist: Dist, step: int) -> dict:
@@ -174,9 +199,12 @@ def overview(cfg: Config) -> str:
     cached = os.path.exists(warm_start_path(cfg, steps=cfg.warm_start_steps, name="student"))
     warm = ("the cached warm start" if cached else
             f"first the one-time warm start (supervised fine-tuning, about "
-            f"{cfg.warm_start_steps * 0.25 / 60:.0f} minutes on 2 CPU cores, then cached)")
+            f"{cfg.warm_start_steps * SFT_SECONDS[task_of(cfg)] / 60:.0f} minutes on 2 CPU "
+            f"cores, then cached)")
     evals = (f", evaluated greedily on {cfg.eval_n} test problems every {cfg.eval_every} steps"
              if cfg.eval_data and cfg.eval_every else "")
-    return (f"--algo {cfg.algo} on the embedded toy task (arithmetic with carries, a "
-            f"~0.3M-parameter Qwen3): {warm}, then {cfg.steps} RL steps (about 1 s each on 2 "
-            f"CPU cores){evals}. Outputs: {cfg.out}/.")
+    task = ("the embedded toy task (arithmetic with carries, a ~0.3M-parameter Qwen3)"
+            if task_of(cfg) == "toy" else "the embedded shapes task (count the shapes of a "
+            "colour in a picture, a tiny Qwen3-VL)")
+    return (f"--algo {cfg.algo} on {task}: {warm}, then {cfg.steps} RL steps (about 1 s each "
+            f"on 2 CPU cores){evals}. Outputs: {cfg.out}/.")

@@ -1,0 +1,118 @@
+"""The embedded image task (`--data shapes`): count the shapes of one colour in a picture.
+
+The vision-language counterpart of the arithmetic toy task (data.py), for the tiny Qwen3-VL
+(`vision.toy_vlm`): everything runs offline on a laptop CPU. A picture is a 3 x 3 grid of
+32-pixel cells, 96 x 96 pixels, so that each cell is exactly one image token of the model
+(16-pixel patches, 2 x 2 merged). A cell is empty or holds a square, disc or triangle, big or
+small, in red, green, blue or yellow (r, g, b, y). The question is a colour; the worked solution
+lists the cells (1-9, reading order) that hold a shape of that colour, then their number:
+
+    picture + "Qr"   ->   "159=3"        answer 3
+
+Privileged contexts (every kind an algorithm may show its teacher):
+  answer     "3"
+  solution   "159=3"
+  hint       the rows that hold the colour, "13": a region, answer-free (for real data a
+             PTD-PO hint names regions as text, e.g. normalised boxes; README)
+  rationale  how many shapes the picture holds in all: answer-free context
+
+The warm start imitates a demonstrator that, shown only the question, overlooks most shapes in
+the right-hand column (cells 3, 6, 9: `careless_solution`) and, shown a context, looks
+carefully: the same situation as the arithmetic task's dropped carries, a habit that only a
+reward corrects. Train and test pictures hold 2-6 shapes, the out-of-distribution split 7-9.
+Problems go to train or test by a hash of the picture and question.
+"""
+import functools
+import hashlib
+import io
+import random
+
+from data import DataError, Example
+
+COLOURS = {"r": (215, 40, 40), "g": (30, 160, 60), "b": (40, 70, 215), "y": (225, 190, 30)}
+KINDS = ("square", "disc", "triangle")
+CELL, GRID = 32, 3
+RIGHT_COLUMN = (3, 6, 9)
+CHARS = "rgby"  # the colours' letters, added to the arithmetic task's characters
+
+
+def draw(cells: list) -> bytes:
+    """PNG bytes of the picture: `cells` holds GRID * GRID entries, None or
+    (colour, kind, big, dx, dy) with the shape's offset in pixels from the cell's centre."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (CELL * GRID, CELL * GRID), (255, 255, 255))
+    pen = ImageDraw.Draw(im)
+    for k, c in enumerate(cells):
+        if c is None:
+            continue
+        colour, kind, big, dx, dy = c
+        r = 11 if big else 6
+        x, y = (k % GRID) * CELL + CELL // 2 + dx, (k // GRID) * CELL + CELL // 2 + dy
+        box = (x - r, y - r, x + r, y + r)
+        fill = COLOURS[colour]
+        if kind == "square":
+            pen.rectangle(box, fill=fill)
+        elif kind == "disc":
+            pen.ellipse(box, fill=fill)
+        else:
+            pen.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def solution_of(cells: list, colour: str, skip=None) -> str:
+    """The listed cells of `colour`, then their number. `skip(cell)`, when given, is asked at
+    each one whether to overlook it (a careless demonstrator)."""
+    found = [str(k + 1) for k, c in enumerate(cells) if c is not None and c[0] == colour
+             and not (skip and skip(k + 1))]
+    return "".join(found) + "=" + str(len(found))
+
+
+def shapes_example(rng: random.Random, n_shapes: int) -> tuple[Example, list]:
+    """(example, cells) of one random picture with n_shapes shapes."""
+    cells = [None] * (GRID * GRID)
+    for k in rng.sample(range(GRID * GRID), n_shapes):
+        big = rng.random() < 0.5
+        jitter = 3 if big else 8
+        cells[k] = (rng.choice(CHARS), rng.choice(KINDS), big,
+                    rng.randint(-jitter, jitter), rng.randint(-jitter, jitter))
+    present = sorted({c[0] for c in cells if c is not None})
+    colour = rng.choice(present) if rng.random() < 0.9 else rng.choice(CHARS)  # 10%: maybe 0
+    solution = solution_of(cells, colour)
+    rows = sorted({str(k // GRID + 1) for k, c in enumerate(cells) if c and c[0] == colour})
+    ex = Example(prompt=colour, answer=solution.split("=")[1], solution=solution,
+                 hint="".join(rows), rationale=str(n_shapes), images=[draw(cells)])
+    return ex, cells
+
+
+def careless_solution(ex: Example, rng: random.Random, p: float) -> str:
+    """The careless demonstrator's solution: each shape of the colour in the right-hand column
+    is overlooked with probability p (the cells come back from the listed solution)."""
+    listed = ex.solution.split("=")[0]
+    kept = [d for d in listed if not (int(d) in RIGHT_COLUMN and rng.random() < p)]
+    return "".join(kept) + "=" + str(len(kept))
+
+
+def _split_of(ex: Example) -> str:
+    h = hashlib.sha256(ex.images[0] + ex.prompt.encode()).digest()
+    return "test" if h[0] % 10 == 0 else "train"
+
+
+@functools.lru_cache(maxsize=8)  # drawn once per process (20,000 pictures: ~10 s)
+def make_shapes(split: str, n: int, *, seed: int = 0) -> list[Example]:
+    """n problems of a split: 'train', 'test' (2-6 shapes) or 'ood' (7-9 shapes)."""
+    if split not in ("train", "test", "ood"):
+        raise DataError(f"shapes split must be train, test or ood, got {split!r}")
+    rng = random.Random(f"shapes-{split}-{seed}")
+    out, seen = [], set()
+    while len(out) < n:
+        ex, _ = shapes_example(rng, rng.randint(7, 9) if split == "ood" else rng.randint(2, 6))
+        if split != "ood" and _split_of(ex) != split:
+            continue
+        key = ex.images[0] + ex.prompt.encode()
+        if split == "test" and key in seen:  # a fixed test set of distinct problems
+            continue
+        seen.add(key)
+        out.append(ex)
+    return out
