@@ -347,7 +347,7 @@ def check_images(examples: list[Example]):
     if not rows:
         return
     try:
-        from PIL import Image
+        import PIL  # noqa: F401  (vision.open_image reads them with pillow)
     except ImportError:
         raise DataError(f"{rows[0].where}: rows have images; reading them needs pillow "
                         f"(pip install -e '.[vision]')") from None
