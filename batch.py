@@ -190,21 +190,43 @@ def strip_thinking(text: str) -> str:
     return re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
 
 
+def unrelated_contexts(examples: list, pool: list, *, group_size: int, seed: int) -> list:
+    """The study's control arm (`--context-source other`): each group's rows with the
+    privileged fields (answer, solution, hint, rationale, teacher prompt) of a different,
+    randomly chosen problem of `pool`, the question unchanged. All G rows of a group get the
+    same donor, as they share a prompt. A generator of its own (seeded per step), so the
+    sampling RNG, and so the rollouts, are those of the plain run."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(examples), group_size):
+        e = examples[i]
+        while True:  # a donor that is not the same problem (the toy pool repeats some)
+            d = pool[torch.randint(len(pool), (1,), generator=g).item()]
+            if (d.prompt, d.answer) != (e.prompt, e.answer) or len(pool) == 1:
+                break
+        swapped = dataclasses.replace(e, answer=d.answer, solution=d.solution, hint=d.hint,
+                                      rationale=d.rationale, teacher_prompt=d.teacher_prompt)
+        out += [swapped] * len(examples[i:i + group_size])
+    return out
+
+
 def teacher_prompts(tok, b: Batch, *, context: str, prompts: Prompts, group_size: int,
-                    success_threshold: float, device):
+                    success_threshold: float, device, shown: list | None = None):
     """(ids (N, Lt), mask (N, Lt), has_context (N,) bool): each row's teacher prompt.
 
     context = answer | solution | hint | rationale: the row's own field (or its whole
     teacher-prompt column), when it has one; sibling (SDPO, SRPO): the first correct sibling's
     response, thinking removed; none (OPD): the student's own prompt. Rows with nothing to
-    show get the plain student prompt and has_context False (prompts.Prompts.teacher)."""
+    show get the plain student prompt and has_context False (prompts.Prompts.teacher).
+    `shown`: the examples whose contexts the teacher sees instead (`unrelated_contexts`)."""
     siblings = [None] * len(b.examples)
     if context == "sibling":
         # the first OTHER rollout of the group with reward >= threshold (SDPO `_get_solution`;
         # a row is never its own teacher), or -1: the rule SRPO's routing table uses too
         _, sibling = distill.srpo_route(b.rewards.cpu(), group_size, threshold=success_threshold)
         siblings = [strip_thinking(b.texts[s]) if s >= 0 else None for s in sibling.tolist()]
-    rows = [prompts.teacher(tok, e, context, sibling=s) for e, s in zip(b.examples, siblings)]
+    rows = [prompts.teacher(tok, e, context, sibling=s)
+            for e, s in zip(shown or b.examples, siblings)]
     ids, mask = left_pad([r[0] for r in rows], tok.pad_token_id)
     has = torch.tensor([r[1] for r in rows], dtype=torch.bool)
     return ids.to(device), mask.to(device), has.to(device)

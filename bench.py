@@ -34,12 +34,28 @@ from progress import Progress
 from rollout import GENERATION_MODES
 
 PHASES = ("rollout", "teacher", "fwd_bwd", "optimizer")
-# Config fields of real checkpoints (from their config.json), built with random weights. The
-# toy tokenizer writes the prompts; the model still has its full vocabulary and LM head.
+# Qwen3 config fields, built with random weights. qwen3-0.6b is the real checkpoint's
+# config.json (the toy tokenizer writes the prompts; the model keeps its full vocabulary and LM
+# head); qwen3-3m and qwen3-30m are toy-vocabulary models between the 0.3M toy and a real one,
+# where CPU step times stop being dominated by fixed overheads.
 SHAPES = {"qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                              num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                              head_dim=128, max_position_embeddings=40960, rope_theta=1e6,
-                             rms_norm_eps=1e-6, tie_word_embeddings=True)}
+                             rms_norm_eps=1e-6, tie_word_embeddings=True),
+          "qwen3-3m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+          "qwen3-30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=64)}
+
+
+def build_model(args, tok):
+    """The benchmarked model with random weights: the toy, a --shape, or the --vocab one."""
+    from rollout import build_toy_model
+    if args.vocab:  # the wide-vocabulary memory configuration: tiny model, huge LM head
+        return build_toy_model(tok, vocab_size=args.vocab, hidden_size=args.hidden,
+                               intermediate_size=2 * args.hidden, head_dim=args.hidden // 4,
+                               num_hidden_layers=2, max_position_embeddings=2048)
+    return build_toy_model(tok, **SHAPES.get(args.shape, {}))
 
 
 def measure(args) -> dict:
@@ -49,7 +65,7 @@ def measure(args) -> dict:
     import train
     import warmstart
     from distributed import Dist, Stopwatch, autocast, gathered, release_large_blocks
-    from rollout import build_toy_model, build_toy_tokenizer
+    from rollout import build_toy_tokenizer
     from teachers import lm_head_logits, response_hidden
 
     given = dict(algo=args.algo, model="toy" if args.model == "toy-init" else args.model,
@@ -64,14 +80,9 @@ def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = Dist(device=device)
     torch.manual_seed(0)
-    if args.vocab:  # the wide-vocabulary memory configuration: tiny model, huge LM head
+    if args.vocab or args.shape or args.model == "toy-init":
         tok = build_toy_tokenizer()
-        model = build_toy_model(tok, vocab_size=args.vocab, hidden_size=args.hidden,
-                                intermediate_size=2 * args.hidden, head_dim=args.hidden // 4,
-                                num_hidden_layers=2, max_position_embeddings=2048).to(device)
-    elif args.shape:
-        tok = build_toy_tokenizer()
-        model = build_toy_model(tok, **SHAPES[args.shape]).to(device)
+        model = build_model(args, tok).to(device)
     else:
         model, tok = warmstart.load_policy(cfg, dist, args.model)
     release_large_blocks(model, device)  # as train.py does
@@ -172,11 +183,11 @@ def measure_trl(args) -> dict:
         raise SystemExit("--vs-trl needs TRL: pip install trl (a benchmark-only dependency)") from None
     import data
     from prompts import TOY_TEMPLATES, render
-    from rollout import build_toy_model, build_toy_tokenizer
+    from rollout import build_toy_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
     tok = build_toy_tokenizer()
-    build_toy_model(tok, seed=0).save_pretrained(tmp)
+    build_model(args, tok).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     n_prompts = args.prompts_per_step * (args.warmup + args.steps)
     exs = data.make_toy("train", n_prompts)
@@ -204,7 +215,11 @@ def measure_trl(args) -> dict:
         generation_kwargs={"min_new_tokens": args.max_new_tokens}, learning_rate=2e-4,
         beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", max_steps=args.warmup + args.steps,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
-        seed=0, shuffle_dataset=False, disable_dropout=True)
+        seed=0, shuffle_dataset=False, disable_dropout=True,
+        # TRL 1.x defaults to bf16 autocast and gradient checkpointing; ours runs --dtype with
+        # no checkpointing (train.py's defaults), so TRL is set the same way. With its defaults
+        # on a CPU without bf16 matrix units TRL's step is ~14x slower (measured at qwen3-3m)
+        bf16=args.dtype == "bfloat16", gradient_checkpointing=False)
     trainer = GRPOTrainer(model=tmp, reward_funcs=accuracy, args=cfg, train_dataset=ds,
                           processing_class=tok, callbacks=[StepTimer()])
     trainer.train()

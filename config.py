@@ -96,6 +96,7 @@ class Config:
     # --- teachers
     teacher_mode: str = "none"        # none | live | frozen | sync | ema | trust | external
     context: str = "answer"           # what the teacher sees: answer | solution | hint | rationale | sibling | none
+    context_source: str = "own"       # own | other: the privileged text of a different, randomly chosen training problem (a control: does the RIGHT context matter?)
     teacher_sync: int = 10            # RLSD: re-sync the frozen teacher every N steps (paper 10, code 20)
     teacher_ema: float = 0.05         # SDPO/SRPO EMA rate (and the trust-region mix)
     # --- RLSD
@@ -334,6 +335,11 @@ def check_config(cfg: Config, given: dict = ()):
         bad(f"unknown --teacher-mode {cfg.teacher_mode!r}")
     if cfg.context not in ("none", "sibling") + data.CONTEXTS:
         bad(f"unknown --context {cfg.context!r}")
+    if cfg.context_source not in ("own", "other"):
+        bad(f"--context-source must be 'own' or 'other', not {cfg.context_source!r}")
+    if cfg.context_source == "other" and cfg.context not in data.CONTEXTS:
+        bad(f"--context-source other swaps a row's {'/'.join(data.CONTEXTS)} for another "
+            f"problem's; --context {cfg.context} has none to swap")
     if cfg.adv_scale not in ("group", "none", "loo"):
         bad("--adv-scale must be 'group', 'none' or 'loo'")
     if cfg.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):

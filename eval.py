@@ -68,8 +68,9 @@ def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1
     return texts, stats
 
 
-def accuracy(model, tok, examples, encode, cfg, dist=None) -> float:
-    """Greedy pass@1 over `examples`, sharded over ranks and all-reduced."""
+def accuracy(model, tok, examples, encode, cfg, dist=None, leak_phrases=None):
+    """Greedy pass@1 over `examples`, sharded over ranks and all-reduced; with
+    `leak_phrases`, (pass@1, leakage of the same greedy responses)."""
     mine = _shard(examples, dist)
     device = dist.device if dist is not None else "cpu"
     # a line on a terminal only: training logs stay one line per step
@@ -78,7 +79,11 @@ def accuracy(model, tok, examples, encode, cfg, dist=None) -> float:
                       device=device, progress=Progress("evaluating", len(mine), quiet=quiet)
                       ) if mine else ([], [])
     correct = sum(rewards.accuracy(cfg.reward, texts, mine))
-    return _sum(dist, correct) / max(_sum(dist, len(mine)), 1.0)
+    acc = _sum(dist, correct) / max(_sum(dist, len(mine)), 1.0)
+    if leak_phrases is None:
+        return acc
+    leaked = leakage(texts, leak_phrases) * len(texts)
+    return acc, _sum(dist, leaked) / max(_sum(dist, len(mine)), 1.0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -142,14 +147,21 @@ def eval_sets(cfg, columns) -> dict:
 
 
 def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
-    """Greedy pass@1 on each set; on the toy task also the answer-conditioned teacher's.
+    """Greedy pass@1 on each set; on an embedded task also the answer-conditioned teacher's,
+    and on the arithmetic one the leakage of the student's test responses (`leakage`).
     Greedy decoding consumes no random numbers, so evaluating never changes a run."""
     P = prompts_for(cfg)
     model.eval()
     out = {}
     with gathered(model):
         for name, exs in sets.items():
-            out[f"{name}_acc"] = accuracy(model, tok, exs, partial(P.student, tok), cfg, dist)
+            if cfg.data == "toy" and name == "test":  # does the student quote the context?
+                # (arithmetic responses hold no letters; the markers are the context's labels)
+                out["test_acc"], out["test_leakage"] = accuracy(
+                    model, tok, exs, partial(P.student, tok), cfg, dist,
+                    leak_phrases=LEAK_PHRASES + TOY_LEAK_MARKERS)
+            else:
+                out[f"{name}_acc"] = accuracy(model, tok, exs, partial(P.student, tok), cfg, dist)
             if cfg.data in data.TASKS and name == "test":  # does the self-teacher use the answer?
                 out["test_teacher_acc"] = accuracy(
                     model, tok, exs, lambda e: P.teacher(tok, e, "answer")[0], cfg, dist)

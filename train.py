@@ -139,9 +139,12 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
         # 4. teacher prompts: the student prompt plus the privileged context, then the SAME
         # response ids; and which rows the distillation term averages over
         if teacher.mode != "none":
+            shown = (rollouts.unrelated_contexts(b.examples, examples, group_size=G,
+                                                 seed=cfg.seed * 1_000_003 + step)
+                     if cfg.context_source == "other" else None)  # the study's control arm
             b.teacher_ids, b.teacher_mask, b.has_context = rollouts.teacher_prompts(
                 tok, b, context=cfg.context, prompts=prompter, group_size=G,
-                success_threshold=cfg.success_threshold, device=dist.device)
+                success_threshold=cfg.success_threshold, device=dist.device, shown=shown)
             b.distill, b.kl_off = losses.distilled_rows(
                 cfg.algo, b, group_size=G, success_threshold=cfg.success_threshold,
                 ptd_tau=cfg.ptd_tau)

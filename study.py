@@ -1,0 +1,330 @@
+"""The study: every method side by side on the embedded arithmetic task, several seeds each.
+
+    python study.py                       # every arm x 3 seeds, then the report (~2 h, 2 CPU cores)
+    python study.py --report              # only the report, from the finished runs
+    python study.py --arms grpo,rlsd --seeds 0,1,2,3    # a subset, or more seeds
+    python study.py --check rlsd:0        # rerun a run's first steps: same metrics, exactly?
+
+Every arm trains with `train.py` in its own process, on the same prompts (the data order is a
+function of the seed and the step), the same number of prompts per step, group size,
+response length and optimizer steps; otherwise each algorithm keeps the defaults `train.py`
+gives it on the toy model (its paper's constants). Seed s uses the warm start of seed s
+(trained once and cached). The study is resumable: a finished run is reused, an interrupted
+one continues from its last checkpoint (`--resume`), so `python study.py` can be stopped and
+started again at any time.
+
+The report (`--report`, also at the end of a full run) reads the runs' metrics.jsonl and
+writes study/RESULTS.md (the table, the paired RLSD - GRPO comparison, each warm start's
+accuracy), the plots study/*.png, and the same table into README.md between its study
+markers. Nothing in it is typed by hand.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import eval as evaluation
+
+# arm -> (train.py flags, what it is). The two controls give the teacher the privileged
+# context of a different, randomly chosen training problem (`--context-source other`).
+ARMS = {
+    "grpo": ([], "GRPO"),
+    "dr_grpo": ([], "Dr. GRPO"),
+    "dapo": ([], "DAPO (dynamic sampling, clip-higher, overlong shaping off at this length)"),
+    "opd": (["--teacher", "toy"], "OPD, the stronger toy teacher (3x the warm start's SFT)"),
+    "opsd": ([], "OPSD, teacher shown the solution"),
+    "sdpo": ([], "SDPO, teacher shown a successful sibling"),
+    "srpo": ([], "SRPO: correct rows GRPO, failed rows SDPO-style"),
+    "ptdpo": ([], "PTD-PO, failed rows aligned to the hinted teacher"),
+    "rlsd": ([], "RLSD, teacher shown the answer"),
+    "rlsd_unrelated": (["--algo", "rlsd", "--context-source", "other"],
+                       "control: RLSD with another problem's answer"),
+    "opsd_unrelated": (["--algo", "opsd", "--context-source", "other"],
+                       "control: OPSD with another problem's solution"),
+}
+# the budget every arm shares (the toy defaults, except OPSD's 32 prompts per step: 16 here)
+STEPS = 150
+SHARED = ["--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "40",
+          "--save-every", "50", "--keep-checkpoints", "1"]
+TIMING = ("step_time_s", "time_rollout_s", "time_teacher_s", "time_fwd_bwd_s",
+          "time_optimizer_s")
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262}  # two-sided 95% Student-t quantiles by degrees of freedom
+
+
+def algo_of(arm: str) -> str:
+    flags = ARMS[arm][0]
+    return flags[flags.index("--algo") + 1] if "--algo" in flags else arm
+
+
+def run_dir(runs: str, arm: str, seed: int) -> str:
+    return os.path.join(runs, arm, f"seed{seed}")
+
+
+def read(path: str) -> list[dict]:
+    try:
+        return evaluation.read_metrics(path)
+    except FileNotFoundError:
+        return []
+
+
+def finished(path: str, steps: int) -> bool:
+    rows = read(path)
+    return bool(rows) and rows[-1].get("step") == steps and "test_acc" in rows[-1]
+
+
+def command(arm: str, seed: int, out: str, teacher: str, steps: int = STEPS,
+            extra: tuple = ()) -> list[str]:
+    flags = list(ARMS[arm][0])
+    if arm == "opd" and teacher:  # every seed distils from the same external teacher
+        flags[flags.index("--teacher") + 1] = teacher
+    if "--algo" not in flags:
+        flags = ["--algo", arm] + flags
+    return [sys.executable, "train.py", *flags, *SHARED, "--steps", str(steps), "--eval-every",
+            str(min(25, steps)), "--seed", str(seed), "--out", out, *extra]
+
+
+def opd_teacher_path(extra: tuple = ()) -> str:
+    """Where seed 0's OPD run caches the stronger toy teacher (the other seeds reuse it)."""
+    import config
+    import warmstart
+    cfg = config.parse_config(["--algo", "opd", "--teacher", "toy", "--seed", "0", *extra])
+    return warmstart.warm_start_path(cfg, steps=3 * cfg.warm_start_steps, name="teacher")
+
+
+def run_all(arms, seeds, runs: str, steps: int, extra: tuple = ()):
+    todo = [(a, s) for s in seeds for a in arms]  # seed-major: a partial study has whole seeds
+    t0, done = time.time(), 0
+    for i, (arm, seed) in enumerate(todo):
+        out = run_dir(runs, arm, seed)
+        if finished(out, steps):
+            continue
+        teacher = opd_teacher_path(extra) if seed != 0 else ""
+        if arm == "opd" and teacher and not os.path.exists(teacher):
+            teacher = ""  # seed 0's OPD run has not built it yet: this run does
+        resume = ["--resume"] if any(n.startswith("checkpoint-") for n in
+                                     (os.listdir(out) if os.path.isdir(out) else [])) else ["--overwrite"]
+        cmd = command(arm, seed, out, teacher, steps, extra) + resume
+        left = len(todo) - i
+        eta = f", ~{(time.time() - t0) / done * left / 60:.0f} min left" if done else ""
+        print(f"study: run {i + 1}/{len(todo)}: {arm} seed {seed}{eta}", flush=True)
+        with open(os.path.join(runs, "study.log"), "a") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc:
+            raise SystemExit(f"study: {arm} seed {seed} failed (exit {rc}); see "
+                             f"{os.path.join(runs, 'study.log')}; rerun to continue")
+        done += 1
+    with open(os.path.join(runs, "study_time.json"), "a") as f:
+        f.write(json.dumps({"runs": done, "minutes": (time.time() - t0) / 60}) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------
+
+def mean_std(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.3g}"
+    return f"{statistics.mean(xs):.3g} ± {statistics.stdev(xs):.2g}"
+
+
+def summarise(rows: list[dict], target: float | None) -> dict:
+    evals = [r for r in rows if "test_acc" in r]
+    train = [r for r in rows if r.get("step", 0) > 0 and "entropy" in r]
+    reach = next((r["step"] for r in evals if target is not None and r["test_acc"] >= target), None)
+    return {"final": evals[-1]["test_acc"], "best": max(r["test_acc"] for r in evals),
+            "ood": evals[-1].get("ood_acc"), "steps_to_grpo": reach,
+            "entropy": statistics.mean(r["entropy"] for r in train[-10:]),
+            "leakage": evals[-1].get("test_leakage"),
+            "length": statistics.mean(r["response_len_mean"] for r in train),
+            "step_s": statistics.median(r["step_time_s"] for r in train),
+            "start": evals[0]["test_acc"], "start_teacher": evals[0].get("test_teacher_acc")}
+
+
+def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
+           readme: str = "README.md"):
+    os.makedirs(out_dir, exist_ok=True)
+    data = {a: {s: read(run_dir(runs, a, s)) for s in seeds
+                if finished(run_dir(runs, a, s), steps)} for a in arms}
+    data = {a: d for a, d in data.items() if d}
+    if "grpo" not in data:
+        raise SystemExit("study: no finished GRPO run yet (the table is relative to it)")
+    target = statistics.mean(summarise(r, None)["final"] for r in data["grpo"].values())
+    summ = {a: {s: summarise(r, target) for s, r in d.items()} for a, d in data.items()}
+    with open(os.path.join(run_dir(runs, "grpo", next(iter(data["grpo"]))), "config.json")) as f:
+        n = json.load(f)["eval_n"]
+    lines = [f"Greedy accuracy on {n} test problems (standard error up to "
+             f"{50 / math.sqrt(n):.1f} points per run); mean ± "
+             f"std over seeds; steps to GRPO's final accuracy ({target:.1%}, mean over its "
+             f"seeds) at the first evaluation that reaches it (every 25 steps; '-': never).", "",
+             "| arm | seeds | final test | best test | OOD | steps to GRPO's final | entropy "
+             "(last 10 steps) | leakage | response length | step s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for a, per in summ.items():
+        col = lambda k: mean_std([v[k] for v in per.values()])  # noqa: E731
+        reached = [v["steps_to_grpo"] for v in per.values()]
+        steps = (mean_std(reached) if None not in reached
+                 else f"{sum(x is not None for x in reached)}/{len(reached)} reach it")
+        lines.append(f"| {a} | {len(per)} | {col('final')} | {col('best')} | {col('ood')} | "
+                     f"{steps} | {col('entropy')} | {col('leakage')} | {col('length')} | "
+                     f"{col('step_s')} |")
+    lines += ["", paired(summ, "rlsd", "grpo"), "", "Each seed's warm start (step 0): "
+              + "; ".join(f"seed {s}: student {v['start']:.1%}, shown the answer "
+                          f"{v['start_teacher']:.1%}" for s, v in summ["grpo"].items())]
+    teacher = os.path.join(runs, "opd_teacher.json")
+    if os.path.exists(teacher):
+        with open(teacher) as f:
+            lines.append(f"OPD's teacher (seed 0, 3x the SFT): {json.load(f)['pass@1_greedy']:.1%}.")
+    table = "\n".join(lines)
+    with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
+        f.write("# Study results\n\nGenerated by `python study.py --report` from the runs in "
+                f"`{runs}/`.\n\n{table}\n")
+    replace_block(readme, table)
+    plots(data, out_dir)
+    print(table)
+
+
+def paired(summ, a: str, b: str) -> str:
+    seeds = sorted(set(summ.get(a, {})) & set(summ.get(b, {})))
+    if len(seeds) < 2:
+        return f"Paired {a} - {b}: needs two seeds of both."
+    d = [summ[a][s]["final"] - summ[b][s]["final"] for s in seeds]
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    half = T95.get(len(d) - 1, 1.96) * sd / math.sqrt(len(d))
+    return (f"Paired {a.upper()} - {b.upper()}, final test accuracy, same seeds ({len(d)}): "
+            f"{m * 100:+.1f} points, 95% CI [{(m - half) * 100:+.1f}, {(m + half) * 100:+.1f}] "
+            f"(Student t, {len(d) - 1} df; per seed: "
+            + ", ".join(f"{x * 100:+.1f}" for x in d) + ").")
+
+
+def replace_block(path: str, text: str):
+    begin, end = "<!-- study:begin -->", "<!-- study:end -->"
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        s = f.read()
+    if begin not in s or end not in s:
+        return
+    head, rest = s.split(begin, 1)
+    new = head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def plots(data, out_dir: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("study: plots need matplotlib (pip install -e '.[plot]'); table written")
+        return
+
+    def curve(ax, rows_by_seed, key, label):
+        steps = sorted({r["step"] for rows in rows_by_seed.values() for r in rows if key in r})
+        per_step = [[r[key] for rows in rows_by_seed.values() for r in rows
+                     if r["step"] == s and key in r] for s in steps]
+        mean = [statistics.mean(v) for v in per_step]
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_step]
+        line, = ax.plot(steps, mean, label=label)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, sd)],
+                        [m + s for m, s in zip(mean, sd)], color=line.get_color(), alpha=0.15)
+
+    for key, name, title in (("test_acc", "test_acc.png", "greedy test accuracy"),
+                             ("entropy", "entropy.png", "entropy of the sampled tokens"),
+                             ("test_leakage", "leakage.png", "leakage (test responses)")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, d in data.items():
+            curve(ax, d, key, arm)
+        ax.set(title=f"{title}: mean ± std over seeds", xlabel="step")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+    if "rlsd" in data:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        curve(ax, data["rlsd"], "rlsd_lambda", "lambda")
+        curve(ax, data["rlsd"], "rlsd_weight_clip_frac", "weight clip fraction")
+        ax.set(title="RLSD: lambda and clip fraction, mean ± std over seeds", xlabel="step")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "rlsd.png"), dpi=110)
+        plt.close(fig)
+
+
+def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple = ()) -> int:
+    """Rerun a logged run (same flags, so the same learning-rate schedule) until it has logged
+    `first` steps, then stop it (SIGTERM: train.py ends after the step in progress). 0 if
+    every logged metric but wall time is the same number."""
+    arm, seed = spec.split(":")
+    logged = read(run_dir(runs, arm, int(seed)))
+    if not logged:
+        raise SystemExit(f"study: no logged run {arm} seed {seed} in {runs}")
+    out = tempfile.mkdtemp(prefix="study-check-")
+    teacher = opd_teacher_path(extra) if int(seed) != 0 else ""
+    cmd = command(arm, int(seed), out, teacher, steps, extra)
+    cmd[cmd.index("--eval-every") + 1] = "0"  # evaluation consumes no randomness: skip it
+    proc = subprocess.Popen(cmd + ["--overwrite"], stdout=subprocess.DEVNULL)
+    while proc.poll() is None and max((r["step"] for r in read(out)), default=0) < first:
+        time.sleep(0.2)
+    proc.terminate()
+    proc.wait()
+    fresh = {r["step"]: r for r in read(out)}
+    compared = [r for r in logged if 1 <= r["step"] <= first and r["step"] in fresh]
+    bad = [(r["step"], k, r[k], fresh[r["step"]].get(k)) for r in compared for k in r
+           if k not in TIMING and not k.endswith("_acc") and k != "test_leakage"
+           and fresh[r["step"]].get(k) != r[k]]
+    for b in bad:
+        print(f"step {b[0]} {b[1]}: logged {b[2]}, rerun {b[3]}")
+    print(f"study: {arm} seed {seed}, steps {[r['step'] for r in compared]}: "
+          + ("every metric identical" if compared and not bad else
+             f"{len(bad)} differences" if bad else "nothing to compare"))
+    return 0 if compared and not bad else 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Every method side by side on the toy task.")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from: " + ", ".join(ARMS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--runs", default="study_runs", help="where the runs go (not committed)")
+    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
+    p.add_argument("--out", default="study", help="where RESULTS.md and the plots go")
+    p.add_argument("--report", action="store_true", help="only the report, from finished runs")
+    p.add_argument("--check", metavar="ARM:SEED", help="rerun a run's first steps and compare")
+    p.add_argument("--train-flags", default="",
+                   help="more train.py flags for every run, e.g. '--cache-dir DIR' (the tests)")
+    a = p.parse_args(argv)
+    arms, seeds = a.arms.split(","), [int(s) for s in a.seeds.split(",")]
+    extra = tuple(a.train_flags.split())
+    unknown = [x for x in arms if x not in ARMS]
+    if unknown:
+        p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if a.check:
+        raise SystemExit(check(a.check, a.runs, a.steps, extra=extra))
+    if not a.report:
+        os.makedirs(a.runs, exist_ok=True)
+        run_all(arms, seeds, a.runs, a.steps, extra)
+        teacher, out = opd_teacher_path(extra), os.path.join(a.runs, "opd_teacher.json")
+        if "opd" in arms and os.path.exists(teacher) and not os.path.exists(out):
+            res = subprocess.run([sys.executable, "eval.py", teacher, "--n", "500"],
+                                 capture_output=True, text=True, check=True)
+            with open(out, "w") as f:
+                f.write(res.stdout.strip().splitlines()[0] + "\n")  # the test split's line
+    report(arms, seeds, a.runs, a.steps, out_dir=a.out,
+           readme="README.md" if a.out == "study" else os.path.join(a.out, "README.md"))
+
+
+if __name__ == "__main__":
+    main()
