@@ -41,6 +41,21 @@ def test_static_cache_samples_the_same_tokens(temperature):
     assert rollout._static[model]["shape"] == (len(PROMPTS), rollout.STATIC_BUCKET)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_preallocated_dynamic_cache_is_transformers_dynamic_cache(monkeypatch, temperature):
+    """'dynamic' writes into a buffer allocated once (rollout._FilledPrefix) where transformers'
+    DynamicCache concatenates: attention sees the same keys and values, so the same tokens,
+    bit for bit, with left padding and rows ending early."""
+    model = build_toy_model(TOK, seed=1).eval()
+    ours = sample(model, "dynamic", temperature=temperature)
+    monkeypatch.setattr(rollout, "_filled_prefix_cache", lambda model, capacity: None)
+    theirs = sample(model, "dynamic", temperature=temperature)  # the model's DynamicCache
+    assert torch.equal(ours.resp_ids, theirs.resp_ids)
+    assert torch.equal(ours.resp_mask, theirs.resp_mask)
+    if temperature:  # (the random model's greedy rows never sample <eos>)
+        assert ours.resp_mask.sum(1).min() < ours.resp_mask.shape[1]  # some rows stopped early
+
+
 def test_static_cache_follows_the_shape_and_stops_at_eos():
     model = build_toy_model(TOK, seed=2).eval()
     long = sample(model, "static", eos=False, n_new=rollout.STATIC_BUCKET + 5)  # a wider bucket
