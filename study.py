@@ -51,6 +51,7 @@ ARMS = {
 STEPS = 150
 SHARED = ["--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "40",
           "--save-every", "50", "--keep-checkpoints", "1"]
+EARLY = 50  # the "learns faster early" column: test accuracy at this step (RLSD's lambda is 0 after it)
 TIMING = ("step_time_s", "time_rollout_s", "time_teacher_s", "time_fwd_bwd_s",
           "time_optimizer_s")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -129,20 +130,24 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = ()):
 # The report
 # ----------------------------------------------------------------------------------------
 
-def mean_std(xs) -> str:
-    xs = [x for x in xs if x is not None]
+def mean_std(xs, pct: bool = False) -> str:
+    """'mean ± std' over seeds (sample std); fractions as percentages with pct."""
+    xs = [x * 100 if pct else x for x in xs if x is not None]
     if not xs:
         return "-"
+    fmt = (lambda v: f"{v:.1f}") if pct else (lambda v: f"{v:.3g}")  # noqa: E731
     if len(xs) == 1:
-        return f"{xs[0]:.3g}"
-    return f"{statistics.mean(xs):.3g} ± {statistics.stdev(xs):.2g}"
+        return fmt(xs[0])
+    return f"{fmt(statistics.mean(xs))} ± {fmt(statistics.stdev(xs))}"
 
 
 def summarise(rows: list[dict], target: float | None) -> dict:
     evals = [r for r in rows if "test_acc" in r]
     train = [r for r in rows if r.get("step", 0) > 0 and "entropy" in r]
     reach = next((r["step"] for r in evals if target is not None and r["test_acc"] >= target), None)
+    early = [r["test_acc"] for r in evals if r["step"] == EARLY]
     return {"final": evals[-1]["test_acc"], "best": max(r["test_acc"] for r in evals),
+            "early": early[0] if early else None,
             "ood": evals[-1].get("ood_acc"), "steps_to_grpo": reach,
             "entropy": statistics.mean(r["entropy"] for r in train[-10:]),
             "leakage": evals[-1].get("test_leakage"),
@@ -163,19 +168,21 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
     summ = {a: {s: summarise(r, target) for s, r in d.items()} for a, d in data.items()}
     with open(os.path.join(run_dir(runs, "grpo", next(iter(data["grpo"]))), "config.json")) as f:
         n = json.load(f)["eval_n"]
-    lines = [f"Greedy accuracy on {n} test problems (standard error up to "
+    lines = [f"Greedy accuracy (%) on {n} test problems (standard error up to "
              f"{50 / math.sqrt(n):.1f} points per run); mean ± "
              f"std over seeds; steps to GRPO's final accuracy ({target:.1%}, mean over its "
              f"seeds) at the first evaluation that reaches it (every 25 steps; '-': never).", "",
-             "| arm | seeds | final test | best test | OOD | steps to GRPO's final | entropy "
-             "(last 10 steps) | leakage | response length | step s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| arm | seeds | test at step {EARLY} | final test | best test | OOD | steps to "
+             "GRPO's final | entropy (last 10 steps) | leakage | response length | step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, per in summ.items():
-        col = lambda k: mean_std([v[k] for v in per.values()])  # noqa: E731
+        col = lambda k: mean_std([v[k] for v in per.values()],  # noqa: E731
+                                 pct=k in ("early", "final", "best", "ood", "leakage"))
         reached = [v["steps_to_grpo"] for v in per.values()]
         steps = (mean_std(reached) if None not in reached
                  else f"{sum(x is not None for x in reached)}/{len(reached)} reach it")
-        lines.append(f"| {a} | {len(per)} | {col('final')} | {col('best')} | {col('ood')} | "
+        lines.append(f"| {a} | {len(per)} | {col('early')} | {col('final')} | {col('best')} | "
+                     f"{col('ood')} | "
                      f"{steps} | {col('entropy')} | {col('leakage')} | {col('length')} | "
                      f"{col('step_s')} |")
     lines += ["", paired(summ, "rlsd", "grpo"), "", "Each seed's warm start (step 0): "

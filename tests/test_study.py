@@ -88,3 +88,13 @@ def test_study_runs_reports_resumes_and_checks(tmp_path, cache, capsys):
         study.main(flags + ["--check", "rlsd_unrelated:1"])
     assert e.value.code == 0
     assert "every metric identical" in capsys.readouterr().out
+
+
+def test_paired_difference_and_its_t_interval_by_hand():
+    summ = {"rlsd": {0: {"final": 0.52}, 1: {"final": 0.54}, 2: {"final": 0.50}},
+            "grpo": {0: {"final": 0.50}, 1: {"final": 0.50}, 2: {"final": 0.50}}}
+    # differences +2, +4, 0 points: mean 2, std 2, half-width t(0.975, 2) * 2 / sqrt(3) = 4.97
+    text = study.paired(summ, "rlsd", "grpo")
+    assert "+2.0 points, 95% CI [-3.0, +7.0]" in text and "+2.0, +4.0, +0.0" in text
+    assert "needs two seeds" in study.paired({"rlsd": {0: {"final": 1}}, "grpo": {}}, "rlsd", "grpo")
+    assert study.mean_std([0.4, 0.45, 0.5], pct=True) == "45.0 ± 5.0"
