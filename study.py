@@ -239,13 +239,15 @@ def plots(data, out_dir: str):
         print("study: plots need matplotlib (pip install -e '.[plot]'); table written")
         return
 
-    def curve(ax, rows_by_seed, key, label):
+    colours = plt.get_cmap("tab20").colors  # 11 arms: the default cycle repeats after 10
+
+    def curve(ax, rows_by_seed, key, label, **style):
         steps = sorted({r["step"] for rows in rows_by_seed.values() for r in rows if key in r})
         per_step = [[r[key] for rows in rows_by_seed.values() for r in rows
                      if r["step"] == s and key in r] for s in steps]
         mean = [statistics.mean(v) for v in per_step]
         sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_step]
-        line, = ax.plot(steps, mean, label=label)
+        line, = ax.plot(steps, mean, label=label, **style)
         ax.fill_between(steps, [m - s for m, s in zip(mean, sd)],
                         [m + s for m, s in zip(mean, sd)], color=line.get_color(), alpha=0.15)
 
@@ -253,9 +255,11 @@ def plots(data, out_dir: str):
                              ("entropy", "entropy.png", "entropy of the sampled tokens"),
                              ("test_leakage", "leakage.png", "leakage (test responses)")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for arm, d in data.items():
-            curve(ax, d, key, arm)
-        ax.set(title=f"{title}: mean ± std over seeds", xlabel="step")
+        for arm, d in data.items():  # a control: its arm's hue, lighter and dashed
+            control = "_unrelated" in arm
+            curve(ax, d, key, arm, color=colours[2 * list(ARMS).index(algo_of(arm)) + control],
+                  linestyle="--" if control else "-")
+        ax.set(title=f"{title}: mean ± std over seeds", xlabel="optimizer step")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, name), dpi=110)
