@@ -171,10 +171,13 @@ TOY_VLM_TEMPLATE = (
     "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}:{% endif %}")
 
 
-def toy_vlm(*, seed: int = 0, hidden: int = 64, layers: int = 2, rope_theta: float = 10000.0):
+def toy_vlm(*, seed: int = 0, hidden: int = 64, layers: int = 2, rope_theta: float = 10000.0,
+            head_dim: int = 16):
     """(model, tokenizer) of a tiny Qwen3-VL with random weights: the toy's character tokenizer
     plus the colour letters of the image task and the vision special tokens, and a PIL image
-    processor (16-pixel patches, 2 x 2 merged) as `tok.image_processor`."""
+    processor (16-pixel patches, 2 x 2 merged) as `tok.image_processor`. M-RoPE gives half of
+    a head's head_dim / 2 frequencies to the text/time axis and a quarter to each of the
+    image's height and width (Qwen3-VL's [24, 20, 20] at 128 is close to this)."""
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
     import shapes
     from rollout import build_toy_tokenizer
@@ -182,14 +185,17 @@ def toy_vlm(*, seed: int = 0, hidden: int = 64, layers: int = 2, rope_theta: flo
     tok.add_special_tokens({"additional_special_tokens": VISION_SPECIALS})
     tok.chat_template = TOY_VLM_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_SPECIALS}
-    heads = hidden // 16
+    if head_dim % 8 or hidden % head_dim:
+        raise ValueError(f"toy_vlm: head_dim {head_dim} must be a multiple of 8 dividing hidden {hidden}")
+    heads = hidden // head_dim
+    q = head_dim // 8  # frequencies per quarter
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 2), head_dim=16,
+                         num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
                          max_position_embeddings=1024,
                          rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
-                                          "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+                                          "mrope_section": [2 * q, q, q], "mrope_interleaved": True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            out_hidden_size=hidden, deepstack_visual_indexes=[0],
