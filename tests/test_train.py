@@ -63,8 +63,8 @@ def test_checkpoint_loads_with_from_pretrained(tmp_path, cache):
 
 
 def _train_rows(rows):
-    """Training metrics without wall-clock timings (`*_s`) or evaluations (`*_acc`)."""
-    return [{k: v for k, v in r.items() if not k.endswith(("_s", "_acc"))}
+    """Training metrics without wall-clock timings (`*_s`) or evaluations (`*_acc`, `*_leakage`)."""
+    return [{k: v for k, v in r.items() if not k.endswith(("_s", "_acc", "_leakage"))}
             for r in rows if r["step"] > 0]
 
 
