@@ -128,7 +128,7 @@ class Config:
     log_every: int = 1                # console line every N steps (metrics.jsonl gets every step)
     report_to: str = ""               # also send the metrics to: tensorboard, wandb, trackio (comma-separated; trackers.py)
     max_skips: int = 5                # stop after this many consecutive non-finite steps
-    warm_start_steps: int = 1300      # toy: SFT steps of the cached warm start
+    warm_start_steps: int = 2400      # toy: SFT steps of the cached warm start
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
     dry_run: bool = False             # build the model on the meta device, print its size and memory per GPU, check --data, exit
     gpus: int = 0                     # --dry-run: GPUs to estimate for (0 = the preset's, else this run's processes)
@@ -205,7 +205,7 @@ PAPER_DEFAULTS = {
 # 44.4% and 43.8% with the decay, which the README reports).
 TOY_DEFAULTS = dict(prompts_per_step=16, max_new_tokens=40, lr=2e-4, steps=150,
                     eval_every=50, overlong_cache=0, mini_batch_size=0, lr_schedule="cosine")
-TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=1300, eval_every=250,
+TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=2400, eval_every=300,
                                  lr_schedule="constant"),
                      "opsd": dict(prompts_per_step=32, max_grad_norm=1.0),
                      "dapo": dict(dapo_max_gen_batches=3),

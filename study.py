@@ -114,16 +114,20 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = ()):
         left = len(todo) - i
         eta = f", ~{(time.time() - t0) / done * left / 60:.0f} min left" if done else ""
         print(f"study: run {i + 1}/{len(todo)}: {arm} seed {seed}{eta}", flush=True)
+        started = time.time()
         with open(os.path.join(runs, "study.log"), "a") as log:
             log.write(" ".join(cmd) + "\n")
             log.flush()
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # the wall time of every process, warm starts and OPD's teacher included (the first run
+        # of a seed builds them), so that the report can say how long the study took
+        with open(os.path.join(runs, "study_time.jsonl"), "a") as f:
+            f.write(json.dumps({"arm": arm, "seed": seed, "rc": rc,
+                                "minutes": (time.time() - started) / 60}) + "\n")
         if rc:
             raise SystemExit(f"study: {arm} seed {seed} failed (exit {rc}); see "
                              f"{os.path.join(runs, 'study.log')}; rerun to continue")
         done += 1
-    with open(os.path.join(runs, "study_time.json"), "a") as f:
-        f.write(json.dumps({"runs": done, "minutes": (time.time() - t0) / 60}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,6 +198,13 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
     lines += ["", paired(summ, "rlsd", "grpo"), "", "Each seed's warm start (step 0): "
               + "; ".join(f"seed {s}: student {v['start']:.1%}, shown the answer "
                           f"{v['start_teacher']:.1%}" for s, v in summ["grpo"].items())]
+    timing = os.path.join(runs, "study_time.jsonl")
+    if os.path.exists(timing):  # every process the study ran, interrupted ones included
+        with open(timing) as f:
+            minutes = sum(json.loads(line)["minutes"] for line in f if line.strip())
+        lines.append(f"Wall time of every training process of these runs (warm starts and OPD's "
+                     f"teacher included): {minutes / 60:.1f} h on this machine "
+                     f"({os.cpu_count()} CPU cores).")
     teacher = os.path.join(runs, "opd_teacher.json")
     if os.path.exists(teacher):
         with open(teacher) as f:

@@ -74,6 +74,11 @@ def test_study_runs_reports_resumes_and_checks(tmp_path, cache, capsys):
                 "seed 0: student", "seed 1: student"):
         assert arm in text
     assert os.path.exists(os.path.join(out, "test_acc.png"))
+    with open(os.path.join(runs, "study_time.jsonl")) as f:  # one line per process, timed
+        timed = [json.loads(line) for line in f]
+    assert [(t["arm"], t["seed"]) for t in timed] == [(a, s) for s in (0, 1)
+                                                      for a in ("grpo", "rlsd", "rlsd_unrelated")]
+    assert "Wall time of every training process" in text
     # the control changes only what the teacher sees: the same rollouts at step 1 (the
     # sampling RNG is the same; what the teacher sees: test_teacher_prompts_of_the_control)
     own, other = (_rows(study.run_dir(runs, a, 0)) for a in ("rlsd", "rlsd_unrelated"))

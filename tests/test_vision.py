@@ -247,8 +247,12 @@ def test_an_unreadable_image_names_the_file_and_line(tmp_path, vlm, capsys):
     assert "train.jsonl:2" in err and "img1.png" in err and "Traceback" not in err
 
 
-def test_torchrun_two_processes_with_images(tmp_path, vlm):
-    """FSDP2 over 2 processes shards the vision tower's blocks too; RLSD trains on images."""
+@pytest.mark.parametrize("algo,extra", [("rlsd", ["--teacher-sync", "1"]), ("grpo", []),
+                                        ("opsd", ["--group-size", "1"]),
+                                        ("ptdpo", ["--mini-batch-size", "2"]), ("sdpo", [])])
+def test_torchrun_two_processes_with_images(tmp_path, vlm, algo, extra):
+    """FSDP2 over 2 processes shards the vision tower's blocks too; each algorithm trains on
+    images (every rank samples, scores and reduces its own rows with their pictures)."""
     import json
     import os
     import subprocess
@@ -257,13 +261,40 @@ def test_torchrun_two_processes_with_images(tmp_path, vlm):
     data_file = _image_rows(tmp_path)
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           os.path.join(root, "train.py"), "--algo", "rlsd", "--model", vlm[0], "--data",
+           os.path.join(root, "train.py"), "--algo", algo, "--model", vlm[0], "--data",
            data_file, "--eval-data", "", "--steps", "2", "--prompts-per-step", "2",
            "--group-size", "2", "--max-new-tokens", "8", "--out", out, "--student-template", "",
-           "--reward", "verifier", "--teacher-sync", "1"]
+           "--reward", "verifier", *extra]
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
     assert os.path.exists(os.path.join(out, "checkpoint-000002", "preprocessor_config.json"))
+
+
+def test_lora_on_a_vision_language_model(tmp_path, vlm):
+    """--lora-rank on a Qwen3-VL: adapters on the language model's linear layers only (the
+    vision tower stays frozen, as do the base weights), two OPSD steps on images (a distillation
+    loss, nonzero whatever the untrained model's rewards), and the adapter checkpoint loads back
+    merged into a vision-language model."""
+    import os
+
+    from safetensors.torch import load_file
+
+    import lora
+    import train
+    from rollout import load_model
+    data_file = _image_rows(tmp_path)
+    out = str(tmp_path / "lora")
+    train.main(["--algo", "opsd", "--model", vlm[0], "--data", data_file, "--eval-data", "",
+                "--steps", "2", "--prompts-per-step", "2", "--group-size", "1",
+                "--max-new-tokens", "6", "--lr", "1e-2", "--out", out, "--student-template", "",
+                "--reward", "verifier", "--lora-rank", "4"])
+    ck = os.path.join(out, "checkpoint-000002")
+    saved = load_file(os.path.join(ck, lora.ADAPTER_WEIGHTS))
+    assert saved and all("language_model" in k for k in saved)  # nothing in the vision tower
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # trained
+    merged, tok = load_model(ck)
+    assert type(merged).__name__ == "Qwen3VLForConditionalGeneration" and not lora.is_lora(merged)
+    assert tok.image_processor.merge_size == 2  # eval.py can build image prompts with it
