@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 import transformers
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 
 import data
@@ -84,7 +84,7 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     if os.path.isdir(path) and lora.is_adapter_dir(path):
         model = lora.load_merged(path, partial(load_model, dtype=dtype))
         if vision.is_vision_language(model.config):  # the image processor, saved beside it
-            tokenizer.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+            tokenizer.image_processor = vision.image_processor(path)
     elif vision.is_vision_language(path):  # image-text-to-text: the tokenizer carries the
         model, tokenizer = vision.load(path, dtype=dtype)  # image processor (vision.py)
     else:

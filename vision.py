@@ -43,10 +43,15 @@ def load(path: str, *, dtype=torch.float32):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    processor = image_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     tok.image_processor = processor  # prompts with images are built from the tokenizer (row_images)
     return model, tok
+
+
+def image_processor(path: str):
+    """The checkpoint's image processor with the PIL backend, which needs no torchvision."""
+    return AutoImageProcessor.from_pretrained(path, backend="pil")
 
 
 def image_tokens(grid_thw: torch.Tensor, merge: int) -> list[int]:
