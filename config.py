@@ -37,7 +37,7 @@ class Config:
     preset: str = ""                  # a paper's recipe from recipes/ (--list-presets); any flag overrides it
     algo: str = "rlsd"                # sft grpo dr_grpo dapo gspo rloo opd opsd sdpo srpo ptdpo rlsd
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
-    teacher: str = ""                 # OPD's external teacher: 'toy' or a directory / hub id
+    teacher: str = ""                 # OPD's external teacher: 'toy' (SFT from a careful demonstrator) or a directory / hub id
     data: str = "toy"                 # 'toy' (arithmetic), 'shapes' (images; a tiny Qwen3-VL) or a .jsonl / .parquet file
     eval_data: str = "toy"            # 'toy' or 'shapes' (test + ood splits; --data shapes: shapes), a file, or '' for no evaluation
     prompt_key: str = "prompt"        # data column with the question (the student's prompt)
@@ -129,6 +129,7 @@ class Config:
     report_to: str = ""               # also send the metrics to: tensorboard, wandb, trackio (comma-separated; trackers.py)
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 2400      # toy: SFT steps of the cached warm start
+    demo_slip: float = 0.8            # toy SFT: the demonstrator drops a carry (shapes: overlooks a shape) with this probability; OPD's toy teacher learns from a careful one (0)
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
     dry_run: bool = False             # build the model on the meta device, print its size and memory per GPU, check --data, exit
     gpus: int = 0                     # --dry-run: GPUs to estimate for (0 = the preset's, else this run's processes)
@@ -370,6 +371,7 @@ def check_config(cfg: Config, given: dict = ()):
         "save_every": (0, None, False), "keep_checkpoints": (1, None, False),
         "eval_every": (0, None, False), "eval_n": (1, None, False), "log_every": (1, None, False),
         "max_skips": (1, None, False), "warm_start_steps": (1, None, False),
+        "demo_slip": (0.0, 1.0, False),
         "max_teacher_prompt_tokens": (0, None, False), "lora_rank": (0, None, False), "rollout_micro_batch": (0, None, False),
         "lora_alpha": (0.0, None, False), "lora_dropout": (0.0, 1.0, False), "gpus": (0, None, False),
     }

@@ -14,7 +14,7 @@ answer 103. Train and test use 2-3 operations, the out-of-distribution split 4. 
 assigned to splits by a hash, so test questions never occur in training. Its image
 counterpart, `--data shapes` (count the shapes of a colour in a picture), is in shapes.py.
 
-The warm start imitates a sloppy demonstrator (`sloppy_solution`, warmstart.TOY_SLIP): shown
+The warm start imitates a sloppy demonstrator (`sloppy_solution`, --demo-slip): shown
 only the question, it drops most carries and borrows ("36+78=104"); shown a privileged context
 it works carefully. SFT alone therefore leaves a student whose habit is to slip although it
 can carry, which only a reward can correct, and a teacher shown the answer that knows where

@@ -11,6 +11,7 @@ whose prompt (the student prompt plus a privileged context) is concatenated with
 response ids. Teachers therefore score exactly the tokens the student sampled
 (teachers.py does that scoring).
 """
+import inspect
 import os
 import weakref
 from dataclasses import dataclass
@@ -197,6 +198,14 @@ def _filled_prefix_cache(model, capacity: int):
     return Cache(layers=[_FilledPrefix(capacity) for _ in range(n_layers)])
 
 
+def cache_argument(model) -> str:
+    """The KV cache's keyword in this transformers' forward, and its output's attribute:
+    `cache` from 5.24 (where `past_key_values` still works, with a deprecation warning),
+    `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def _eager_step(model, **inputs):
     return model(**inputs)  # through __call__, so module hooks (FSDP's) run
 
@@ -286,10 +295,10 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     if prefill_inputs and mode != "dynamic":
         raise ValueError("images are sampled with --generation dynamic")
     pos = positions(prompt_mask) if prefill_positions is None else prefill_positions
+    kv = cache_argument(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-                **(prefill_inputs or {}))
-    cache = out.past_key_values
+                use_cache=True, logits_to_keep=1, **{kv: cache}, **(prefill_inputs or {}))
+    cache = getattr(out, kv)
     next_pos = next_positions(pos)
     done = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
@@ -307,7 +316,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         done = done | torch.isin(tok, stop)
         if done.all():
             break
-        out = step(model, input_ids=tok[:, None], position_ids=next_pos, past_key_values=cache,
+        out = step(model, input_ids=tok[:, None], position_ids=next_pos, **{kv: cache},
                    attention_mask=mask if mode != "dynamic" else mask[:, :Lp + t + 1],
                    use_cache=True)
         next_pos = next_pos + 1

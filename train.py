@@ -81,8 +81,8 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
             ref = initial if (initial is not None and not moving) else copy.deepcopy(model)
     if cfg.teacher_mode == "external":
         name = cfg.teacher
-        if name == "toy":  # a stronger toy teacher: the same SFT, three times longer
-            name = toy_checkpoint(cfg, dist, steps=3 * cfg.warm_start_steps, name="teacher")
+        if name == "toy":  # a stronger toy teacher: the same SFT from a careful demonstrator
+            name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="teacher", slip=0.0)
         initial, t_tok = load_model(name, device=dist.device)
         check_logits(initial, f"--teacher {cfg.teacher}")
         if len(t_tok) != len(tok):

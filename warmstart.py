@@ -52,7 +52,7 @@ def warm_start_key(sft: Config) -> str:
                              "gpus", "preset")}
     parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
              torch.__version__, transformers.__version__, data.TOY_CHARS, repr(TOY_TEMPLATES),
-             repr(TOY_SFT_MIX), repr(TOY_SLIP), repr(data.MAX_OPERAND)]
+             repr(TOY_SFT_MIX), repr(data.MAX_OPERAND)]
     if sft.data == "shapes":  # the image task: its pictures and the tiny Qwen3-VL
         parts += [inspect.getsource(shapes), inspect.getsource(vision.toy_vlm), repr(TOY_VLM)]
     parts += [inspect.getsource(f) for f in (data.toy_example, data.toy_chain, data.sloppy_solution, data.make_toy, data.step_examples,
@@ -66,26 +66,30 @@ def task_of(cfg: Config) -> str:
     return cfg.data if cfg.data in data.TASKS else "toy"
 
 
-def _sft_config(cfg: Config, steps: int) -> Config:
+def _sft_config(cfg: Config, steps: int, slip: float) -> Config:
     task = task_of(cfg)
     return resolve_config(dict(algo="sft", model="toy", data=task, steps=steps, seed=cfg.seed,
+                               demo_slip=slip,
                                cache_dir=cfg.cache_dir, eval_every=0, save_every=0,
                                keep_checkpoints=1, eval_data=task, eval_n=cfg.eval_n,
                                log_every=max(1, steps // 20), overwrite=True, out="-"))
 
 
-def warm_start_path(cfg: Config, *, steps: int, name: str) -> str:
-    """Where the cached warm start of these settings lives (built or not)."""
+def warm_start_path(cfg: Config, *, steps: int, name: str, slip: float = None) -> str:
+    """Where the cached warm start of these settings lives (built or not). `slip`: the
+    demonstrator's (default: --demo-slip)."""
+    slip = cfg.demo_slip if slip is None else slip
     prefix = "toy" if task_of(cfg) == "toy" else task_of(cfg)  # toy-..., shapes-...
     return os.path.join(cache_dir(cfg), f"{prefix}-{name}-sft{steps}-seed{cfg.seed}-"
-                                        f"{warm_start_key(_sft_config(cfg, steps))}")
+                                        f"{warm_start_key(_sft_config(cfg, steps, slip))}")
 
 
-def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str) -> str:
+def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: float = None) -> str:
     """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached. Built
     under a file lock: a second process waits for the first one's instead of racing it."""
-    sft = _sft_config(cfg, steps)
-    path = warm_start_path(cfg, steps=steps, name=name)
+    slip = cfg.demo_slip if slip is None else slip
+    sft = _sft_config(cfg, steps, slip)
+    path = warm_start_path(cfg, steps=steps, name=name, slip=slip)
     if dist.rank == 0:
         with file_lock(path + ".lock", waiting=f"waiting for another process that is building "
                                                   f"the warm start {path}"):
@@ -132,13 +136,11 @@ def load_policy(cfg: Config, dist: Dist, name: str):
 
 # the toy warm start: 30% of its prompts carry the answer, so that the same network later
 # acts as a teacher that USES a privileged context (30%, not 20%: measured). Without a context
-# the demonstrations drop 80% of the carries (data.sloppy_solution); in a trial run 0.6 left
-# the warm start nearer to where RL levels off, so less for RL to fix
-TOY_SLIP = 0.8
+# the demonstrations drop 80% of the carries (Config.demo_slip, data.sloppy_solution); in a
+# trial run 0.6 left the warm start nearer to where RL levels off, so less for RL to fix. On
+# the shapes task the demonstrator overlooks that share of the right-hand column's shapes.
 TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
-# the shapes task's demonstrator overlooks this share of the right-hand column's shapes, and
-# its tiny Qwen3-VL has this language model (the vision tower: vision.toy_vlm)
-SHAPES_SLIP = 0.8
+# the shapes task's tiny Qwen3-VL has this language model (the vision tower: vision.toy_vlm)
 SFT_SECONDS = {"toy": 0.25, "shapes": 0.35}  # per SFT step on 2 CPU cores (measured)
 TOY_VLM = dict(hidden=64, layers=2)
 
@@ -146,7 +148,7 @@ TOY_VLM = dict(hidden=64, layers=2)
 def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
     """Prompt -> reference solution (or the answer). On the toy task the prompts mix in every
     privileged context (TOY_SFT_MIX), so that the network learns to read them, and the
-    targets of the bare questions are the sloppy demonstrator's (TOY_SLIP)."""
+    targets of the bare questions are the sloppy demonstrator's (--demo-slip)."""
     # the same data order as RL: a function of (seed, step), so the warm start resumes exactly
     exs = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
                              seed=cfg.seed, rank=dist.rank, world=dist.world)
@@ -160,8 +162,8 @@ def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
         prompts.append(P.ids(tok, render(tpl[kind], e), ex=e))  # with the row's images
         target = e.solution or e.answer  # the worked solution; a bare answer if there is none
         if toy and kind == "student":  # the demonstrator slips without a context
-            target = (shapes.careless_solution(e, rng, SHAPES_SLIP) if cfg.data == "shapes"
-                      else data.sloppy_solution(e, rng, TOY_SLIP))
+            target = (shapes.careless_solution(e, rng, cfg.demo_slip) if cfg.data == "shapes"
+                      else data.sloppy_solution(e, rng, cfg.demo_slip))
         targets.append(tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     # the same layout as a rollout batch (left-padded prompts, right-padded targets), so SFT
     # runs through the same hidden-state forward and chunked loss as RL

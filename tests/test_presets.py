@@ -204,7 +204,8 @@ def test_kv_cache_formula_is_exact():
     model = _qwen3(64, 128, 3, 4, 2, 16)
     R, S = 3, 40
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.randint(0, 64, (R, S)), past_key_values=cache, use_cache=True)
+    from rollout import cache_argument
+    model(input_ids=torch.randint(0, 64, (R, S)), use_cache=True, **{cache_argument(model): cache})
     measured = sum(t.numel() * 4 for layer in cache.layers for t in (layer.keys, layer.values))
     cfg = _cfg(max_new_tokens=S - 1, max_prompt_tokens=1, prompts_per_step=R, group_size=1)
     assert dryrun.estimate(dryrun.shapes(model, cfg), cfg, world=1)["KV cache"] == measured

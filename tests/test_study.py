@@ -74,11 +74,21 @@ def test_study_runs_reports_resumes_and_checks(tmp_path, cache, capsys):
                 "seed 0: student", "seed 1: student"):
         assert arm in text
     assert os.path.exists(os.path.join(out, "test_acc.png"))
+    # the archive of the metrics rebuilds the same report on its own
+    archived = os.path.join(out, "runs")
+    assert sorted(os.listdir(os.path.join(archived, "rlsd", "seed1"))) == ["config.json",
+                                                                        "metrics.jsonl"]
+    study.main(flags[:6] + ["--runs", archived, "--out", str(tmp_path / "again"), "--report"])
+    again = open(str(tmp_path / "again" / "RESULTS.md")).read()
+    assert again.replace(archived, runs) == text
     with open(os.path.join(runs, "study_time.jsonl")) as f:  # one line per process, timed
         timed = [json.loads(line) for line in f]
-    assert [(t["arm"], t["seed"]) for t in timed] == [(a, s) for s in (0, 1)
-                                                      for a in ("grpo", "rlsd", "rlsd_unrelated")]
-    assert "Wall time of every training process" in text
+    # seed 1's warm start is built first (seed 0's is the cached one), then the six runs
+    assert [(t["arm"], t["seed"]) for t in timed[:1]] == [("warm start (student)", 1)]
+    assert sorted((t["arm"], t["seed"]) for t in timed[1:]) == sorted(
+        (a, s) for s in (0, 1) for a in ("grpo", "rlsd", "rlsd_unrelated"))
+    assert all(t["rc"] == 0 for t in timed)
+    assert "h wall time" in text and "summed over processes" in text
     # the control changes only what the teacher sees: the same rollouts at step 1 (the
     # sampling RNG is the same; what the teacher sees: test_teacher_prompts_of_the_control)
     own, other = (_rows(study.run_dir(runs, a, 0)) for a in ("rlsd", "rlsd_unrelated"))
@@ -93,6 +103,13 @@ def test_study_runs_reports_resumes_and_checks(tmp_path, cache, capsys):
         study.main(flags + ["--check", "rlsd_unrelated:1"])
     assert e.value.code == 0
     assert "every metric identical" in capsys.readouterr().out
+
+
+def test_wall_time_is_the_union_of_the_processes_intervals():
+    spans = [{"start": 0, "minutes": 60}, {"start": 1800, "minutes": 60},  # overlap 30 min
+             {"start": 3 * 3600, "minutes": 30}]                          # after a gap
+    assert study.wall_hours(spans) == pytest.approx(2.0)
+    assert study.wall_hours([]) == 0
 
 
 def test_paired_difference_and_its_t_interval_by_hand():
