@@ -27,6 +27,8 @@ import hashlib
 import io
 import random
 
+import torch
+
 from data import DataError, Example
 
 COLOURS = {"r": (215, 40, 40), "g": (30, 160, 60), "b": (40, 70, 215), "y": (225, 190, 30)}
@@ -116,3 +118,61 @@ def make_shapes(split: str, n: int, *, seed: int = 0) -> list[Example]:
         seen.add(key)
         out.append(ex)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 0 of the warm start: the vision tower learns to see
+# ----------------------------------------------------------------------------------------
+
+def teach_to_see(model, tok, *, steps: int = 150, seed: int = 0, batch: int = 32) -> float:
+    """Train the tiny Qwen3-VL's vision tower, through a temporary linear head, to tell each
+    image token's cell (empty or a colour), then centre its projector. Returns the head's
+    accuracy on the last batch.
+
+    The role of a real VLM's pretrained vision encoder. Without it the warm start never reads
+    the picture: its greedy answers are the same for every picture (always one shape, the
+    commonest answer). A random tower's features do encode the cells (a linear probe reads a
+    cell's colour from them), but as a small variation on a large vector common to every
+    token, which the language model's RMSNorm passes on almost unchanged; handed one-hot
+    colours instead, the same language model learns to count. Centring (the mean feature
+    folded into each projector's last bias) removes the common vector: no layer changes, the
+    checkpoint stays a plain Qwen3-VL."""
+    from PIL import Image
+    inner = model.model
+    hidden = model.config.get_text_config().hidden_size
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(hidden, len(CHARS) + 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * hidden ** -0.5)
+        head.bias.zero_()
+    params = list(inner.visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    rng = random.Random(f"see-{seed}")
+
+    def pictures():
+        drawn = [shapes_example(rng, rng.randint(2, 6)) for _ in range(batch)]
+        px = tok.image_processor(images=[Image.open(io.BytesIO(e.images[0])).convert("RGB")
+                                         for e, _ in drawn], return_tensors="pt")
+        labels = [CHARS.index(c[0]) if c else len(CHARS) for _, cells in drawn for c in cells]
+        return px["pixel_values"], px["image_grid_thw"], torch.tensor(labels)
+
+    def features(pv, grid):  # (tokens, hidden) of the projector, and the deepstack ones
+        out = inner.visual(pv, grid_thw=grid, return_dict=True)
+        return out.pooler_output, list(out.deepstack_features or [])
+
+    acc = 0.0
+    for _ in range(steps):
+        pv, grid, labels = pictures()
+        logits = head(features(pv, grid)[0])
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        acc = (logits.argmax(1) == labels).float().mean().item()
+    with torch.no_grad():  # centre the projector and the deepstack projectors
+        pv, grid, _ = pictures()
+        main, deep = features(pv, grid)
+        inner.visual.merger.linear_fc2.bias -= main.mean(0)
+        for merger, f in zip(inner.visual.deepstack_merger_list, deep):
+            merger.linear_fc2.bias -= f.mean(0)
+    return acc

@@ -115,6 +115,8 @@ def load_policy(cfg: Config, dist: Dist, name: str):
     if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
         if task_of(cfg) == "shapes":
             model, tok = vision.toy_vlm(seed=cfg.seed, **TOY_VLM)
+            if name == "toy":  # the warm start: first its vision tower learns to see
+                shapes.teach_to_see(model, tok, seed=cfg.seed)
             return model.to(dist.device), tok
         tok = build_toy_tokenizer()
         return build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
@@ -142,7 +144,7 @@ def load_policy(cfg: Config, dist: Dist, name: str):
 TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
 # the shapes task's tiny Qwen3-VL has this language model (the vision tower: vision.toy_vlm)
 SFT_SECONDS = {"toy": 0.25, "shapes": 0.35}  # per SFT step on 2 CPU cores (measured)
-TOY_VLM = dict(hidden=64, layers=2)
+TOY_VLM = dict(hidden=64, layers=2, head_dim=32)  # 2 heads: 4 M-RoPE frequencies per image axis
 
 
 def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:

@@ -99,3 +99,23 @@ def test_parquet_image_bytes_with_other_column_names(tmp_path):
         assert "row 3" in str(e) and "image 1 (bytes)" in str(e)
     else:
         raise AssertionError("a damaged image was accepted")
+
+
+def test_teach_to_see_trains_the_tower_to_tell_cells_and_centres_its_projector():
+    import torch
+    import vision
+    model, tok = vision.toy_vlm(seed=0, hidden=32, layers=1, head_dim=16)
+    language = {n: p.clone() for n, p in model.model.language_model.named_parameters()}
+    acc = shapes.teach_to_see(model, tok, steps=60, seed=0, batch=8)
+    assert acc > 0.7  # 9 cells x 5 classes; always "empty" would be about 0.55
+    for n, p in model.model.language_model.named_parameters():  # the tower alone trained
+        assert torch.equal(p, language[n]), n
+    rng = random.Random(1)
+    ims = [Image.open(io.BytesIO(shapes.shapes_example(rng, 4)[0].images[0])).convert("RGB")
+           for _ in range(16)]
+    px = tok.image_processor(images=ims, return_tensors="pt")
+    with torch.no_grad():
+        f = model.model.visual(px["pixel_values"], grid_thw=px["image_grid_thw"],
+                               return_dict=True).pooler_output
+    # centred: the vector common to every token is small next to what varies between them
+    assert f.mean(0).norm() < 0.5 * (f - f.mean(0)).norm(dim=1).mean()
