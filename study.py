@@ -249,7 +249,8 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
                      f"{col('best')} | {col('ood')} | "
                      f"{steps} | {col('entropy')} | {col('leakage')} | {col('length')} | "
                      f"{col('step_s')} |")
-    lines += ["", paired(summ, "rlsd", "grpo"), "", "Each seed's warm start (step 0): "
+    lines += ["", paired(summ, "rlsd", "grpo"), "", clip_line(data.get("rlsd", {})), "",
+              "Each seed's warm start (step 0): "
               + "; ".join(f"seed {s}: student {v['start']:.1%}, shown the answer "
                           f"{v['start_teacher']:.1%}" for s, v in summ["grpo"].items())]
     timing = os.path.join(runs, "study_time.jsonl")
@@ -291,6 +292,20 @@ def archive(data, runs: str, dest: str):
     for name in ("study_time.jsonl", "opd_teacher.json"):
         if os.path.exists(os.path.join(runs, name)):
             shutil.copyfile(os.path.join(runs, name), os.path.join(dest, name))
+
+
+def clip_line(rlsd: dict) -> str:
+    """How often RLSD's evidence weight is clipped while lambda > 0 (after that w is 1)."""
+    per = {s: [r["rlsd_weight_clip_frac"] for r in rows
+               if r.get("step", 0) > 0 and r.get("rlsd_lambda", 0) > 0]
+           for s, rows in rlsd.items()}
+    per = {s: v for s, v in per.items() if v}
+    if not per:
+        return "RLSD's weight clip: no RLSD run with lambda > 0."
+    every = [x for v in per.values() for x in v]
+    return (f"RLSD's weight clip while lambda > 0: active on {statistics.mean(every):.1%} of the "
+            f"tokens with a nonzero advantage (per step {min(every):.1%} to {max(every):.1%}; "
+            "per seed " + ", ".join(f"{statistics.mean(v):.1%}" for v in per.values()) + ").")
 
 
 def wall_hours(spans: list[dict]) -> float:

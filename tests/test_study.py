@@ -71,7 +71,7 @@ def test_study_runs_reports_resumes_and_checks(tmp_path, cache, capsys):
     study.main(flags)
     text = open(os.path.join(out, "RESULTS.md")).read()
     for arm in ("| grpo | 2 |", "| rlsd | 2 |", "| rlsd_unrelated | 2 |", "Paired RLSD - GRPO",
-                "seed 0: student", "seed 1: student"):
+                "seed 0: student", "seed 1: student", "RLSD's weight clip while lambda > 0"):
         assert arm in text
     assert os.path.exists(os.path.join(out, "test_acc.png"))
     # the archive of the metrics rebuilds the same report on its own
