@@ -2,7 +2,9 @@
 
     python bench.py                                  # GRPO and RLSD on the toy model, and the ratio
     python bench.py --algos rlsd --group-size 16 --max-new-tokens 256
-    python bench.py --scaling                        # step time vs group size and vs length
+    python bench.py --scaling                        # step time vs group size, length, model size
+    python bench.py --vs-trl --prompts-per-step 8    # against TRL's GRPOTrainer at qwen3-3m
+    python bench.py --vs-trl-sizes toy,qwen3-3m,qwen3-30m --prompts-per-step 8 --algos grpo
 
 Each configuration runs in a fresh process (so peak memory is its own): `--warmup` steps,
 then the median over `--steps` steps of the phases the trainer reports in metrics.jsonl:
@@ -236,7 +238,8 @@ def run_isolated(args, **override) -> dict:
     """One configuration in a fresh Python process; its JSON result."""
     argv = [sys.executable, os.path.abspath(__file__), "--one"]
     for k, v in {**vars(args), **override}.items():
-        if k in ("one", "scaling", "algos", "vs_trl", "trl", "ops_per_chunk") or v is None:
+        if k in ("one", "scaling", "algos", "vs_trl", "vs_trl_sizes", "trl",
+                 "ops_per_chunk") or v is None:
             continue
         argv += [f"--{k.replace('_', '-')}", str(v)]
     if override.get("trl"):
@@ -247,16 +250,30 @@ def run_isolated(args, **override) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def table(results) -> str:
+def table(results, with_model: bool = False) -> str:
     head = ("| algo | G | L | step s | rollout s | teacher s | fwd+bwd s | optim s | rollout tok/s "
             "| forward tok/s | trained tok/s | peak GB | one full fp32 logits GB |")
-    lines = [head, "|" + "---|" * 13]
+    if with_model:
+        head = "| model M |" + head[1:]
+    lines = [head, "|" + "---|" * (13 + with_model)]
     for r in results:
-        lines.append(f"| {r['algo']} | {r['G']} | {r['L']} | {r['step_s']:.3f} | {r['rollout']:.3f} "
+        model = f"| {r['params_m']:.1f} " if with_model else ""
+        lines.append(f"{model}| {r['algo']} | {r['G']} | {r['L']} | {r['step_s']:.3f} | {r['rollout']:.3f} "
                      f"| {r['teacher']:.3f} | {r['fwd_bwd']:.3f} | {r['optimizer']:.3f} "
                      f"| {r['rollout_tok_s']:.0f} | {r['forward_tok_s']:.0f} "
                      f"| {r['trained_tok_s']:.0f} | {r['peak_mem_gb']:.2f} "
                      f"| {r['full_logits_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def trl_table(rows) -> str:
+    """(size, ours, TRL's) per model size: one line each, the ratio last."""
+    lines = ["| model | parameters M | ours: step s (rollout / fwd+bwd) | TRL step s | ours / TRL |",
+             "|---|---|---|---|---|"]
+    for size, ours, trl in rows:
+        lines.append(f"| {size} | {ours['params_m']:.1f} | {ours['step_s']:.2f} "
+                     f"({ours['rollout']:.2f} / {ours['fwd_bwd']:.2f}) | {trl['step_s']:.2f} "
+                     f"| {ours['step_s'] / trl['step_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -283,9 +300,12 @@ def main(argv=None):
                    help="rollout KV cache (rollout.generate); 'compiled' needs CUDA")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--scaling", action="store_true", help="group size 4/8/16 and length 64/128/256")
+    p.add_argument("--scaling", action="store_true", help="group size 4/8/16, length 64/128/256, model toy/qwen3-3m/qwen3-30m")
     p.add_argument("--vs-trl", action="store_true",
                    help="also run TRL's GRPOTrainer on the same configuration and print the ratio")
+    p.add_argument("--vs-trl-sizes", default="",
+                   help="with --vs-trl: comma-separated sizes, e.g. toy,qwen3-3m,qwen3-30m "
+                        "(default: --shape, else qwen3-3m)")
     p.add_argument("--ops-per-chunk", action="store_true",
                    help="count the tensor ops one LM-head chunk costs, per algorithm in --algos")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -295,6 +315,16 @@ def main(argv=None):
         print(json.dumps(measure_trl(a) if a.trl else measure(a)))
         return
     algos = a.algos.split(",")
+    # against TRL at the performance goal's size unless told otherwise (the toy's 0.3M is all
+    # fixed overheads); --vs-trl-sizes compares at several sizes in one table
+    sizes = a.vs_trl_sizes.split(",") if a.vs_trl_sizes else [a.shape or "qwen3-3m"]
+    for size in sizes:
+        if size != "toy" and size not in SHAPES:
+            raise SystemExit(f"--vs-trl-sizes: unknown size {size!r} (toy, {', '.join(SHAPES)})")
+    if a.vs_trl_sizes:
+        a.vs_trl = True
+    if a.vs_trl and a.shape is None and not a.vocab and a.model == "toy-init":
+        a.shape = sizes[0] if sizes[0] != "toy" else None
     if a.ops_per_chunk:
         for x in algos:
             print(f"{x}: {ops_per_chunk(x):.0f} tensor ops per LM-head chunk (forward, recompute, backward)")
@@ -312,19 +342,26 @@ def main(argv=None):
         print(f"\nRLSD / GRPO step time: {by['rlsd']['step_s'] / by['grpo']['step_s']:.2f} "
               f"(goal <= 1.3; RLSD adds one no-grad teacher forward)")
     if a.vs_trl:
-        trl = run_isolated(a, algo="grpo", trl=True)
-        ours = by.get("grpo") or run_isolated(a, algo="grpo")
-        print(f"\nTRL GRPOTrainer step: {trl['step_s']:.3f} s (peak {trl['peak_mem_gb']:.2f} GB); "
-              f"ours: {ours['step_s']:.3f} s; ours / TRL = {ours['step_s'] / trl['step_s']:.2f} "
-              f"(goal <= 0.5)")
+        rows = []
+        for size in sizes:
+            shape = None if size == "toy" else size  # run_isolated passes no --shape: the toy
+            ours = (by["grpo"] if "grpo" in by and shape == a.shape
+                    else run_isolated(a, algo="grpo", shape=shape))
+            rows.append((size, ours, run_isolated(a, algo="grpo", trl=True, shape=shape)))
+        print("\nAgainst TRL's GRPOTrainer (goal: ours / TRL <= 0.5 at qwen3-3m):\n"
+              + trl_table(rows))
     if a.scaling:
-        shapes = [(g, 64) for g in (4, 8, 16)] + [(8, n) for n in (128, 256)]
-        prog, rows = Progress("bench: scaling configurations", len(shapes)), []
-        for i, (g, n) in enumerate(shapes):
+        grid = ([dict(group_size=g) for g in (4, 8, 16)]
+                + [dict(max_new_tokens=n) for n in (128, 256)]
+                + [dict(shape=s) for s in (None, "qwen3-3m", "qwen3-30m") if s != a.shape])
+        prog, rows = Progress("bench: scaling configurations", len(grid)), []
+        for i, change in enumerate(grid):
             prog.update(i)
-            rows.append(run_isolated(a, algo=algos[0], group_size=g, max_new_tokens=n))
+            rows.append(run_isolated(a, algo=algos[0], **{"group_size": a.group_size,
+                                                          "max_new_tokens": 64, **change}))
         prog.close()
-        print("\nScaling (" + algos[0] + "):\n" + table(rows))
+        print("\nScaling (" + algos[0] + "; G, L and the model one at a time):\n"
+              + table(rows, with_model=True))
     r0 = results[0]
     print(f"\n{r0['device']}, {r0['threads']} threads, {r0['params_m']:.1f}M parameters, "
           f"{a.dtype}, {a.generation} KV cache, median of {a.steps} steps after {a.warmup} "

@@ -77,6 +77,7 @@ class Config:
     ppo_epochs: int = 1               # passes over the rollout batch, each one step per mini-batch
     micro_batch_size: int = 0         # rows per forward/backward; 0 = the whole local batch
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (less memory, ~1/3 more compute)
+    freeze_vision: bool = False       # a vision-language model: train the language model only, the vision tower (and its merger) stays as loaded
     logit_chunk: int = 0              # positions per LM-head chunk: 0 auto (16M logits CPU, 128M GPU), -1 all
     dtype: str = "float32"            # compute dtype: float32 | bfloat16 (master weights stay float32)
     # --- LoRA (lora.py; pip install -e '.[lora]')
@@ -303,6 +304,9 @@ def resolve_config(given: dict) -> Config:
             values["max_new_tokens"] = 16
             if algo == "sft":  # measured: at 3e-3 the tiny Qwen3-VL stays at the prior longer
                 values["lr"] = 1e-3
+            # its tower was taught to see before the warm start (shapes.teach_to_see), and
+            # unfrozen a single update broke it (warmstart.load_policy)
+            values["freeze_vision"] = True
     if "toy" in (chosen.get("data", Config.data), model) or chosen.get("data") == "shapes":
         # the toy task's own prompts, and the toy model's 256-token context: the compact
         # template, and the plain verifier (no <answer> tags to score)
@@ -325,6 +329,9 @@ def check_config(cfg: Config, given: dict = ()):
         if name in USED_BY and cfg.algo not in USED_BY[name]:
             bad(f"--{name.replace('_', '-')} has no effect with --algo {cfg.algo} "
                 f"(used by {', '.join(USED_BY[name])})")
+    if cfg.freeze_vision and cfg.model in ("toy", "toy-init") and cfg.data != "shapes":
+        bad("--freeze-vision freezes a vision-language model's tower; the toy model of "
+            f"--data {cfg.data} is a text model")
     if cfg.teacher_mode == "external" and not cfg.teacher:
         bad(f"--algo {cfg.algo} with an external teacher needs --teacher (a model directory, "
             f"hub id, or 'toy'); --teacher-mode frozen makes the student its own teacher")

@@ -124,10 +124,11 @@ def make_shapes(split: str, n: int, *, seed: int = 0) -> list[Example]:
 # Stage 0 of the warm start: the vision tower learns to see
 # ----------------------------------------------------------------------------------------
 
-def teach_to_see(model, tok, *, steps: int = 150, seed: int = 0, batch: int = 32) -> float:
+def teach_to_see(model, tok, *, steps: int = 800, seed: int = 0,
+                 batch: int = 32) -> tuple[float, float]:
     """Train the tiny Qwen3-VL's vision tower, through a temporary linear head, to tell each
-    image token's cell (empty or a colour), then centre its projector. Returns the head's
-    accuracy on the last batch.
+    image token's content (empty or a colour) and which cell it is, then centre its projector.
+    Returns the head's (content, cell) accuracies on the last batch (both 100% by step 600).
 
     The role of a real VLM's pretrained vision encoder. Without it the warm start never reads
     the picture: its greedy answers are the same for every picture (always one shape, the
@@ -136,17 +137,26 @@ def teach_to_see(model, tok, *, steps: int = 150, seed: int = 0, batch: int = 32
     token, which the language model's RMSNorm passes on almost unchanged; handed one-hot
     colours instead, the same language model learns to count. Centring (the mean feature
     folded into each projector's last bias) removes the common vector: no layer changes, the
-    checkpoint stays a plain Qwen3-VL."""
+    checkpoint stays a plain Qwen3-VL.
+
+    Which cell: the language model must write the cell's number ("159=3"), and M-RoPE puts an
+    image token's position into attention scores only, never into the values that attention
+    copies, so the tower writes it into the token (it has its own position embeddings). The
+    learning rate decays linearly to zero: at a constant 1e-3 the head's accuracy collapses
+    for a while (measured: 99.7% at step 125, 35% at 150, 92% at 200), and stopping inside such
+    a dip leaves a tower that cannot see."""
     from PIL import Image
     inner = model.model
     hidden = model.config.get_text_config().hidden_size
     g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(hidden, len(CHARS) + 1)
+    n_cells = GRID * GRID
+    head = torch.nn.Linear(hidden, len(CHARS) + 1 + n_cells)  # content logits, then cell logits
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=g) * hidden ** -0.5)
         head.bias.zero_()
     params = list(inner.visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
     rng = random.Random(f"see-{seed}")
 
     def pictures():
@@ -160,15 +170,21 @@ def teach_to_see(model, tok, *, steps: int = 150, seed: int = 0, batch: int = 32
         out = inner.visual(pv, grid_thw=grid, return_dict=True)
         return out.pooler_output, list(out.deepstack_features or [])
 
-    acc = 0.0
+    acc = (0.0, 0.0)
     for _ in range(steps):
         pv, grid, labels = pictures()
         logits = head(features(pv, grid)[0])
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        content, cell = logits[:, :len(CHARS) + 1], logits[:, len(CHARS) + 1:]
+        where = torch.arange(len(labels)) % n_cells  # each picture's tokens in reading order
+        loss = (torch.nn.functional.cross_entropy(content, labels)
+                + torch.nn.functional.cross_entropy(cell, where))
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        acc = (logits.argmax(1) == labels).float().mean().item()
+        decay.step()
+        acc = ((content.argmax(1) == labels).float().mean().item(),
+               (cell.argmax(1) == where).float().mean().item())
     with torch.no_grad():  # centre the projector and the deepstack projectors
         pv, grid, _ = pictures()
         main, deep = features(pv, grid)

@@ -35,6 +35,7 @@ import data
 import grpo
 import losses
 import rewards
+import vision
 from config import Config, parse_config
 from distributed import (Dist, Stopwatch, autocast, release_large_blocks, setup_distributed,
                          shard, teardown)
@@ -259,6 +260,11 @@ def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
                                           limit, cfg.long_prompts, source=cfg.data,
                                           verbose=main_rank, limit_name=name)
 
+    if cfg.freeze_vision:  # before the teachers copy it and before sharding
+        try:
+            vision.freeze_vision_tower(model, f"--model {cfg.model}")
+        except ValueError as e:
+            raise SystemExit(f"config error: {e}") from None
     if cfg.gradient_checkpointing:  # before the teachers copy it: they run without grad anyway
         checkpoint_layers(model)
     if cfg.lora_rank:  # adapters on the loaded weights; a resumed run loads its own below

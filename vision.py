@@ -49,6 +49,19 @@ def load(path: str, *, dtype=torch.float32):
     return model, tok
 
 
+def freeze_vision_tower(model, source: str = "--model") -> int:
+    """Stop training a vision-language model's vision tower (its patch embedding, blocks and
+    merger: the module `visual` of the Qwen-VL families, `vision_tower` elsewhere), as
+    EasyR1's and verl's `freeze_vision_tower` do; only the language model learns. Returns the
+    number of frozen weights."""
+    towers = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("visual", "vision_tower")]
+    if not towers:
+        raise ValueError(f"--freeze-vision: {source} has no vision tower (a module named "
+                         f"'visual' or 'vision_tower'); it is for vision-language models")
+    towers[0].requires_grad_(False)
+    return sum(p.numel() for p in towers[0].parameters())
+
+
 def image_processor(path: str):
     """The checkpoint's image processor with the PIL backend, which needs no torchvision."""
     return AutoImageProcessor.from_pretrained(path, backend="pil")

@@ -38,3 +38,30 @@ def test_wide_vocabularies_on_cpu_get_the_fixed_mmap_threshold(monkeypatch):
     assert distributed.release_large_blocks(wide, cpu) == sys.platform.startswith("linux")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
     assert not distributed.release_large_blocks(wide, cpu)
+
+
+def test_vs_trl_compares_at_each_size_in_one_table(monkeypatch, capsys):
+    """--vs-trl-sizes: ours and TRL's step at each size, one row each (the runs themselves are
+    faked here: TRL is a benchmark-only dependency)."""
+    import pytest
+    calls = []
+
+    def fake(args, **override):
+        calls.append((override.get("shape", args.shape), bool(override.get("trl"))))
+        params = {None: 0.3, "qwen3-3m": 3.2}[override.get("shape", args.shape)]
+        return dict(step_s=1.0 if override.get("trl") else 0.4, rollout=0.1, fwd_bwd=0.2,
+                    teacher=0.0, optimizer=0.0, rollout_tok_s=1, forward_tok_s=1,
+                    trained_tok_s=1, peak_mem_gb=0.1, full_logits_gb=0.0, algo="grpo", G=8,
+                    L=64, P=8, threads=2, device="cpu", params_m=params)
+
+    monkeypatch.setattr(bench, "run_isolated", fake)
+    bench.main(["--algos", "grpo", "--vs-trl-sizes", "toy,qwen3-3m"])
+    out = capsys.readouterr().out
+    assert "| toy | 0.3 | 0.40 (0.10 / 0.20) | 1.00 | 0.40 |" in out
+    assert "| qwen3-3m | 3.2 |" in out
+    assert (None, True) in calls and ("qwen3-3m", True) in calls
+    calls.clear()
+    bench.main(["--algos", "grpo", "--vs-trl"])  # alone: at the goal's size, qwen3-3m
+    assert calls[0] == ("qwen3-3m", False) and ("qwen3-3m", True) in calls
+    with pytest.raises(SystemExit, match="unknown size"):
+        bench.main(["--vs-trl-sizes", "qwen3-7b"])
