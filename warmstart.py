@@ -123,8 +123,8 @@ def load_policy(cfg: Config, dist: Dist, name: str):
                 # along at 1e-3, the tower forgot how to see: after 1500 SFT steps a linear
                 # probe read a token's cell from its features 23% of the time and its colour
                 # 75% (teach_to_see's head: 100% and 100%), the common vector was back at 30x a
-                # text embedding's norm, and greedy test accuracy stayed at the 54.5% of
-                # always answering "one shape". In RL at 2e-4 a trained tower broke in one
+                # text embedding's norm, and greedy test accuracy stayed near the 54% of always
+                # answering "one shape" (50% from a careful demonstrator). In RL at 2e-4 a trained tower broke in one
                 # step: the first update sent the reward from 0.31 to 0.07, and the run ended
                 # answering "one shape" to every picture
             return model.to(dist.device), tok
