@@ -64,11 +64,14 @@ def measure(args) -> dict:
     """Run warm-up + timed steps of one configuration in this process; return medians."""
     import config
     import data
+    import rollout
     import train
     import warmstart
     from distributed import Dist, Stopwatch, autocast, gathered, release_large_blocks
     from rollout import build_toy_tokenizer
     from teachers import lm_head_logits, response_hidden
+
+    rollout.SHARE_PROMPTS = bool(args.share_prompts)
 
     given = dict(algo=args.algo, model="toy" if args.model == "toy-init" else args.model,
                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
@@ -298,6 +301,8 @@ def main(argv=None):
                    help="bfloat16: autocast compute over float32 master weights, as train.py")
     p.add_argument("--generation", default="dynamic", choices=GENERATION_MODES,
                    help="rollout KV cache (rollout.generate); 'compiled' needs CUDA")
+    p.add_argument("--share-prompts", type=int, default=1, choices=(0, 1),
+                   help="0: every row's prompt runs through the model again (rollout.SHARE_PROMPTS)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--scaling", action="store_true", help="group size 4/8/16, length 64/128/256, model toy/qwen3-3m/qwen3-30m")

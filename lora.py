@@ -72,6 +72,9 @@ class BaseView:
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
 
+    def get_base_model(self):  # the transformers model, whose forward's signature is read
+        return self.model.get_base_model()
+
     @property
     def config(self):
         return self.model.config

@@ -123,6 +123,28 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+# The G rows of a group share one prompt: it goes through the model once and the G rows read
+# its keys and values, in the rollout's prefill (`generate`) and in every scoring forward
+# (teachers.shared_prompt_forward). False: each row's prompt runs again, e.g. to measure what
+# sharing saves (bench.py --share-prompts 0).
+SHARE_PROMPTS = True
+
+
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """(one_row, inverse) where some rows repeat a prompt, else None: one_row (U,) is a row of
+    each of the U distinct prompts, inverse (N,) the distinct prompt of each row, so
+    prompt_ids[one_row][inverse] == prompt_ids."""
+    if not SHARE_PROMPTS:
+        return None
+    _, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
+                              return_inverse=True)
+    U, N = int(inverse.max()) + 1, len(inverse)
+    if U == N:
+        return None
+    one_row = inverse.new_empty(U).scatter_(0, inverse, torch.arange(N, device=inverse.device))
+    return one_row, inverse
+
+
 @dataclass
 class Rollouts:
     prompt_ids: torch.Tensor   # (N, Lp) left-padded student prompts
@@ -191,6 +213,12 @@ class _FilledPrefix(DynamicLayer):
         self.filled = n + m
         self.keys, self.values = self.key_buffer[:, :, :n + m], self.value_buffer[:, :, :n + m]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        """Rows `indices` of the cache: a prefill of the distinct prompts, handed to each row."""
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys = self.key_buffer[:, :, :self.filled]
+        self.values = self.value_buffer[:, :, :self.filled]
 
 
 def _filled_prefix_cache(model, capacity: int):
@@ -296,14 +324,22 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         raise ValueError("images are sampled with --generation dynamic")
     pos = positions(prompt_mask) if prefill_positions is None else prefill_positions
     kv = cache_argument(model)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1, **{kv: cache}, **(prefill_inputs or {}))
-    cache = getattr(out, kv)
+    # rows that repeat a prompt (a group's G rollouts) share its prefill: each distinct prompt
+    # runs once and its cache rows are copied out to the rows that repeat it
+    shared = distinct_prompts(prompt_ids, prompt_mask) if mode == "dynamic" and not prefill_inputs else None
+    rows = slice(None) if shared is None else shared[0]
+    out = model(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                position_ids=pos[rows], use_cache=True, logits_to_keep=1, **{kv: cache},
+                **(prefill_inputs or {}))
+    cache, last = getattr(out, kv), out.logits[:, -1]
+    if shared is not None:
+        cache.batch_select_indices(shared[1])
+        last = last[shared[1]]
     next_pos = next_positions(pos)
     done = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # used up before the next step (a CUDA graph reuses it)
+        logits = last.float()  # used up before the next step (a CUDA graph reuses it)
         if banned_ids:
             logits[:, banned_ids] = float("-inf")
         if temperature == 0:
@@ -319,6 +355,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
         out = step(model, input_ids=tok[:, None], position_ids=next_pos, **{kv: cache},
                    attention_mask=mask if mode != "dynamic" else mask[:, :Lp + t + 1],
                    use_cache=True)
+        last = out.logits[:, -1]
         next_pos = next_pos + 1
     resp = torch.stack(tokens, dim=1)
     # a token is part of the response iff no <eos> came strictly before it

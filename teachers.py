@@ -23,11 +23,12 @@ response). Two things are read from such a forward:
     external  another model with the same tokenizer              (OPD)
 """
 import torch
+from transformers.cache_utils import DynamicLayer
 
 import distill
 import grpo
 from distributed import reshard
-from rollout import positions
+from rollout import cache_argument, distinct_prompts, positions
 
 TEACHER_MODES = ("none", "live", "frozen", "sync", "ema", "trust", "external")
 
@@ -44,23 +45,77 @@ def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, *, posi
     privileged prompt costs attention, not vocabulary-sized logits. Position ids skip the left
     padding, so a row's numbers do not depend on how much padding its batch needed. A
     vision-language model gets its images and M-RoPE positions through `position_ids` and
-    `model_kwargs` (vision.py).
+    `model_kwargs` (vision.py). Rows that share a prompt share its forward
+    (`shared_prompt_forward`, rollout.SHARE_PROMPTS), which gives the same numbers.
     """
+    return _response_forward(model, prompt_ids, prompt_mask, resp_ids, resp_mask,
+                             lambda out: out.logits, position_ids=position_ids, **model_kwargs)
+
+
+def _response_forward(model, prompt_ids, prompt_mask, resp_ids, resp_mask, read, *,
+                      position_ids=None, **model_kwargs):
+    """`read(output)` at the T + 1 positions that predict the response (and its end), last
+    dropped: (N, T, ...). `read` is called right after each forward of the model."""
+    if position_ids is None and not model_kwargs:
+        shared = shared_prompt_forward(model, prompt_ids, prompt_mask, resp_ids, resp_mask, read)
+        if shared is not None:
+            return shared
     ids = torch.cat([prompt_ids, resp_ids], dim=1)
     mask = torch.cat([prompt_mask, resp_mask], dim=1)
-    T = resp_ids.shape[1]
     out = model(input_ids=ids, attention_mask=mask,
                 position_ids=positions(mask) if position_ids is None else position_ids,
-                use_cache=False, logits_to_keep=T + 1, **model_kwargs)
-    return out.logits[:, :-1]  # position t predicts token t + 1: drop the last prediction
+                use_cache=False, logits_to_keep=resp_ids.shape[1] + 1, **model_kwargs)
+    return read(out)[:, :-1]  # position t predicts token t + 1: drop the last prediction
+
+
+def shared_prompt_forward(model, prompt_ids, prompt_mask, resp_ids, resp_mask, read):
+    """The forward of `_response_forward` with each distinct prompt computed once, or None where
+    that does not apply (no prompt repeats; layers recomputed in backward; a cache that is not
+    plain keys and values).
+
+    The U distinct prompts (of N rows; U = N / G for a whole batch of groups) run as one batch
+    with a KV cache; the cache is then indexed out to the N rows (`batch_select_indices`, a
+    differentiable gather: in backward each prompt receives the gradient of all its rows), and
+    the responses run on top of it. The prediction of the first response token is the last
+    prompt position's, from the first forward. Every row sees the same keys, values and
+    positions as in the plain forward, so the numbers agree to rounding (tested, with their
+    gradients); the prompt's share of the work drops by G.
+
+    Not under activation checkpointing with grad: a decoder layer recomputed in backward would
+    append its keys to the cache a second time (under no_grad nothing is recomputed).
+    """
+    shared = distinct_prompts(prompt_ids, prompt_mask)
+    if shared is None or (_checkpointed(model) and torch.is_grad_enabled()):
+        return None
+    (one_row, inverse), Lp = shared, prompt_ids.shape[1]
+    mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    pos = positions(mask)
+    kv = cache_argument(model)
+    out = model(input_ids=prompt_ids[one_row], attention_mask=prompt_mask[one_row],
+                position_ids=pos[one_row, :Lp], use_cache=True, logits_to_keep=1)
+    first = read(out)  # (U, 1, ...): the prediction of each prompt's first response token
+    layers = getattr(getattr(out, kv, None), "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None  # sliding-window or linear-attention layers, or no cache: the plain forward
+    cache = getattr(out, kv)
+    cache.batch_select_indices(inverse)
+    out = model(input_ids=resp_ids, attention_mask=mask, position_ids=pos[:, Lp:],
+                use_cache=True, logits_to_keep=resp_ids.shape[1], **{kv: cache})
+    return torch.cat([first[inverse], read(out)], dim=1)[:, :-1]
+
+
+def _checkpointed(model) -> bool:
+    """Are the decoder layers recomputed in backward (rollout.checkpoint_layers)?"""
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
 
 def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
     """(N, T, H) final hidden states that predict each response token, and no logits at all.
 
     The same forward as `response_logits`, but a forward pre-hook on the LM head takes its
-    input (the last T + 1 normed hidden states) and hands the head an empty slice instead, so
-    a 150k-token vocabulary never becomes an (N, T, V) tensor. Callers apply `lm_head_logits`
+    input (the last normed hidden states) and hands the head an empty slice instead, so a
+    150k-token vocabulary never becomes an (N, T, V) tensor. Callers apply `lm_head_logits`
     a chunk of positions at a time. The head's input is taken, so a scale applied to the
     hidden states before the head is included; what a family applies after it is redone by
     `lm_head_logits` (`check_logits` refuses a model where that does not match).
@@ -73,10 +128,10 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model
 
     handle = model.get_output_embeddings().register_forward_pre_hook(grab)
     try:
-        response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs)
+        return _response_forward(model, prompt_ids, prompt_mask, resp_ids, resp_mask,
+                                 lambda out: captured["h"], **model_kwargs)
     finally:
         handle.remove()
-    return captured["h"][:, :-1]
 
 
 # What a family does to its logits after the LM head, read from its config (the text config

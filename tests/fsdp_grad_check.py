@@ -1,7 +1,9 @@
 """Run by test_train.py under `torchrun --nproc_per_node=2`: the chunked LM-head loss under
 FSDP2 (with --gradient-checkpointing: and each decoder layer recomputed in backward; with
 --lora: LoRA adapters, the only weights with a gradient) must give the same gradient as the
-full-logits loss in one process."""
+full-logits loss in one process. Rows 2 and 3 repeat the prompts of rows 0 and 1, so each
+rank's two rows share one prompt forward (teachers.shared_prompt_forward; not under
+checkpointing), checked against the one-process forward of every row's own prompt."""
 import copy
 import os
 import sys
@@ -11,6 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
+import rollout  # noqa: E402
 from distributed import Dist, shard  # noqa: E402
 from rollout import build_toy_model, build_toy_tokenizer, checkpoint_layers  # noqa: E402
 from teachers import lm_head_logits, response_hidden, response_logits  # noqa: E402
@@ -28,8 +31,10 @@ if "--lora" in sys.argv:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
 reference = copy.deepcopy(model)
 checkpointing = "--gradient-checkpointing" in sys.argv
-calls = []  # forward calls inside the first decoder layer: 2 per step when it is recomputed
-model.get_decoder().layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+calls = []  # the positions of each forward call inside the first decoder layer
+model.get_decoder().layers[0].self_attn.register_forward_pre_hook(
+    lambda m, args, kw: calls.append((args[0] if args else kw["hidden_states"]).shape[1]),
+    with_kwargs=True)
 if checkpointing:
     checkpoint_layers(model)
     model.train()
@@ -37,6 +42,7 @@ g = torch.Generator().manual_seed(0)
 prompt = torch.randint(3, len(tok), (4, 5), generator=g)
 pmask = torch.ones_like(prompt)
 pmask[1, :2] = 0
+prompt[2:], pmask[2:] = prompt[:2], pmask[:2]  # rank r holds rows r and r + 2: one prompt
 resp = torch.randint(3, len(tok), (4, 7), generator=g)
 rmask = torch.ones_like(resp)
 rmask[2, 5:] = 0
@@ -57,6 +63,7 @@ loss = sum(torch.utils.checkpoint.checkpoint(nll, h[:, t0:t0 + 3], t0, min(t0 + 
 (loss * ctx.world).backward()
 grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
 
+rollout.SHARE_PROMPTS = False  # the reference: each row's own prompt forward
 logits = response_logits(reference, prompt, pmask, resp, rmask)
 grpo.aggregate(-grpo.token_logprobs(logits, resp), rmask, normalizer=norm).backward()
 for n, p in reference.named_parameters():
@@ -64,6 +71,8 @@ for n, p in reference.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
     else:
         assert p.grad is None, n
-assert len(calls) == (2 if checkpointing else 1), calls
+# shared: the prompt (5 positions), then the responses (7); checkpointed: prompt + response
+# in one forward, recomputed in backward
+assert calls == ([12, 12] if checkpointing else [5, 7]), calls
 print(f"rank {ctx.rank}: {len(grads)} gradients match", flush=True)
 dist.destroy_process_group()

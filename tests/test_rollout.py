@@ -149,6 +149,42 @@ def test_top_k_one_is_greedy():
     assert torch.equal(greedy.resp_ids, top1.resp_ids)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_a_shared_prefill_samples_what_a_prefill_per_row_does(monkeypatch, temperature):
+    """Rows repeating a prompt (groups of 3, interleaved) prefill it once and copy its cache
+    rows out (rollout.distinct_prompts, _FilledPrefix.batch_select_indices): the same tokens
+    as a prefill of every row, and the same random draws, as each row's logits are its own."""
+    model = build_toy_model(TOK, seed=1).eval()
+    ids, mask = left_pad(PROMPTS * 3, TOK.pad_token_id)
+    prefill_rows = []
+    model.get_decoder().layers[0].register_forward_pre_hook(
+        lambda m, args: prefill_rows.append(args[0].shape[0]) if args[0].shape[1] > 1 else None)
+
+    def run(share):
+        monkeypatch.setattr(rollout, "SHARE_PROMPTS", share)
+        return generate(model, ids, mask, max_new_tokens=25, temperature=temperature,
+                        eos_id=TOK.eos_token_id, pad_id=TOK.pad_token_id,
+                        generator=torch.Generator().manual_seed(0))
+    shared, per_row = run(True), run(False)
+    assert prefill_rows == [len(PROMPTS), 3 * len(PROMPTS)]
+    assert same_samples(shared, per_row) and agreement(shared, per_row) > 0.98
+
+
+@given(rows=st.lists(st.integers(0, 3), min_size=1, max_size=12), width=st.integers(1, 4))
+def test_distinct_prompts_recovers_every_row(rows, width):
+    """one_row picks a row of each distinct (ids, mask); inverse maps every row back to it."""
+    ids = torch.tensor([[r] * width for r in rows])
+    mask = torch.ones_like(ids)
+    mask[:, 0] = torch.tensor([r % 2 for r in rows])  # (id, mask) pairs tell rows apart
+    found = rollout.distinct_prompts(ids, mask)
+    if len(set(rows)) == len(rows):
+        assert found is None
+        return
+    one_row, inverse = found
+    assert len(one_row) == len(set(rows))
+    assert torch.equal(ids[one_row][inverse], ids) and torch.equal(mask[one_row][inverse], mask)
+
+
 def test_sampling_in_passes_is_sampling_all_at_once():
     """--rollout-micro-batch: rows sampled two at a time and concatenated (prompts left-padded,
     responses right-padded to the widest part) are the rows of one greedy batch."""

@@ -3,9 +3,14 @@ SDPO 3.8.5 and 3.8.7), and the no-grad scorer of sampled tokens."""
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import grpo
+import rollout
+import teachers
+from rollout import build_toy_model, build_toy_tokenizer, checkpoint_layers
 from teachers import Teacher, sampled_token_logprobs
 
 
@@ -108,3 +113,89 @@ def test_sync_is_due_by_the_step_even_when_the_update_was_skipped():
     before = _snapshot(ema.model)
     ema.update(student, 3, skipped=True)
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(ema.model), before))
+
+
+# ----------------------------------------------------------------------------------------
+# A group's prompt runs once (teachers.shared_prompt_forward): the same numbers as per row
+# ----------------------------------------------------------------------------------------
+
+def _rows(P, G, seed, tok):
+    """P left-padded prompts of different lengths, each repeated G times, responses that end
+    at different lengths, rows shuffled so a group need not be contiguous (a micro-batch may
+    hold part of a group)."""
+    g = torch.Generator().manual_seed(seed)
+    V, Lp, T = len(tok), 6, 5
+    ids = torch.randint(3, V, (P, Lp), generator=g)
+    mask = torch.ones_like(ids)
+    for p in range(P):
+        mask[p, :p % Lp] = 0
+    ids[mask == 0] = tok.pad_token_id
+    ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    resp = torch.randint(3, V, (P * G, T), generator=g)
+    rmask = (torch.arange(T)[None] < torch.randint(1, T + 1, (P * G, 1), generator=g)).long()
+    order = torch.randperm(P * G, generator=g)
+    return ids[order], mask[order], resp[order], rmask[order]
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():  # hypothesis runs one test many times: a fixture it may share
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _scored(monkeypatch, share, fn, model, rows):
+    monkeypatch.setattr(rollout, "SHARE_PROMPTS", share)
+    model.zero_grad()
+    out = fn(model, *rows)
+    (out.sin() * rows[3][..., None]).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@settings(max_examples=12, deadline=None)
+@given(P=st.integers(1, 3), G=st.integers(1, 4), seed=st.integers(0, 10**6),
+       hidden=st.booleans())
+def test_shared_prompt_forward_gives_the_per_row_forward_and_gradient(monkeypatch_module, P, G,
+                                                                      seed, hidden):
+    """Each distinct prompt once, its KV cache gathered out to its rows: the logits (or hidden
+    states) of every response position and every parameter's gradient are the per-row
+    forward's, with left padding, responses of different lengths and groups not contiguous."""
+    tok = build_toy_tokenizer()
+    model = build_toy_model(tok, seed=0)
+    rows = _rows(P, G, seed, tok)
+    fn = teachers.response_hidden if hidden else teachers.response_logits
+    shared_fn = []
+    monkeypatch_module.setattr(teachers, "shared_prompt_forward",
+                               _recording(_SHARED_PROMPT_FORWARD, shared_fn))
+    a, ga = _scored(monkeypatch_module, False, fn, model, rows)
+    b, gb = _scored(monkeypatch_module, True, fn, model, rows)
+    assert shared_fn == ([False, True] if G > 1 else [False, False])  # it ran where rows repeat
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * max(1.0, y.abs().max().item()))
+
+
+_SHARED_PROMPT_FORWARD = teachers.shared_prompt_forward
+
+
+def _recording(fn, log):
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        log.append(out is not None)
+        return out
+    return wrapped
+
+
+def test_shared_prompt_forward_is_off_under_activation_checkpointing():
+    """A layer recomputed in backward would write its keys into the cache twice: with
+    checkpointing on and grad enabled, the plain forward runs."""
+    tok = build_toy_tokenizer()
+    model = build_toy_model(tok, seed=0)
+    rows = _rows(2, 3, 0, tok)
+    ref = teachers.response_logits(model, *rows)
+    checkpoint_layers(model)
+    model.train()
+    assert teachers.shared_prompt_forward(model, *rows, lambda out: out.logits) is None
+    torch.testing.assert_close(teachers.response_logits(model, *rows), ref)
+    with torch.no_grad():  # nothing is recomputed without a backward: shared again
+        shared = teachers.shared_prompt_forward(model, *rows, lambda out: out.logits)
+    torch.testing.assert_close(shared, ref, rtol=1e-5, atol=1e-5)
