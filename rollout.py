@@ -9,7 +9,8 @@ Because every response starts at column Lp, the logits predicting the response a
 T + 1 positions of the forward pass (`logits_to_keep`), for the student and for any teacher
 whose prompt (the student prompt plus a privileged context) is concatenated with the SAME
 response ids. Teachers therefore score exactly the tokens the student sampled
-(teachers.py does that scoring).
+(teachers.py does that scoring). The G rows of a group repeat one prompt, whose prefill runs
+once (`distinct_prompts`).
 """
 import inspect
 import os

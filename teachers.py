@@ -5,7 +5,9 @@ generates. A row is a left-padded prompt followed by the response ids (see rollo
 the positions that predict the response are the last T + 1 of one forward pass, whatever the
 prompt: the student's own prompt, the KL reference's (the same), or a teacher's privileged
 prompt (the student prompt plus an answer, a solution, a hint, a rationale or a sibling's
-response). Two things are read from such a forward:
+response). The G rows of a group repeat one prompt (and RLSD's, OPSD's and PTD-PO's teachers
+one privileged prompt per group), so each distinct prompt runs once and its keys and values
+are shared by its rows (`shared_prompt_forward`). Two things are read from such a forward:
 
     sampled_token_logprobs  (N, T) log-probs of the sampled tokens, under no_grad. All that
                             RLSD's and OPD's teachers and the k3 KL reference contribute.

@@ -225,7 +225,11 @@ def test_mini_batches_and_epochs_make_the_ratio_work(tmp_path, cache, algo):
         assert ra[ratio] != 1.0 and ra[ratio] > 0.5  # measured on real tokens, and moved
         keys = ("loss", "grad_norm", ratio) + (() if algo == "sdpo" else ("clip_frac",))
         for k in keys:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (algo, k)
+            # one-row micro-batches run each row's own prompt; a whole mini-batch shares each
+            # group's prompt forward (teachers.shared_prompt_forward): float32 rounding that
+            # differs by ~1e-6, which four AdamW updates at lr 3e-3 grow to up to 5.5e-4 (GRPO's
+            # loss, measured); a wrong normaliser is off by a factor
+            assert ra[k] == pytest.approx(rb[k], rel=3e-3, abs=1e-6), (algo, k)
     _, one = run(tmp_path / "c", cache, "--algo", algo, *sdpo)
     assert one[1]["updates"] == 1.0 and one[1][ratio] == 1.0  # on-policy: exactly 1
 
