@@ -137,9 +137,9 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
     prompt_ids[one_row][inverse] == prompt_ids."""
     if not SHARE_PROMPTS:
         return None
-    _, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
-                              return_inverse=True)
-    U, N = int(inverse.max()) + 1, len(inverse)
+    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
+                                     return_inverse=True)
+    U, N = len(distinct), len(inverse)
     if U == N:
         return None
     one_row = inverse.new_empty(U).scatter_(0, inverse, torch.arange(N, device=inverse.device))

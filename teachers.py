@@ -25,7 +25,7 @@ are shared by its rows (`shared_prompt_forward`). Two things are read from such 
     external  another model with the same tokenizer              (OPD)
 """
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import distill
 import grpo
@@ -87,19 +87,19 @@ def shared_prompt_forward(model, prompt_ids, prompt_mask, resp_ids, resp_mask, r
     append its keys to the cache a second time (under no_grad nothing is recomputed).
     """
     shared = distinct_prompts(prompt_ids, prompt_mask)
-    if shared is None or (_checkpointed(model) and torch.is_grad_enabled()):
+    config = getattr(model, "config", None)  # None: not a transformers model
+    if shared is None or config is None or (_checkpointed(model) and torch.is_grad_enabled()):
         return None
+    cache = DynamicCache(config=config)  # its layers follow the config's layer types
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None  # sliding-window or linear-attention layers: the plain forward
     (one_row, inverse), Lp = shared, prompt_ids.shape[1]
     mask = torch.cat([prompt_mask, resp_mask], dim=1)
     pos = positions(mask)
     kv = cache_argument(model)
     out = model(input_ids=prompt_ids[one_row], attention_mask=prompt_mask[one_row],
-                position_ids=pos[one_row, :Lp], use_cache=True, logits_to_keep=1)
+                position_ids=pos[one_row, :Lp], use_cache=True, logits_to_keep=1, **{kv: cache})
     first = read(out)  # (U, 1, ...): the prediction of each prompt's first response token
-    layers = getattr(getattr(out, kv, None), "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return None  # sliding-window or linear-attention layers, or no cache: the plain forward
-    cache = getattr(out, kv)
     cache.batch_select_indices(inverse)
     out = model(input_ids=resp_ids, attention_mask=mask, position_ids=pos[:, Lp:],
                 use_cache=True, logits_to_keep=resp_ids.shape[1], **{kv: cache})
