@@ -89,7 +89,7 @@ def measure(args) -> dict:
         tok = build_toy_tokenizer()
         model = build_model(args, tok).to(device)
     else:
-        model, tok = warmstart.load_policy(cfg, dist, args.model)
+        model, tok = warmstart.load_policy(cfg, dist, args.model, build=train.train)
     release_large_blocks(model, device)  # as train.py does
     teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

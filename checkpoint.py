@@ -13,6 +13,7 @@ checkpoints or the new one, never a half-written directory that `--resume` would
 """
 import dataclasses
 import os
+import pickle
 import re
 import shutil
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 from distributed import full_state_dict, load_full_state_dict
+from rundir import writing
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -32,6 +34,18 @@ def _plain(state_dict: dict, tied: bool) -> dict:
     if tied:  # from_pretrained re-ties lm_head to the embeddings
         sd.pop("lm_head.weight", None)
     return sd
+
+
+def _written(write, path: str, *args, **kwargs):
+    """write(..., path) with any failure as an OSError: safetensors raises its own
+    SafetensorError on a full disk and torch.save an opaque RuntimeError ("unexpected pos"),
+    so that the trainer's one message for a failed write (rundir.writing) covers them too."""
+    try:
+        write(*args, path, **kwargs)
+    except OSError:
+        raise
+    except Exception as e:  # only ever a failed write of this one file
+        raise OSError(f"{os.path.basename(path)}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config, tokenizer,
@@ -46,30 +60,42 @@ def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config,
         if name.startswith("checkpoint-") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     os.makedirs(tmp)
-    tied = lora_model is None and bool(getattr(model_config, "tie_word_embeddings", False))
-    if lora_model is None:
-        save_file(_plain(model_state, tied), os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
-        model_config.save_pretrained(tmp)
-    else:  # PeftModel.from_pretrained(base, checkpoint) loads these two files
-        save_file(_plain(model_state, False), os.path.join(tmp, lora.ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
-        lora.save_adapter_config(lora_model, tmp)
-    tokenizer.save_pretrained(tmp)
-    if getattr(tokenizer, "image_processor", None) is not None:  # a vision-language model
-        tokenizer.image_processor.save_pretrained(tmp)
-    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    if teacher_state is not None:
-        save_file(_plain(teacher_state, tied), os.path.join(tmp, "teacher.safetensors"))
-    for f in os.listdir(tmp):  # make the bytes durable before the rename publishes them
-        with open(os.path.join(tmp, f), "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        _write_files(tmp, model_state=model_state, model_config=model_config,
+                     tokenizer=tokenizer, trainer_state=trainer_state,
+                     teacher_state=teacher_state, lora_model=lora_model)
+    except BaseException:  # a full disk: give back what the half-written copy took
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_files(tmp: str, *, model_state, model_config, tokenizer, trainer_state, teacher_state,
+                 lora_model):
+    """Every file of a checkpoint into the directory `tmp`, each made durable (fsync)."""
+    tied = lora_model is None and bool(getattr(model_config, "tie_word_embeddings", False))
+    if lora_model is None:
+        _written(save_file, os.path.join(tmp, "model.safetensors"), _plain(model_state, tied),
+                 metadata={"format": "pt"})
+        model_config.save_pretrained(tmp)
+    else:  # PeftModel.from_pretrained(base, checkpoint) loads these two files
+        _written(save_file, os.path.join(tmp, lora.ADAPTER_WEIGHTS), _plain(model_state, False),
+                 metadata={"format": "pt"})
+        lora.save_adapter_config(lora_model, tmp)
+    tokenizer.save_pretrained(tmp)
+    if getattr(tokenizer, "image_processor", None) is not None:  # a vision-language model
+        tokenizer.image_processor.save_pretrained(tmp)
+    _written(torch.save, os.path.join(tmp, "trainer_state.pt"), trainer_state)
+    if teacher_state is not None:
+        _written(save_file, os.path.join(tmp, "teacher.safetensors"), _plain(teacher_state, tied))
+    for f in os.listdir(tmp):  # make the bytes durable before the rename publishes them
+        with open(os.path.join(tmp, f), "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
@@ -90,9 +116,26 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return ckpts[-1] if ckpts else None
 
 
+class UnsafeCheckpoint(Exception):
+    """A trainer_state.pt that holds more than tensors and plain values: not loaded."""
+
+
 def load_trainer_state(path: str) -> dict:
-    return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu",
-                      weights_only=False)
+    """The step, AdamW state, RNG states and config of a checkpoint. Read with
+    weights_only=True: a pickle can name any function to call while it is read, so a
+    trainer_state.pt crafted by someone else would run code the moment a run resumed from it.
+    This project writes only tensors, numbers, strings, lists and dicts, which is all that
+    weights_only admits; anything else is refused (UnsafeCheckpoint), never executed."""
+    f = os.path.join(path, "trainer_state.pt")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only raises for a forbidden object
+        if "Weights only load failed" not in str(e):
+            raise  # a damaged file: the caller tries the checkpoint before it
+        first = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:160]
+        raise UnsafeCheckpoint(f"{f} holds objects other than tensors and plain values "
+                               f"({first}); it was not written by this project, and loading it "
+                               f"could run code, so it is not loaded") from None
 
 
 def load_teacher_state(path: str) -> dict | None:
@@ -124,19 +167,13 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
     if t_state is not None and adapters:
         t_state = lora.adapter_state(t_state)
     if dist.rank == 0:
-        try:
+        with writing(cfg.out, f"the step-{step} checkpoint", f"Earlier checkpoints are intact "
+                     f"(newest: {latest_checkpoint(cfg.out)})"):
             save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
                                                config=dataclasses.asdict(cfg)),
                             lora_model=model if adapters else None)
-        except OSError as e:
-            free = shutil.disk_usage(cfg.out).free / 2**30 if os.path.isdir(cfg.out) else 0.0
-            last = latest_checkpoint(cfg.out)
-            raise SystemExit(f"error: could not write the step-{step} checkpoint in {cfg.out} "
-                             f"({e.strerror or e}); {free:.2f} GiB free there. Earlier "
-                             f"checkpoints are intact (newest: {last}); free space and resume "
-                             f"with --resume.") from None
     dist.barrier()
 
 
@@ -162,12 +199,17 @@ def load_verified(path: str, cfg, need_teacher: bool):
     def read(name, loader):
         try:
             value = loader(path)
+        except UnsafeCheckpoint:
+            raise
         except Exception as e:  # torch and safetensors raise many types for a damaged file
             raise ValueError(f"{name}: {type(e).__name__}: {str(e)[:200]}") from None
         if value is None:
             raise ValueError(f"{name} is missing, and the teacher's weights are needed")
         return value
-    state = read("trainer_state.pt", load_trainer_state)
+    try:
+        state = read("trainer_state.pt", load_trainer_state)
+    except UnsafeCheckpoint as e:  # never "damaged, try the one before": someone put it there
+        raise SystemExit(f"--resume: {e}. Resume only from run directories you trust.") from None
     check_resumable(state.get("config", {}), cfg)
     weights = lora.ADAPTER_WEIGHTS if cfg.lora_rank else "model.safetensors"
     model_state = read(weights, lambda p: load_file(os.path.join(p, weights)))

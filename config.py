@@ -10,6 +10,7 @@ chosen algorithm would ignore, fail here, before anything is loaded.
 import argparse
 import dataclasses
 import inspect
+import json
 import os
 import re
 import sys
@@ -39,7 +40,7 @@ class Config:
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
     teacher: str = ""                 # OPD's external teacher: 'toy' (SFT from a careful demonstrator) or a directory / hub id
     data: str = "toy"                 # 'toy' (arithmetic), 'shapes' (images; a tiny Qwen3-VL) or a .jsonl / .parquet file
-    eval_data: str = "toy"            # 'toy' or 'shapes' (test + ood splits; --data shapes: shapes), a file, or '' for no evaluation
+    eval_data: str = "auto"           # 'auto': an embedded --data task's test + ood splits, none for a file; 'toy', 'shapes', a file, or '' for none
     prompt_key: str = "prompt"        # data column with the question (the student's prompt)
     answer_key: str = "answer"        # data column with the final answer (the verifier's target)
     solution_key: str = "solution"    # data column with a reference solution (OPSD's teacher)
@@ -282,15 +283,21 @@ def parse_config(argv=None) -> Config:
     if given.pop("list_presets", False):
         print(presets.listing(DEFAULTS))
         raise SystemExit(0)
-    return resolve_config(given)
+    notes = []
+    cfg = resolve_config(given, notes)
+    if os.environ.get("RANK", "0") == "0":
+        for line in notes:
+            print(f"adapted: {line}", flush=True)
+    return cfg
 
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
-def resolve_config(given: dict) -> Config:
+def resolve_config(given: dict, notes: list | None = None) -> Config:
     """The layers, each overriding the one before: the algorithm's paper defaults, the toy's
-    scale (on the toy model), the --preset recipe, then the command line."""
+    scale (on the toy model), the --preset recipe, then the command line. Defaults that no
+    longer fit the sizes given are adapted (`fit_sizes`), each with a line in `notes`."""
     preset = presets.load(given["preset"], DEFAULTS)[1] if given.get("preset") else {}
     chosen = {**preset, **given}
     algo, model = chosen.get("algo", Config.algo), chosen.get("model", Config.model)
@@ -298,8 +305,7 @@ def resolve_config(given: dict) -> Config:
     if model == "toy":
         values.update(TOY_DEFAULTS, **TOY_ALGO_DEFAULTS.get(algo, {}))
     values.update(preset)
-    if chosen.get("data") == "shapes":  # evaluated on its own test + ood splits
-        values["eval_data"] = "shapes"
+    if chosen.get("data") == "shapes":
         if model == "toy":  # its answers are at most 11 characters
             values["max_new_tokens"] = 16
             if algo == "sft":  # measured: at 3e-3 the tiny Qwen3-VL stays at the prior longer
@@ -313,12 +319,92 @@ def resolve_config(given: dict) -> Config:
         values["student_template"] = ""
         if values.get("reward") == "rlsd_format":
             values["reward"] = "verifier"
+    defaults = dict(values)  # what the user did not type: paper, toy scale, preset
     values.update(given)
     cfg = Config(**values)
+    if cfg.eval_data == "auto":  # an embedded task's own splits; a user's file: only if asked
+        cfg.eval_data = cfg.data if cfg.data in data.TASKS else ""
     if not cfg.out:
         cfg.out = os.path.join("runs", cfg.algo)
+    adapted = fit_sizes(cfg, given, {**DEFAULTS, **defaults},
+                        world=int(os.environ.get("WORLD_SIZE", "1")))
+    if notes is not None:
+        notes.extend(adapted)
     check_config(cfg, chosen)
     return cfg
+
+
+def _nearest_divisor(n: int, target: float, ok) -> int:
+    """The divisor d of n with ok(d) nearest to target (the smaller one on a tie)."""
+    return min((d for d in range(1, n + 1) if n % d == 0 and ok(d)),
+               key=lambda d: (abs(d - target), d))
+
+
+def fit_sizes(cfg: Config, given: dict, defaults: dict, world: int = 1) -> list[str]:
+    """Paper defaults that depend on a size give way to the sizes the user set: a value the
+    user did not type (the algorithm's default or a preset's) is changed to fit, with one line
+    saying what and why; a value the user typed is left for check_config to refuse.
+      prompts per step   a multiple of the number of processes (each takes whole groups)
+      mini-batch size    the paper's number of updates per rollout batch (DAPO: 512 prompts
+                         in 16), or the nearest that whole mini-batches of prompts allow
+      overlong buffer    DAPO's 4096 of 20480 tokens: the same share of --max-new-tokens
+      response length    below the model's context (its config.json), so prompts fit
+      lr warm-up         shorter than the run
+    `defaults`: every value before the command line. Returns the lines (parse_config prints
+    them)."""
+    notes = []
+    paper = {**DEFAULTS, **PAPER_DEFAULTS.get(cfg.algo, {})}  # the paper's own sizes
+    if world > 1 and cfg.prompts_per_step % world and "prompts_per_step" not in given:
+        fit = max(world, round(cfg.prompts_per_step / world) * world)
+        notes.append(f"--prompts-per-step {fit} (the default {cfg.prompts_per_step} split over "
+                     f"{world} processes, each taking whole prompts)")
+        cfg.prompts_per_step = fit
+    if cfg.mini_batch_size and "mini_batch_size" not in given and cfg.algo != "sft":
+        P, mini = cfg.prompts_per_step, cfg.mini_batch_size
+        updates = defaults["prompts_per_step"] / defaults["mini_batch_size"]
+        k = _nearest_divisor(P, updates, lambda d: (P // d) % world == 0)
+        if P // k != mini:
+            notes.append(f"--mini-batch-size {P // k} ({k} update{'s' * (k > 1)} per rollout "
+                         f"batch of {P} prompts" + (f" over {world} processes" if world > 1 else "")
+                         + f", as near as they allow to the default {updates:g} of "
+                         f"{defaults['prompts_per_step']} prompts in mini-batches of {mini})")
+            cfg.mini_batch_size = P // k
+    context = _context_length(cfg.model)
+    if context and cfg.max_new_tokens >= context and "max_new_tokens" not in given:
+        fit = context // 2
+        notes.append(f"--max-new-tokens {fit} (the default {cfg.max_new_tokens} does not fit "
+                     f"{cfg.model}'s {context}-token context with a prompt; half of it)")
+        cfg.max_new_tokens = fit
+    if (cfg.overlong_cache and "overlong_cache" not in given
+            and paper["overlong_cache"] and cfg.max_new_tokens != paper["max_new_tokens"]):
+        fit = round(paper["overlong_cache"] * cfg.max_new_tokens / paper["max_new_tokens"])
+        if fit != cfg.overlong_cache:
+            notes.append(f"--overlong-cache {fit} (DAPO's buffer is {paper['overlong_cache']} "
+                         f"of {paper['max_new_tokens']} tokens: the same share of "
+                         f"--max-new-tokens {cfg.max_new_tokens})")
+            cfg.overlong_cache = fit
+    if (cfg.lr_warmup_steps and cfg.steps and cfg.lr_warmup_steps >= cfg.steps
+            and "lr_warmup_steps" not in given):
+        fit = cfg.steps // 10
+        notes.append(f"--lr-warmup-steps {fit} (the default {cfg.lr_warmup_steps} is not "
+                     f"shorter than --steps {cfg.steps}: a tenth of the run)")
+        cfg.lr_warmup_steps = fit
+    return notes
+
+
+def _context_length(model: str) -> int:
+    """max_position_embeddings from a local model directory's config.json (the language
+    model's, for a vision-language one), or 0 when it is not at hand (toy, hub id)."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        return 0
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except (OSError, ValueError):
+        return 0  # check_paths and the loader report a bad model directory
+    c = c.get("text_config") or c.get("thinker_config", {}).get("text_config") or c
+    return int(c.get("max_position_embeddings") or 0)
 
 
 def check_config(cfg: Config, given: dict = ()):
@@ -354,6 +440,11 @@ def check_config(cfg: Config, given: dict = ()):
         bad("--adv-scale must be 'group', 'none' or 'loo'")
     if cfg.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         bad(f"unknown --loss-agg {cfg.loss_agg!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # every process runs the same passes
+    for flag in ("prompts_per_step", "mini_batch_size"):
+        if getattr(cfg, flag) % world:
+            bad(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is not divisible by the "
+                f"{world} processes")
     if cfg.mini_batch_size and cfg.prompts_per_step % cfg.mini_batch_size:
         bad(f"--mini-batch-size {cfg.mini_batch_size} must divide --prompts-per-step "
             f"{cfg.prompts_per_step} (whole mini-batches of prompts per optimizer step)")
@@ -427,19 +518,25 @@ def check_config(cfg: Config, given: dict = ()):
         bad("--generation compiled replays CUDA graphs and needs a GPU (use 'dynamic' on CPU)")
 
 
+def model_path_problem(value: str) -> str | None:
+    """Why `value` cannot be a model (a directory with config.json, or a hub id), or None."""
+    if os.path.exists(value):
+        if not os.path.isdir(value):
+            return "is a file; expected a model directory (config.json, weights, tokenizer) or a hub id"
+        if not os.path.exists(os.path.join(value, "config.json")):
+            return "directory has no config.json (not a Hugging Face model)"
+        return None
+    if value.startswith((".", "/", "~")) or value.count("/") != 1:
+        return "no such directory (and not a hub id of the form org/name)"
+    return None
+
+
 def check_paths(cfg: Config, bad):
     """--model, --teacher, --data, --eval-data and --out name things that can be used."""
     for flag, value in (("--model", cfg.model), ("--teacher", cfg.teacher)):
-        if value in ("", "toy", "toy-init"):
-            continue
-        if os.path.exists(value):
-            if not os.path.isdir(value):
-                bad(f"{flag} {value}: is a file; expected a model directory (config.json, "
-                    f"weights, tokenizer) or a hub id")
-            if not os.path.exists(os.path.join(value, "config.json")):
-                bad(f"{flag} {value}: directory has no config.json (not a Hugging Face model)")
-        elif value.startswith((".", "/", "~")) or value.count("/") != 1:
-            bad(f"{flag} {value}: no such directory (and not a hub id of the form org/name)")
+        problem = model_path_problem(value) if value not in ("", "toy", "toy-init") else None
+        if problem:
+            bad(f"{flag} {value}: {problem}")
     for flag, value in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if value not in ("", *data.TASKS) and not os.path.isfile(value):
             bad(f"{flag} {value}: no such file" + (" (a directory)" if os.path.isdir(value) else ""))

@@ -1,8 +1,13 @@
 """Evaluate checkpoints: accuracy (greedy pass@1, avg@k, pass@k), leakage, entropy, length.
 
-    python eval.py runs/rlsd/checkpoint-000150                 # toy test + ood splits
+    python eval.py runs/rlsd/checkpoint-000150                 # as its run evaluated it
     python eval.py CKPT --data test.jsonl --k 8 --temperature 1.0
     python eval.py --compare runs/grpo runs/rlsd --plot cmp.png  # table (and plots) of runs
+
+A checkpoint is evaluated the way its run was trained: the prompt template, system prompt,
+chat-template options, columns, reward and response length come from the run's config.json
+(train.py writes it next to the checkpoints), each overridable by train.py's flag of the same
+name; a plain model directory or hub id gets the defaults, and a line says which.
 
 Leakage is the fraction of responses that mention material only the privileged teacher saw
 ("reference solution", "the hint", ...): the signal the RLSD paper uses to show OPSD's
@@ -24,7 +29,7 @@ import vision
 import grpo
 from distributed import gathered
 from progress import Progress
-from prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, Prompts, prompts_for, templates
+from prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, prompts_for
 from rollout import generate, left_pad, load_model, stop_ids
 from teachers import response_logits
 
@@ -146,6 +151,25 @@ def eval_sets(cfg, columns) -> dict:
     return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
 
 
+def evaluation_plan(sets: dict, cfg, start: int = 0) -> str:
+    """One line: what the run will evaluate, when, and how many greedy generations that is."""
+    if not sets:
+        hint = "" if cfg.data in data.TASKS else " (--eval-data FILE evaluates on a file)"
+        return f"evaluation: none{hint}"
+    teacher = len(sets["test"]) if cfg.data in data.TASKS and "test" in sets else 0
+    each = sum(len(x) for x in sets.values()) + teacher
+    steps = [s for s in range(start + 1, cfg.steps + 1)
+             if s == cfg.steps or (cfg.eval_every and s % cfg.eval_every == 0)]
+    times = len(steps) + (start == 0)
+    what = ", ".join(f"{name} {len(x)}" for name, x in sets.items())
+    return (f"evaluation: {what}" + (f" and the answer-shown teacher on test {teacher}" if teacher
+                                     else "")
+            + f": {each} greedy generations of up to {cfg.max_new_tokens} tokens, "
+            + ("before training, " if start == 0 else "")
+            + (f"every {cfg.eval_every} steps and " if 0 < cfg.eval_every < cfg.steps else "")
+            + f"after the last step: {times * each} in all")
+
+
 def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
     """Greedy pass@1 on each set; on an embedded task also the answer-conditioned teacher's,
     and on the arithmetic one the leakage of the student's test responses (`leakage`).
@@ -219,20 +243,78 @@ def plot_runs(run_dirs, out_png, keys=("reward_mean", "test_acc", "entropy", "re
     fig.savefig(out_png, dpi=120)
 
 
+# What shapes a prompt and its verdict: read from the run's config.json next to the checkpoint,
+# each overridable by the flag of the same name as train.py's
+PROMPT_FIELDS = ("student_template", "system_prompt", "chat_template_kwargs", "reward",
+                 "max_new_tokens", "prompt_key", "answer_key", "images_key")
+
+
+def run_config(checkpoint: str):
+    """(Config of the run that wrote `checkpoint`, its path), from the config.json train.py
+    writes into --out, the checkpoint's parent; (None, None) for a plain model or hub id."""
+    import config
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint.rstrip("/"))), "config.json")
+    if not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        saved = json.load(f)
+    if not isinstance(saved, dict) or "algo" not in saved:  # a model's own config.json
+        return None, None
+    fields = {f.name for f in dataclasses.fields(config.Config)}
+    return config.Config(**{k: v for k, v in saved.items() if k in fields}), path
+
+
+def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
+    """(Config whose prompts, reward and lengths evaluate `checkpoint`, the evaluation data,
+    a line saying where they came from). The run's own settings where its config.json is
+    found, else the defaults (the embedded tasks' compact prompts, the papers' for a file)."""
+    import config
+    cfg, path = run_config(checkpoint)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if cfg is None:
+        spec = data_spec or "toy"
+        cfg = config.Config(data=spec, student_template="", reward="verifier",
+                            max_new_tokens={"toy": 40, "shapes": 16}.get(spec, 4096))
+        note = (f"{checkpoint}: no run config.json beside it; the default prompts, reward and "
+                f"length for --data {spec}")
+    else:
+        spec = data_spec or cfg.eval_data or (cfg.data if cfg.data in data.TASKS else "")
+        if not spec:
+            raise data.DataError(f"{checkpoint}: its run ({path}) evaluated on nothing; "
+                                 f"give --data FILE")
+        note = f"{checkpoint}: prompts, reward and length of its run ({path})"
+    if given:
+        note += "; overridden: " + ", ".join(f"--{k.replace('_', '-')}" for k in given)
+    return dataclasses.replace(cfg, **given), spec, note
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint or compare runs.")
-    p.add_argument("checkpoint", nargs="?", help="HF model directory or hub id")
-    p.add_argument("--data", default="toy", help="'toy' or 'shapes' (test + ood) or a "
-                   ".jsonl/.parquet file")
-    p.add_argument("--n", type=int, default=500, help="toy problems per split")
+    import config
+    p = argparse.ArgumentParser(
+        description="Evaluate a checkpoint the way its run was trained (its config.json: "
+        "prompt template, system prompt, chat-template options, columns, reward, length), or "
+        "compare runs.")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory (train.py's "
+                   "--out/checkpoint-NNNNNN), any Hugging Face model directory, or a hub id")
+    p.add_argument("--data", default=None, help="what to evaluate on: 'toy' or 'shapes' (their "
+                   "test + ood splits) or a .jsonl / .json / .csv / .parquet file (default: the "
+                   "run's --eval-data, or its embedded task; 'toy' without a run)")
+    p.add_argument("--n", type=int, default=500, help="problems per split of an embedded task")
     p.add_argument("--k", type=int, default=1, help="samples per problem for avg@k / pass@k")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=int, default=0, help="0: 40 on toy, 16 on shapes, else 4096")
-    p.add_argument("--leak-phrases", default="", help="comma-separated extra phrases")
-    p.add_argument("--compare", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the "
+                   "k samples (0: 1.0 when --k > 1); pass@1_greedy is always greedy")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k samples")
+    p.add_argument("--leak-phrases", default="", help="comma-separated extra phrases that count "
+                   "as leakage of privileged material")
+    p.add_argument("--out", default="", help="also write the results here, one JSON line per split")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="instead: a table of these "
+                   "runs' first and last metrics (their metrics.jsonl)")
     p.add_argument("--plot", default="", help="with --compare: write a PNG of the curves")
-    p.add_argument("--reward", default="verifier",
-                   help="what counts as correct: a rewards.py name or module:function")
+    docs = config.field_help()
+    for name in PROMPT_FIELDS:  # the same flags as train.py, defaulting to the run's values
+        kind = type(config.DEFAULTS[name])
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"{docs[name][1]} (default: the run's)")
     a = p.parse_args(argv)
     try:
         if a.compare:
@@ -243,19 +325,31 @@ def main(argv=None):
             return
         if not a.checkpoint:
             p.error("give a checkpoint, or --compare RUN_DIR...")
-        toy = a.data in data.TASKS
-        sets = ({s: data.make_task(a.data, s, a.n) for s in ("test", "ood")} if toy
-                else {"eval": data.load_data(a.data, "eval", n_toy=0)})  # images checked too
+        problem = config.model_path_problem(a.checkpoint)
+        if problem:
+            raise FileNotFoundError(f"{a.checkpoint}: {problem}")
+        cfg, spec, note = eval_config(a.checkpoint, a.data,
+                                      {k: getattr(a, k) for k in PROMPT_FIELDS})
+        print(note, file=sys.stderr)
+        toy = spec in data.TASKS
+        columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
+        sets = ({s: data.make_task(spec, s, a.n) for s in ("test", "ood")} if toy
+                else {"eval": data.load_data(spec, "eval", n_toy=0, columns=columns)})
         phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
         if toy:
             phrases += list(TOY_LEAK_MARKERS)
-        P = Prompts(templates(a.data))
+        lines = []
         for name, exs in sets.items():
-            res = evaluate_checkpoint(a.checkpoint, exs, prompts=P, k=a.k,
-                                      temperature=a.temperature, phrases=phrases, reward=a.reward,
-                                      max_new_tokens=a.max_new_tokens or
-                                      {"toy": 40, "shapes": 16}.get(a.data, 4096))
-            print(json.dumps({"split": name, **res}))
+            res = evaluate_checkpoint(a.checkpoint, exs, prompts=prompts_for(cfg), k=a.k,
+                                      temperature=a.temperature, phrases=phrases,
+                                      reward=cfg.reward, max_new_tokens=cfg.max_new_tokens,
+                                      seed=a.seed)
+            lines.append(json.dumps({"split": name, **res}))
+            print(lines[-1], flush=True)
+        if a.out:
+            with open(a.out + ".tmp", "w") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(a.out + ".tmp", a.out)
     except (data.DataError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

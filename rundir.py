@@ -4,7 +4,9 @@
                     second run on the same --out is refused (the lock dies with its process)
     start_metrics_log  metrics.jsonl without the lines of steps a resume will redo
     file_lock       an exclusive lock on a file, waited for (the toy warm-start cache)
+    writing         a failed write is one message naming the directory and its free space
     StopSignals     SIGTERM / Ctrl-C end the run after the step in progress, not in the middle
+                    of it; evaluation and the warm start they end at once (`Stopped`)
 """
 import contextlib
 import fcntl
@@ -32,6 +34,11 @@ def claim_run_dir(cfg):
             raise SystemExit(f"config error: --out {cfg.out} is not empty ({', '.join(existing[:4])}"
                              f"{', ...' if len(existing) > 4 else ''}); add --resume to continue "
                              f"that run, --overwrite to replace it, or choose another --out")
+    with writing(cfg.out, "the run directory and its lock file"):
+        return _lock_run_dir(cfg, existing)
+
+
+def _lock_run_dir(cfg, existing: list):
     os.makedirs(cfg.out, exist_ok=True)
     lock = open(os.path.join(cfg.out, ".lock"), "a+")
     try:
@@ -66,6 +73,28 @@ def start_metrics_log(path: str, start: int):
     os.replace(path + ".tmp", path)
 
 
+def free_gib(path: str) -> float:
+    """Free space (GiB) of the filesystem holding `path` or its nearest existing parent."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path or ".").free / 2**30
+
+
+@contextlib.contextmanager
+def writing(directory: str, what: str, intact: str = ""):
+    """A failed write inside (disk full, permissions, a vanished directory) ends the run with
+    one message naming the directory and its free space, never a traceback. `intact`: what the
+    message can promise was not lost. Writers that do not raise OSError for a full disk
+    (safetensors, torch.save) are translated by checkpoint.py."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"error: could not write {what} in {directory} "
+                         f"({e.strerror or e}); {free_gib(directory):.2f} GiB free there. "
+                         f"{intact or 'Files written before are intact'}; free space and "
+                         f"continue with --resume.") from None
+
+
 @contextlib.contextmanager
 def file_lock(path: str, waiting: str = ""):
     """Hold an exclusive lock on `path` (created if needed), waiting for another holder (and
@@ -84,13 +113,32 @@ def file_lock(path: str, waiting: str = ""):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class Stopped(Exception):
+    """The run ends because of a stop signal; `status` is the exit status that says so."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name, self.message = name, message
+
+    @property
+    def status(self) -> int:
+        """128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C): what a shell and a
+        scheduler report for a process ended by that signal, so a preempted run reads as
+        preempted, not as a failure (1) or a success (0)."""
+        return 128 + signal.Signals[self.name].value
+
+
 class StopSignals:
-    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) set a flag that the loop reads
-    between steps, so a step is never cut in half. A second Ctrl-C stops at once."""
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C). During a training step they set
+    a flag that the loop reads between steps, so a step is never cut in half and a checkpoint
+    never holds a half-updated model. Inside `now()` (the warm start, an evaluation: work with
+    no state worth a scheduler's grace period) they stop at once, raising `Stopped`. A second
+    Ctrl-C always stops at once."""
 
     def __init__(self):
         self.name = None
         self._old = {}
+        self._now = 0
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,8 +152,23 @@ class StopSignals:
         if self.name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user means it
         self.name = signal.Signals(signum).name
+        if self._now:
+            raise Stopped(self.name, f"{self.name}: stopped")
         print(f"\n{self.name}: stopping after the step in progress (Ctrl-C again to stop now)",
               flush=True)
+
+    @contextlib.contextmanager
+    def now(self, what: str = ""):
+        """Inside, a signal raises Stopped at once, its message naming `what` was cut short."""
+        if self.name is not None:
+            raise Stopped(self.name, f"{self.name}: stopped before {what}")
+        self._now += 1
+        try:
+            yield
+        except Stopped as e:
+            raise Stopped(e.name, f"{e.name}: stopped during {what}") from None
+        finally:
+            self._now -= 1
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

@@ -19,6 +19,7 @@ and `train` is the setup plus the loop around it. What each algorithm does diffe
 losses.py (one branch each); the options and each paper's defaults are in config.py, the
 student's starting point (a model directory or the toy warm start) in warmstart.py.
 """
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,12 +40,12 @@ import vision
 from config import Config, parse_config
 from distributed import (Dist, Stopwatch, autocast, release_large_blocks, setup_distributed,
                          shard, teardown)
-from eval import eval_sets, evaluate
+from eval import eval_sets, evaluate, evaluation_plan
 from prompts import prompt_limit, prompts_for
 from lora import BaseView, add_lora, is_lora
 from rlsd import lambda_schedule
 from rollout import checkpoint_layers, load_model
-from rundir import StopSignals, claim_run_dir, log_line, start_metrics_log
+from rundir import StopSignals, Stopped, claim_run_dir, log_line, start_metrics_log, writing
 from teachers import Teacher, check_logits, chunked_logits, sampled_token_logprobs
 from trackers import Trackers
 from update import (Metrics, column_chunks, micro_batches, rollout_mini_batches,
@@ -57,14 +58,14 @@ from warmstart import load_policy, overview, sft_batch, sft_step, toy_checkpoint
 # Models: the cached toy warm start, the student, teachers
 # ----------------------------------------------------------------------------------------
 
-def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
+def teacher_and_reference(cfg: Config, model, tok, dist: Dist, build=None):
     """(Teacher, KL reference or None), and the student sharded with them under torchrun.
 
     The teacher's own weights (frozen, sync, ema, trust) and the reference are copies of the
     initial student. The reference is never the same object as a teacher that moves (sync,
     EMA; audit F10): then it gets a copy of its own. With LoRA the initial student is the
     student with its adapters off (lora.BaseView), so a frozen or trust-region teacher and
-    the reference cost no copy at all."""
+    the reference cost no copy at all. `build`: the loop that trains a toy teacher (train)."""
     # copies are made BEFORE sharding: each copy is then sharded like the student, so a sync or
     # an EMA update is a parameter-by-parameter operation between identically sharded models
     base = BaseView(model) if is_lora(model) else None
@@ -83,7 +84,8 @@ def teacher_and_reference(cfg: Config, model, tok, dist: Dist):
     if cfg.teacher_mode == "external":
         name = cfg.teacher
         if name == "toy":  # a stronger toy teacher: the same SFT from a careful demonstrator
-            name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="teacher", slip=0.0)
+            name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="teacher",
+                                  slip=0.0, build=build)
         initial, t_tok = load_model(name, device=dist.device)
         check_logits(initial, f"--teacher {cfg.teacher}")
         if len(t_tok) != len(tok):
@@ -219,22 +221,26 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
 # The loop
 # ----------------------------------------------------------------------------------------
 
-def train(cfg: Config, dist: Dist, label: str = "") -> dict:
-    """Set up and run the loop; `label` prefixes the console lines (the warm start's)."""
+def train(cfg: Config, dist: Dist, label: str = "", stop: StopSignals | None = None) -> dict:
+    """Set up and run the loop; `label` prefixes the console lines (the warm start's). `stop`:
+    the signal handling of an enclosing run (the warm start runs inside the student's)."""
     run_lock = claim_run_dir(cfg) if dist.rank == 0 else None  # refuse to clobber or share --out
     dist.barrier()
     # --report-to: TensorBoard / W&B / Trackio get what metrics.jsonl gets (rank 0 only)
-    tracker = Trackers(cfg) if dist.rank == 0 and cfg.report_to else None
+    with writing(cfg.out, "the trackers' files (--report-to)"):
+        tracker = Trackers(cfg) if dist.rank == 0 and cfg.report_to else None
     try:
-        return _train(cfg, dist, label, tracker)
+        with (contextlib.nullcontext(stop) if stop is not None else StopSignals()) as stop:
+            return _train(cfg, dist, label, stop, tracker)
     finally:
         if tracker is not None:
-            tracker.close()
+            with writing(cfg.out, "the trackers' files (--report-to)"):
+                tracker.close()
         if run_lock is not None:
             run_lock.close()  # releases the lock (a dead process releases it too)
 
 
-def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
+def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None) -> dict:
     torch.manual_seed(cfg.seed)
     main_rank = dist.rank == 0
     columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}  # --prompt-key etc.
@@ -247,7 +253,9 @@ def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
         raise data.DataError(f"{cfg.data}: no row has a '{cfg.hint_key}' value, and "
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
     sets = eval_sets(cfg, columns)  # loaded now: a bad eval file fails before any training
-    model, tok = load_policy(cfg, dist, cfg.model)
+    # the toy warm start (minutes, once): a signal stops it at once, it has nothing to save
+    with stop.now("the warm start"):
+        model, tok = load_policy(cfg, dist, cfg.model, build=partial(train, stop=stop))
     check_logits(model, f"--model {cfg.model}")  # losses and samples see the same logits
     release_large_blocks(model, dist.device)  # CPU + wide vocabulary: chunks returned to the OS
     # prompts longer than the model can answer fail here (naming the row), not after minutes
@@ -270,7 +278,9 @@ def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
     if cfg.lora_rank:  # adapters on the loaded weights; a resumed run loads its own below
         model = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                          dropout=cfg.lora_dropout, targets=cfg.lora_targets)
-    teacher, ref = teacher_and_reference(cfg, model, tok, dist)  # shards the student too
+    with stop.now("the warm start of the toy teacher"):  # OPD --teacher toy: a warm start too
+        teacher, ref = teacher_and_reference(cfg, model, tok, dist,
+                                             build=partial(train, stop=stop))  # shards the student
     # AdamW over the (sharded) student's trainable weights only (with LoRA: the adapters):
     # teachers and the reference are never optimised
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -286,83 +296,98 @@ def _train(cfg: Config, dist: Dist, label: str, tracker=None) -> dict:
     # half-written config. config.json is replaced atomically (write, then rename)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if main_rank:
-        with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        os.replace(os.path.join(cfg.out, "config.json.tmp"), os.path.join(cfg.out, "config.json"))
-        start_metrics_log(metrics_path, start)
+        with writing(cfg.out, "config.json and metrics.jsonl"):
+            with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+            os.replace(os.path.join(cfg.out, "config.json.tmp"),
+                       os.path.join(cfg.out, "config.json"))
+            start_metrics_log(metrics_path, start)
     dist.barrier()
 
     def log(record):  # one JSON line per step, appended and flushed: a crash loses no step
         if main_rank:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if tracker is not None:
-                tracker.log(record)
+            with writing(cfg.out, f"step {record['step']}'s metrics",
+                         f"The checkpoints are intact (newest: {ckpt.latest_checkpoint(cfg.out)})"):
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if tracker is not None:
+                    tracker.log(record)
+
+    def evaluated(when: str) -> dict:  # a signal during evaluation stops it at once (one
+        # process: the processes of torchrun evaluate together, and one that left early would
+        # hang the others' all-reduce; there the evaluation ends first)
+        with stop.now(f"the evaluation {when}") if dist.world == 1 else contextlib.nullcontext():
+            return evaluate(model, tok, sets, cfg, dist)
 
     def show(when, values):
         if main_rank:
             print(f"{label}{when}: " + " | ".join(f"{k}={v:.3f}" for k, v in values.items()),
                   flush=True)
 
+    if main_rank and not label:
+        print(evaluation_plan(sets, cfg, start), flush=True)
     first = {}
     if start == 0 and sets:  # greedy decoding: evaluation never consumes the sampling RNG
-        first = evaluate(model, tok, sets, cfg, dist)
+        first = evaluated("before training")
         log({"step": 0, **first})
         show("before training", first)
     t_start, last, skips, warned, saved = time.time(), {}, 0, False, start
-    # SIGTERM / Ctrl-C only set a flag: the step in progress finishes, so a checkpoint is
-    # never of a half-updated model and metrics.jsonl never has half a step
-    with StopSignals() as stop:
-        for step in range(start + 1, cfg.steps + 1):  # steps count from 1, as in every paper
-            t0, sw = time.time(), Stopwatch(dist.device)
-            with autocast(cfg.dtype, dist):
-                if cfg.algo == "sft":
-                    m = sft_step(model, opt, sft_batch(examples, step, tok, cfg, dist), cfg, dist,
-                                 step)
-                else:
-                    m, _ = train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
-                                      examples=examples, step=step, cfg=cfg, dist=dist, gen=gen,
-                                      sw=sw)
-            # wall time per phase (rollout, teacher, fwd_bwd, optimizer): bench.py reads these
-            m["step_time_s"] = time.time() - t0
-            m.update({f"time_{k}_s": v for k, v in sw.times.items()})
-            # evaluate every --eval-every steps and after the last one
-            if sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                m.update(evaluate(model, tok, sets, cfg, dist))  # greedy: consumes no RNG
-            last = {"step": step, **m}
-            log(last)
-            if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
-                log_line(step, cfg.steps, m, t_start, label)
-            # most responses cut off at the limit: rewards are ~0 and nothing is learned; say so
-            if main_rank and not warned and m.get("truncated_frac", 0) > 0.5:
-                warned = True
-                print(f"warning: {m['truncated_frac']:.0%} of the responses hit --max-new-tokens "
-                      f"{cfg.max_new_tokens} (reward 0 without a final answer); raise it",
-                      flush=True)
-            # a NaN/inf step was skipped (weights untouched); many in a row mean the run is
-            # broken, and going on would only burn compute
-            skips = skips + 1 if m["skipped"] else 0
-            if skips >= cfg.max_skips:  # the weights are untouched: the last checkpoint is good
-                raise SystemExit(f"stopping at step {step}: {skips} consecutive steps with a "
-                                 f"non-finite loss or gradient norm (loss={m['loss']}, "
-                                 f"grad_norm={m['grad_norm']}); weights were not updated, the "
-                                 f"last checkpoint in {cfg.out} is intact. Lower --lr or check "
-                                 f"the data.")
-            # a signal may reach one rank only: all-reduce it, so every rank stops at the same
-            # step (a rank that carried on alone would hang in its next collective)
-            signalled = dist.sum(float(stop.name is not None)).item() > 0
-            if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
-                    or (signalled and cfg.save_on_signal)):
-                ckpt.save(model, opt, teacher, tok, gen, cfg, dist, step)
-                saved = step
-            if signalled and step < cfg.steps:
-                resume = " ".join(a for a in sys.argv if a not in ("--resume", "--overwrite"))
-                raise SystemExit(f"stopped after step {step} ({stop.name or 'signal'}); "
-                                 + (f"the newest checkpoint is step {saved} in {cfg.out}"
-                                    if saved else "no checkpoint was written")
-                                 + f"; continue with: python {resume} --resume"
-                                 + ("" if saved == step else " (steps after the checkpoint "
-                                    "are redone; --save-on-signal checkpoints the last one)"))
+    # during a step SIGTERM / Ctrl-C only set a flag: the step in progress finishes, so a
+    # checkpoint is never of a half-updated model and metrics.jsonl never has half a step
+    for step in range(start + 1, cfg.steps + 1):  # steps count from 1, as in every paper
+        t0, sw = time.time(), Stopwatch(dist.device)
+        with autocast(cfg.dtype, dist):
+            if cfg.algo == "sft":
+                m = sft_step(model, opt, sft_batch(examples, step, tok, cfg, dist), cfg, dist,
+                             step)
+            else:
+                m, _ = train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
+                                  examples=examples, step=step, cfg=cfg, dist=dist, gen=gen,
+                                  sw=sw)
+        # wall time per phase (rollout, teacher, fwd_bwd, optimizer): bench.py reads these
+        m["step_time_s"] = time.time() - t0
+        m.update({f"time_{k}_s": v for k, v in sw.times.items()})
+        # evaluate every --eval-every steps and after the last one
+        if sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            try:  # greedy: consumes no RNG
+                m.update(evaluated(f"after step {step}"))
+            except Stopped:  # the step itself is done: log it, save it if asked, stop
+                pass
+        last = {"step": step, **m}
+        log(last)
+        if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
+            log_line(step, cfg.steps, m, t_start, label)
+        # most responses cut off at the limit: rewards are ~0 and nothing is learned; say so
+        if main_rank and not warned and m.get("truncated_frac", 0) > 0.5:
+            warned = True
+            print(f"warning: {m['truncated_frac']:.0%} of the responses hit --max-new-tokens "
+                  f"{cfg.max_new_tokens} (reward 0 without a final answer); raise it",
+                  flush=True)
+        # a NaN/inf step was skipped (weights untouched); many in a row mean the run is
+        # broken, and going on would only burn compute
+        skips = skips + 1 if m["skipped"] else 0
+        if skips >= cfg.max_skips:  # the weights are untouched: the last checkpoint is good
+            raise SystemExit(f"stopping at step {step}: {skips} consecutive steps with a "
+                             f"non-finite loss or gradient norm (loss={m['loss']}, "
+                             f"grad_norm={m['grad_norm']}); weights were not updated, the "
+                             f"last checkpoint in {cfg.out} is intact. Lower --lr or check "
+                             f"the data.")
+        # a signal may reach one rank only: all-reduce it, so every rank stops at the same
+        # step (a rank that carried on alone would hang in its next collective)
+        signalled = dist.sum(float(stop.name is not None)).item() > 0
+        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
+                or (signalled and cfg.save_on_signal)):
+            ckpt.save(model, opt, teacher, tok, gen, cfg, dist, step)
+            saved = step
+        if signalled and step < cfg.steps:
+            resume = " ".join(a for a in sys.argv if a not in ("--resume", "--overwrite"))
+            raise Stopped(stop.name or "SIGTERM",
+                          f"stopped after step {step} ({stop.name or 'signal'}); "
+                          + (f"the newest checkpoint is step {saved} in {cfg.out}"
+                             if saved else "no checkpoint was written")
+                          + f"; continue with: python {resume} --resume"
+                          + ("" if saved == step else " (steps after the checkpoint "
+                             "are redone; --save-on-signal checkpoints the last one)"))
     if first and last:
         show("after training ", {k: last[k] for k in first if k in last})
     ck = ckpt.latest_checkpoint(cfg.out)
@@ -385,10 +410,6 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
     dist = setup_distributed()  # one process under python, one per GPU (or core) under torchrun
-    for flag in ("prompts_per_step", "mini_batch_size"):  # every rank runs the same passes
-        if getattr(cfg, flag) % dist.world:
-            raise SystemExit(f"config error: --{flag.replace('_', '-')} {getattr(cfg, flag)} "
-                             f"is not divisible by the {dist.world} processes")
     if cfg.generation == "compiled" and dist.world > 1:  # FSDP hooks in a CUDA graph: untested
         raise SystemExit("config error: --generation compiled runs in one process; under "
                          "torchrun use --generation static or dynamic")
@@ -400,6 +421,11 @@ def main(argv=None):
     except (data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except Stopped as e:  # preempted: 128 + the signal (143 SIGTERM, 130 Ctrl-C), not 1
+        print(e.message if "after step" in e.message else
+              f"{e.message}; no training step was cut short: run the same command again"
+              + (" with --resume" if ckpt.latest_checkpoint(cfg.out) else ""), file=sys.stderr)
+        raise SystemExit(e.status)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, mid-step
         print(f"\ninterrupted; the checkpoints in {cfg.out} are intact: continue with --resume",
               file=sys.stderr)

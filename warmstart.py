@@ -85,9 +85,12 @@ def warm_start_path(cfg: Config, *, steps: int, name: str, slip: float = None) -
                                         f"{warm_start_key(_sft_config(cfg, steps, slip))}")
 
 
-def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: float = None) -> str:
+def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: float = None,
+                   build=None) -> str:
     """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached. Built
-    under a file lock: a second process waits for the first one's instead of racing it."""
+    under a file lock: a second process waits for the first one's instead of racing it.
+    `build(cfg, dist, label)` is the training loop that runs the SFT (train.train, handed down
+    by the trainer: the warm start is a run of the same loop, and never imports it)."""
     slip = cfg.demo_slip if slip is None else slip
     sft = _sft_config(cfg, steps, slip)
     path = warm_start_path(cfg, steps=steps, name=name, slip=slip)
@@ -102,16 +105,16 @@ def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: floa
                 print(f"warm start ({name}): supervised fine-tuning of {what}, {steps} steps, "
                       f"about {minutes:.0f} minutes on 2 CPU cores. Done once: cached in {path}",
                       flush=True)
-                from train import train  # the warm start is a run of the same loop
-                train(sft, Dist(device=dist.device), label="warm start: ")  # one local process
+                build(sft, Dist(device=dist.device), label="warm start: ")  # one local process
                 os.replace(ckpt.latest_checkpoint(sft.out), path)
                 shutil.rmtree(sft.out, ignore_errors=True)
     dist.barrier()
     return path
 
 
-def load_policy(cfg: Config, dist: Dist, name: str):
-    """(model, tokenizer) for 'toy-init' (random), 'toy' (cached warm start) or a path/hub id."""
+def load_policy(cfg: Config, dist: Dist, name: str, build=None):
+    """(model, tokenizer) for 'toy-init' (random), 'toy' (cached warm start, trained by
+    `build` if it is not cached: see toy_checkpoint) or a path/hub id."""
     dtype = torch.float32  # master weights; bf16 compute comes from FSDP's policy or autocast
     if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
         if task_of(cfg) == "shapes":
@@ -138,7 +141,7 @@ def load_policy(cfg: Config, dist: Dist, name: str):
         # `--algo sft --seed S --steps 2600 --eval-every 325 --eval-n 300`: still 4.7% / 90%
         # and 4.3% / 98% at 1300, then 31% / 89% and 25% / 82% at 1950, 31% / 93% and
         # 32% / 92% at 2600)
-        name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="student")
+        name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="student", build=build)
     return load_model(name, dtype=dtype, device=dist.device)  # the same path as a real model
 
 
@@ -222,10 +225,8 @@ def overview(cfg: Config) -> str:
             f"first the one-time warm start (supervised fine-tuning, about "
             f"{cfg.warm_start_steps * SFT_SECONDS[task_of(cfg)] / 60:.0f} minutes on 2 CPU "
             f"cores, then cached)")
-    evals = (f", evaluated greedily on {cfg.eval_n} test problems every {cfg.eval_every} steps"
-             if cfg.eval_data and cfg.eval_every else "")
     task = ("the embedded toy task (arithmetic with carries, a ~0.3M-parameter Qwen3)"
             if task_of(cfg) == "toy" else "the embedded shapes task (count the shapes of a "
             "colour in a picture, a tiny Qwen3-VL)")
     return (f"--algo {cfg.algo} on {task}: {warm}, then {cfg.steps} RL steps (about 1 s each "
-            f"on 2 CPU cores){evals}. Outputs: {cfg.out}/.")
+            f"on 2 CPU cores). Outputs: {cfg.out}/.")

@@ -1,8 +1,11 @@
 """A reward for the equivalence tests: a 30-step warm start rarely answers right, so the
 verifier's reward is 0 everywhere, every advantage 0 and every policy gradient exactly 0,
-which would make a comparison of gradients vacuous. This one varies within every group."""
+which would make a comparison of gradients vacuous. This one varies within most groups."""
 
 
 def parity(response: str, answer: str, **_) -> dict:
-    """1 for an odd number of characters: a deterministic function of the sampled tokens."""
-    return {"score": float(len(response) % 2), "acc": len(response) % 2 == 1}
+    """1 when the response's characters' code points add up to an odd number: a deterministic
+    function of every sampled token (its length alone does not vary: most responses of a
+    barely warm-started model run to --max-new-tokens)."""
+    odd = sum(map(ord, response)) % 2 == 1
+    return {"score": float(odd), "acc": odd}

@@ -1,9 +1,12 @@
 """Options: --help documents every flag, ignored flags are refused, booleans, the LR schedule,
 the KL reference is never a moving teacher, metrics keep their own denominators."""
+import contextlib
 import dataclasses
 import math
+import os
 
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 import config
@@ -124,3 +127,72 @@ def test_opd_with_a_self_teacher():
         config.parse_config(["--algo", "opd"])
     with pytest.raises(SystemExit, match="external teacher"):
         config.parse_config(["--algo", "opd", "--teacher", "toy", "--teacher-mode", "frozen"])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A model directory as far as the options are concerned: a config.json with a context."""
+    tmp_path = tmp_path_factory.mktemp("model")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3", "max_position_embeddings": 32768}')
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
+    return tmp_path
+
+
+@given(algo=st.sampled_from(["dapo", "dr_grpo", "gspo", "ptdpo"]), prompts=st.integers(1, 600),
+       world=st.sampled_from([1, 2, 3, 4, 8]))
+def test_paper_mini_batches_give_way_to_the_prompts_the_user_set(model_dir, algo, prompts,
+                                                                 world):
+    """An untyped --mini-batch-size never makes a config error: it keeps the paper's number of
+    updates per rollout batch where the typed --prompts-per-step allows it, else the nearest
+    number that does (whole mini-batches, whole prompts per process), and says so."""
+    prompts = max(world, prompts - prompts % world)  # the user's own value divides
+    notes = []
+    base = ["--model", str(model_dir), "--data", str(model_dir / "train.jsonl"), "--algo", algo]
+    with processes(world):
+        cfg = config.resolve_config(vars_of(base + ["--prompts-per-step", str(prompts)]), notes)
+    paper = config.PAPER_DEFAULTS[algo]
+    want = paper.get("prompts_per_step", config.Config.prompts_per_step) / paper["mini_batch_size"]
+    mini = cfg.mini_batch_size
+    assert prompts % mini == 0 and mini % world == 0
+    possible = [k for k in range(1, prompts + 1)
+                if prompts % k == 0 and (prompts // k) % world == 0]
+    assert abs(prompts // mini - want) == min(abs(k - want) for k in possible)
+    assert bool(notes) == (mini != paper["mini_batch_size"])  # each change is said
+    with processes(world), pytest.raises(SystemExit, match="must divide"):  # typed: an error
+        config.resolve_config(vars_of(base + ["--prompts-per-step", str(prompts * 7),
+                                              "--mini-batch-size", str(prompts * 7 + world)]))
+
+
+@contextlib.contextmanager
+def processes(world: int):
+    """As if under torchrun with `world` processes (WORLD_SIZE is what config reads)."""
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world)
+    try:
+        yield
+    finally:
+        os.environ.pop("WORLD_SIZE") if old is None else os.environ.update(WORLD_SIZE=old)
+
+
+def vars_of(argv):
+    """The command-line values (flag value pairs) parse_config passes to resolve_config."""
+    return {f[2:].replace("-", "_"): type(config.DEFAULTS[f[2:].replace("-", "_")])(v)
+            for f, v in zip(argv[::2], argv[1::2])}
+
+
+def test_dapo_overlong_buffer_and_lengths_follow_the_user(model_dir, tmp_path):
+    data = ["--data", str(model_dir / "train.jsonl"), "--algo", "dapo"]
+    cfg = config.parse_config(["--model", str(model_dir), "--max-new-tokens", "1000", *data])
+    assert cfg.overlong_cache == 200  # 4096 / 20480 of it, not the paper's 4096 > 1000
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "config.json").write_text('{"text_config": {"max_position_embeddings": 4096}}')
+    cfg = config.parse_config(["--model", str(short), *data])
+    assert cfg.max_new_tokens == 2048 and cfg.overlong_cache == 410  # fits the context
+    cfg = config.parse_config(["--model", str(short), "--max-new-tokens", "8000", *data])
+    assert cfg.max_new_tokens == 8000  # typed: kept (prompts longer than 0 then fail, named)
+    cfg = config.parse_config(["--model", str(model_dir), "--steps", "5", *data])
+    assert cfg.lr_warmup_steps == 0  # the paper's 10 is longer than the run
+    cfg = config.parse_config(["--model", str(model_dir), "--steps", "5", "--lr-warmup-steps",
+                               "7", *data])
+    assert cfg.lr_warmup_steps == 7

@@ -53,3 +53,64 @@ def test_compare_missing_run_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--compare", str(tmp_path / "nope")])
     assert e.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+def _file(tmp_path, n=24):
+    """Toy problems with the question in a renamed column."""
+    import data
+    f = tmp_path / "problems.jsonl"
+    f.write_text("".join(json.dumps(dict(question=e.prompt, answer=e.answer)) + "\n"
+                         for e in data.make_toy("test", n)))
+    return str(f)
+
+
+def _trained_accuracy(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["eval_acc"]
+
+
+def test_eval_py_reproduces_the_trainers_accuracy(tmp_path, cache, capsys):
+    """A run with a non-default student template, a system prompt, a renamed column and its
+    own reward function: eval.py CHECKPOINT --data FILE reads all of it from the run's
+    config.json and gets the trainer's end-of-run greedy accuracy exactly. (The parity
+    reward is about half right on any model, so the number depends on every generated
+    token of every prompt: a prompt built differently would change it.)"""
+    import train
+    f, out = _file(tmp_path), str(tmp_path / "run")
+    train.main(["--algo", "grpo", "--steps", "1", "--prompts-per-step", "4", "--group-size", "2",
+                "--max-new-tokens", "40", "--warm-start-steps", "30", "--cache-dir", cache,
+                "--data", f, "--eval-data", f, "--prompt-key", "question",
+                "--student-template", "QQ{prompt}", "--system-prompt", "sub",
+                "--reward", "signal_reward:parity", "--out", out])
+    want = _trained_accuracy(out)
+    assert 0.0 < want < 1.0
+    capsys.readouterr()
+    results = str(tmp_path / "results.jsonl")
+    ev.main([os.path.join(out, "checkpoint-000001"), "--data", f, "--out", results])
+    got = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert got["pass@1_greedy"] == want
+    with open(results) as r:
+        assert json.loads(r.read())["pass@1_greedy"] == want
+    # the defaults (no template, no system prompt) evaluate other prompts: another number
+    ev.main([os.path.join(out, "checkpoint-000001"), "--data", f, "--student-template",
+             "{prompt}", "--system-prompt", ""])
+    captured = capsys.readouterr()
+    assert "overridden: --student-template, --system-prompt" in captured.err
+    assert json.loads(captured.out.splitlines()[-1])["pass@1_greedy"] != want
+
+
+def test_eval_py_without_a_run_says_it_uses_the_defaults(cache, capsys):
+    ev.main([warm_start_dir(cache), "--n", "4"])
+    assert "no run config.json beside it; the default prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path,message", [("missing", "no such directory"),
+                                          ("file", "is a file"),
+                                          ("dir", "has no config.json")])
+def test_eval_py_names_a_path_that_is_not_a_model(tmp_path, capsys, path, message):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(tmp_path / path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err

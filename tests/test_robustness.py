@@ -75,7 +75,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, cache)
     ckpt.save_checkpoint(out, 1, tokenizer=tok, **kw)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(out, 2, tokenizer=_BrokenTokenizer(), **kw)
-    assert os.path.isdir(os.path.join(out, "checkpoint-000002.tmp"))  # debris, never picked
+    assert not os.path.exists(os.path.join(out, "checkpoint-000002.tmp"))  # its space given back
     assert ckpt.latest_checkpoint(out) == os.path.join(out, "checkpoint-000001")
     AutoModelForCausalLM.from_pretrained(ckpt.latest_checkpoint(out))
     for step in (3, 4, 5):  # keep the newest 2; the next write removes the debris
@@ -261,7 +261,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, cache):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]  # 128 + 15
     assert "SIGTERM" in stdout and "continue with:" in stderr and "--resume" in stderr
     k = ckpt.load_trainer_state(ckpt.latest_checkpoint(out))["step"]
     assert [r["step"] for r in _rows(out)][-1] == k  # the finished step was checkpointed
@@ -341,3 +341,31 @@ def test_two_first_runs_share_one_warm_start(tmp_path):
     assert printed.count("warm start (student): supervised fine-tuning") == 1  # built once
     # (the other process prints that it waits, unless it started after the build was done)
     assert len([n for n in os.listdir(cache) if "." not in n]) == 1
+
+
+class _Planted:
+    """What a crafted trainer_state.pt holds: unpickling it calls os.makedirs(marker)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_resume_never_runs_code_from_a_checkpoint(tmp_path, cache, capsys):
+    """A trainer_state.pt whose unpickling would run code (here: create a directory) is
+    refused with one message naming it; the code never runs; ordinary checkpoints resume."""
+    out, marker = str(tmp_path / "run"), str(tmp_path / "code-ran")
+    _main(cache, out, "--algo", "grpo")
+    state = os.path.join(out, "checkpoint-000002", "trainer_state.pt")
+    saved = torch.load(state, weights_only=True)  # what this project writes loads safely
+    torch.save({**saved, "extra": _Planted(marker)}, state)
+    with pytest.raises(SystemExit, match=r"trainer_state.pt holds objects other than tensors "
+                                         r"and plain values .*could run code, so it is not loaded"):
+        _main(cache, out, "--algo", "grpo", "--steps", "3", "--resume")
+    assert not os.path.exists(marker)
+    assert "damaged" not in capsys.readouterr().out  # refused, not skipped for an older one
+    torch.save(saved, state)  # the genuine file resumes
+    _main(cache, out, "--algo", "grpo", "--steps", "3", "--resume")
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3]

@@ -69,15 +69,15 @@ SEQ = 32  # the longest prompt + response of TINY's rows (tests/rounding.py)
 def first_updates(tmp_path, cache, monkeypatch, common, one, other, rows=False):
     """The first optimizer update of two one-step runs that differ in `one` / `other`, each
     with one-row micro-batches unless it sets its own split (tests/rounding.py: the bound
-    needs each row's contribution). The reward varies within every group (signal_reward.py),
-    so no gradient is zero by construction. With rows, also each run's step-1 metrics."""
+    needs each row's contribution). Groups of 4 and a reward that varies with every token
+    (signal_reward.py): advantages that are not all 0. With rows, also the step-1 metrics."""
     out = []
     for name, extra in (("a", one), ("b", other)):
         split = () if "--micro-batch-size" in (*common, *one, *other) else (
             "--micro-batch-size", "1")
         rec = FirstUpdate(monkeypatch)
-        _, metrics = run(tmp_path / name, cache, *common, *extra, *split, "--steps", "1",
-                         "--reward", "signal_reward:parity")
+        _, metrics = run(tmp_path / name, cache, "--group-size", "4", *common, *extra, *split,
+                         "--steps", "1", "--reward", "signal_reward:parity")
         monkeypatch.undo()
         out.append((rec, metrics[1]) if rows else rec)
     return out
@@ -243,7 +243,8 @@ def test_mini_batches_and_epochs_make_the_ratio_work(tmp_path, cache, monkeypatc
     ratio = "is_weight_mean" if algo == "sdpo" else "ratio_mean"  # SDPO has no PPO ratio
     assert ra["updates"] == 4.0
     assert ra[ratio] != 1.0 and ra[ratio] > 0.5  # measured on real tokens, and moved
-    _, one = run(tmp_path / "c", cache, "--algo", algo, *sdpo, "--steps", "1")
+    _, one = run(tmp_path / "c", cache, "--algo", algo, *sdpo, "--steps", "1",
+                 "--mini-batch-size", "4")  # one mini-batch (GSPO's default splits in 4)
     assert one[1]["updates"] == 1.0 and one[1][ratio] == 1.0  # on-policy: exactly 1
 
 

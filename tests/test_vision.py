@@ -298,3 +298,22 @@ def test_lora_on_a_vision_language_model(tmp_path, vlm):
     merged, tok = load_model(ck)
     assert type(merged).__name__ == "Qwen3VLForConditionalGeneration" and not lora.is_lora(merged)
     assert tok.image_processor.merge_size == 2  # eval.py can build image prompts with it
+
+
+def test_eval_py_reproduces_the_trainers_accuracy_with_images(tmp_path, vlm, capsys):
+    """The image counterpart of test_eval.py's: the run's template and reward, the images."""
+    import json
+    import os
+
+    import eval as evaluation
+    import train
+    data_file, out = _image_rows(tmp_path, n=6), str(tmp_path / "run")
+    train.main(["--algo", "grpo", "--model", vlm[0], "--data", data_file,
+                "--eval-data", data_file, "--steps", "1", "--prompts-per-step", "2",
+                "--group-size", "2", "--max-new-tokens", "6", "--lr", "1e-3", "--out", out,
+                "--student-template", "Q{prompt}:", "--reward", "signal_reward:parity"])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        want = [json.loads(line) for line in f][-1]["eval_acc"]
+    capsys.readouterr()
+    evaluation.main([os.path.join(out, "checkpoint-000001"), "--data", data_file])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["pass@1_greedy"] == want
