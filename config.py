@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import distill
 import losses
 import presets
 import prompts
@@ -116,6 +117,7 @@ class Config:
     srpo_beta: float = 1.0            # SRPO entropy-weight temperature: w ~ exp(-beta H_teacher)
     ptd_coef: float = 0.05            # PTD-PO lambda: weight of the PTD term
     ptd_tau: float = 1.0              # PTD-PO: groups with accuracy below tau are distilled
+    ptd_divergence: str = "jsd"       # PTD-PO term: jsd (released; its gradient is exactly 0) | jsd-exact | forward KL(T||S) | reverse KL(S||T)
     opd_coef: float = 1.0             # OPD: coefficient of the reverse-KL advantage
     # --- run, checkpoints, logging
     seed: int = 0                     # data order, sampling and initialisation
@@ -224,7 +226,8 @@ USED_BY = {
     "lam0": ("rlsd",), "lam_decay": ("rlsd",), "lam_warmup": ("rlsd",), "eps_w": ("rlsd",),
     "beta": ("opsd", "sdpo", "srpo"), "token_clip": ("opsd",), "is_clip": ("sdpo", "srpo"),
     "top_k": ("opsd", "sdpo", "srpo", "ptdpo"), "distill_agg": ("opsd", "sdpo", "ptdpo"), "success_threshold": ("sdpo", "srpo"),
-    "srpo_beta": ("srpo",), "ptd_coef": ("ptdpo",), "ptd_tau": ("ptdpo",), "opd_coef": ("opd",),
+    "srpo_beta": ("srpo",), "ptd_coef": ("ptdpo",), "ptd_tau": ("ptdpo",),
+    "ptd_divergence": ("ptdpo",), "opd_coef": ("opd",),
     "teacher": ("opd",),  # with --teacher-mode external (the default); frozen: a self-teacher
 }
 
@@ -450,6 +453,8 @@ def check_config(cfg: Config, given: dict = ()):
             f"{cfg.prompts_per_step} (whole mini-batches of prompts per optimizer step)")
     if cfg.distill_agg not in losses.DISTILL_AGG:
         bad(f"--distill-agg must be one of {', '.join(losses.DISTILL_AGG)}")
+    if cfg.ptd_divergence not in distill.PTD_DIVERGENCES:
+        bad(f"--ptd-divergence must be one of {', '.join(distill.PTD_DIVERGENCES)}")
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         bad("--lr-schedule must be constant, linear or cosine")
     ranges = {  # field: (lowest allowed, highest allowed, strictly above the lowest?)

@@ -41,8 +41,14 @@ Deliberate choices:
   * PTD-PO follows the official code, not the paper summary: the support is the student's
     top-K plus one tail bucket, teacher probabilities of student tokens outside the teacher's
     own top-K share the teacher's tail uniformly over (miss_vocab - K) tokens (the code
-    hard-codes 150000; we default to the real V), and p_s is stop-gradient as the weight of
-    KL(S || M). `ptdpo_loss` takes the PTD term as a token mean over all PTD tokens, or as
+    hard-codes 150000; we default to the real V), and by default (--ptd-divergence jsd) p_s
+    is stop-gradient as the weight of KL(S || M), as released. That makes the JSD's gradient
+    exactly zero: the released PTD term is computed and logged and moves no weight, so
+    released PTD-PO trains as GRPO with the reference KL switched off on the groups that
+    have a hint. `ptd_topk_divergence` also offers the exact JSD (the paper's objective) and
+    the two KLs on the same support. Kept different from the release on purpose: the
+    teacher's log-softmax is taken in float32 (the release takes it in the logits' dtype,
+    bf16 in its runs, which moves a token's JSD by up to 39%). `ptdpo_loss` takes the PTD term as a token mean over all PTD tokens, or as
     given row weights; the trainer's default weights reproduce the official per-micro-batch
     mean (losses.distill_row_weights, audit F9) without depending on --micro-batch-size.
   * SRPO's advantages are Dr. GRPO's (r - mean), as the paper's text and its inherited SDPO
@@ -270,40 +276,87 @@ def ptd_mask(accuracy: torch.Tensor, group_size: int, has_hint: torch.Tensor, *,
     return distil_PG.view(-1) & has_hint.bool()
 
 
-def ptd_topk_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                 k: int = 100, miss_vocab: int | None = None) -> torch.Tensor:
-    """(N,T,V) -> (N,T) PTD-PO Top-K JSD (official `compute_topk_kl`, "jsd_kl").
+PTD_DIVERGENCES = ("jsd", "jsd-exact", "forward", "reverse")
 
-    Support: the student's top-k plus one tail bucket. The teacher's probability at a student
-    index is its own top-k value if the index is in the teacher's top-k, else an equal share
-    of the teacher's tail over (miss_vocab - k) tokens. p_s is stop-gradient as the weight of
-    KL(S || M) ("bounds the gradient when p_s -> 0"), so the gradient is NOT the exact JSD's.
-    0 when the logits are equal; <= ln 2 up to the 1e-8 tail clamps.
-    """
+
+def _ptd_support(student_logits, teacher_logits, k: int, miss_vocab: int | None):
+    """The K+1 support of official `compute_topk_kl`: the student's top-k and one tail bucket.
+    Returns (s_lp, s_p, t_lp, t_p, tail_s, tail_t): the student's (with gradient) and the
+    teacher's (no gradient) log-probs and probabilities on the k entries, and both tails.
+
+    The teacher's probability at a student index is its own, when the index is among the k
+    ids the teacher's `torch.topk` kept, else an equal share of the teacher's tail over
+    (miss_vocab - k) tokens, as the official `_topk_match_and_gather` matches ids. (A
+    "reaches the k-th value" test would admit every token tied with the k-th: under bf16
+    logits ties are common, and it changes the value.) Membership is one sort and a binary
+    search per position, not the official k x k comparison. Both sides are normalised in
+    float32 over the whole vocabulary; the official code takes the teacher's log-softmax in
+    the logits' own dtype, which with bf16 logits moves a token's JSD by up to 39%."""
     s = _f32(student_logits)
     V = s.shape[-1]
     miss_vocab = V if miss_vocab is None else miss_vocab
-    s_idx = s.detach().topk(k, dim=-1).indices
+    s_idx = s.detach().topk(k, dim=-1).indices  # indices are data, not differentiated
     s_lp = s.gather(-1, s_idx) - torch.logsumexp(s, -1, keepdim=True)
-    s_p = s_lp.exp()
     with torch.no_grad():
         t_lp_full = torch.log_softmax(_f32(teacher_logits.detach()), -1)
-        t_top_lp = t_lp_full.topk(k, dim=-1).values
-        # a student index is in the teacher's top-k iff its teacher log-prob reaches the
-        # teacher's k-th largest value: O(k) instead of the official O(k^2) equality match
-        t_at_s = t_lp_full.gather(-1, s_idx)
-        hit = t_at_s >= t_top_lp[..., -1:]
+        t_top_lp, t_idx = t_lp_full.topk(k, dim=-1)
+        kept = t_idx.sort(dim=-1).values
+        at = torch.searchsorted(kept, s_idx).clamp(max=k - 1)
+        hit = kept.gather(-1, at) == s_idx  # the id is one the teacher's top-k kept
         t_tail_mass = (1.0 - t_top_lp.exp().sum(-1, keepdim=True)).clamp(min=1e-10)
         miss_lp = t_tail_mass.log() - math.log(max(1, miss_vocab - k))
-        t_lp = torch.where(hit, t_at_s, miss_lp).clamp(min=_LOG_FLOOR)
-        t_p = t_lp.exp()
+        t_lp = torch.where(hit, t_lp_full.gather(-1, s_idx), miss_lp).clamp(min=_LOG_FLOOR)
+    s_p, t_p = s_lp.exp(), t_lp.exp()
     tail_s = (1.0 - s_p.sum(-1)).clamp(min=1e-8)  # clamps as in the official code
     tail_t = (1.0 - t_p.sum(-1)).clamp(min=1e-8)
+    return s_lp, s_p, t_lp, t_p, tail_s, tail_t
+
+
+def ptd_topk_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                        k: int = 100, miss_vocab: int | None = None,
+                        divergence: str = "jsd") -> torch.Tensor:
+    """(N,T,V) -> (N,T) PTD-PO's divergence on the student's top-k + tail (`_ptd_support`).
+
+    divergence (--ptd-divergence):
+      jsd        the released "jsd_kl" (every PTD script): JSD whose KL(S || M) term weighs by
+                 a detached p_s (and tail_s). Its gradient is EXACTLY ZERO: per entry,
+                 d/d log p_s = 0.5 p_s [1 - (p_s + p_t) / (2 m)] = 0 since 2 m = p_s + p_t, and
+                 the tail likewise. The term moves no weight (`ptd_topk_jsd`).
+      jsd-exact  the same value, with the JSD's own gradient: what the paper describes
+      forward    KL(T || S) on the same support: the official "reverse_kl" (its names are
+                 swapped relative to this project's and SDPO's, spec notes 2.4)
+      reverse    KL(S || T): the official "forward_kl", used by the PID-era "fwd" scripts
+    The JSD forms lie in [0, ln 2]; every form is 0 when the logits are equal."""
+    if divergence not in PTD_DIVERGENCES:
+        raise ValueError(f"PTD divergence {divergence!r}: expected one of {PTD_DIVERGENCES}")
+    s_lp, s_p, t_lp, t_p, tail_s, tail_t = _ptd_support(student_logits, teacher_logits, k,
+                                                        miss_vocab)
+    if divergence == "forward":  # KL(T || S): the teacher's mass where the student lacks it
+        return (t_p * (t_lp - s_lp)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())
+    if divergence == "reverse":  # KL(S || T): the student's mass where the teacher lacks it
+        return (s_p * (s_lp - t_lp)).sum(-1) + tail_s * (tail_s.log() - tail_t.log())
     log_m = (0.5 * (s_p + t_p)).clamp(min=1e-10).log()
     log_m_tail = (0.5 * (tail_s + tail_t)).clamp(min=1e-10).log()
-    kl_sm = (s_p.detach() * (s_lp - log_m)).sum(-1) + tail_s.detach() * (tail_s.log() - log_m_tail)
+    w_s, w_tail = (s_p.detach(), tail_s.detach()) if divergence == "jsd" else (s_p, tail_s)
+    kl_sm = (w_s * (s_lp - log_m)).sum(-1) + w_tail * (tail_s.log() - log_m_tail)
     kl_tm = (t_p * (t_lp - log_m)).sum(-1) + tail_t * (tail_t.log() - log_m_tail)
     return 0.5 * (kl_sm + kl_tm)
+
+
+def ptd_topk_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                 k: int = 100, miss_vocab: int | None = None) -> torch.Tensor:
+    """(N,T,V) -> (N,T) PTD-PO's Top-K JSD as released (official `compute_topk_kl`, "jsd_kl").
+
+    Support: the student's top-k plus one tail bucket; the teacher's probability at a student
+    index is its own if the teacher's top-k kept that id, else an equal share of its tail over
+    (miss_vocab - k) tokens (the code hard-codes 150000; we default to the real V). p_s (and
+    tail_s) are stop-gradient as the weight of KL(S || M), which the official comment says
+    "bounds the gradient when p_s -> 0": it removes it. The gradient with respect to the
+    student is exactly zero, so the released PTD term trains nothing (`ptd_topk_divergence`
+    has the exact JSD and the KLs). 0 when the logits are equal; <= ln 2 up to the 1e-8 tail
+    clamps."""
+    return ptd_topk_divergence(student_logits, teacher_logits, k=k, miss_vocab=miss_vocab,
+                               divergence="jsd")
 
 
 def ptdpo_loss(pg_per_token: torch.Tensor, kl_per_token: torch.Tensor,

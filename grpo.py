@@ -45,7 +45,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     scale="none":  A = r - mean                        Dr. GRPO (Liu et al. Sec. 3.1)
     scale="loo":   A = r - mean of the others          RLOO (`rloo_advantages`)
     A group whose rewards are all equal gets exactly 0: it carries no learning signal, and
-    float rounding in `r - mean` must not invent one.
+    float rounding in `r - mean` must not invent one (EasyR1's estimator, which PTD-PO
+    releases, gives a flat group of equal non-binary rewards such as 0.9 an advantage of up
+    to 0.056: (r - mean) is a rounding residue, and dividing by std + 1e-6 magnifies it).
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")

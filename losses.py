@@ -16,6 +16,7 @@ row choice in `distilled_rows`:
   sdpo      EMA 0.05                sibling       rows with a correct sibling     top-100 JSD x IS weight
   srpo      EMA 0.05                sibling       wrong rows with a sibling       surrogate | weighted SDPO, one mean
   ptdpo     frozen initial          hint          wrong rows of unsolved groups   surrogate + KL + 0.05 Top-K JSD
+                                                                                  (released: zero gradient)
 
 The teacher and context columns are each paper's defaults (config.PAPER_DEFAULTS); the flags
 --teacher-mode and --context change them. RLSD and OPD read only the teacher's log-prob of
@@ -212,8 +213,8 @@ def chunk_loss(cfg, c, logits, logp, teacher_logits, norms, lam: float):
         # the KL is added by ptdpo_loss, which switches it off on PTD groups
         pg, kl = surrogate(c.adv, with_kl=False), grpo.kl_k3(logp, c.ref_logp)
         V = logits.shape[-1]
-        ptd = distill.ptd_topk_jsd(logits.float() / T, teacher_logits.float() / T,
-                                   k=min(cfg.top_k, V))
+        ptd = distill.ptd_topk_divergence(logits.float() / T, teacher_logits.float() / T,
+                                          k=min(cfg.top_k, V), divergence=cfg.ptd_divergence)
         stats["kl"] = mean_stat(kl, mask & ~c.kl_off[:, None])
         stats["distill"] = mean_stat(ptd, mask & c.distill[:, None])
         loss = distill.ptdpo_loss(pg, kl, ptd, mask, c.distill, c.kl_off, ptd_coef=cfg.ptd_coef,

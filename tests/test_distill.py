@@ -388,7 +388,8 @@ def test_ptd_gradient_is_the_stop_gradient_surrogate(seed, k):
 
 
 def test_ptd_gradient_differs_from_exact_jsd_on_purpose():
-    """k = V: same value as the full-vocabulary JSD, but the sg(p_s) weight changes the gradient."""
+    """k = V: same value as the full-vocabulary JSD, but the sg(p_s) weight removes the
+    gradient (the released form); --ptd-divergence jsd-exact has the JSD's own."""
     s = randn(7, 1, 1, 8, scale=1.5, dtype=torch.float64).requires_grad_()
     t = randn(8, 1, 1, 8, scale=1.5, dtype=torch.float64)
     ptd = D.ptd_topk_jsd(s, t, k=8)
@@ -397,6 +398,105 @@ def test_ptd_gradient_differs_from_exact_jsd_on_purpose():
     (g_ptd,) = torch.autograd.grad(ptd.sum(), s)
     (g_exact,) = torch.autograd.grad(exact.sum(), s)
     assert (g_ptd - g_exact).abs().max() > 1e-3
+    (g_ours,) = torch.autograd.grad(D.ptd_topk_divergence(s, t, k=8, divergence="jsd-exact")
+                                    .sum(), s)
+    torch.testing.assert_close(g_ours, g_exact)
+
+
+@given(seed=seeds, k=st.integers(1, 40), n=st.integers(1, 3), scale=st.floats(0.1, 3.0))
+def test_released_ptd_jsd_has_exactly_zero_gradient(seed, k, n, scale):
+    """The released "jsd_kl" (sg(p_s), sg(tail_s) as the weights of KL(S || M)): for any
+    student and teacher logits its gradient with respect to the student is exactly 0.0, not
+    small: per entry d/d log p_s = 0.5 p_s [1 - (p_s + p_t) / (2 m)] and 2 m = p_s + p_t to
+    the bit (m is computed as 0.5 (p_s + p_t), and halving is exact). Its value is not 0:
+    it is the JSD; only its gradient is gone."""
+    s = randn(seed, n, 3, 64, scale=scale).requires_grad_()
+    t = randn(seed + 1, n, 3, 64, scale=scale)
+    jsd = D.ptd_topk_jsd(s, t, k=k)
+    (g,) = torch.autograd.grad(jsd.sum(), s)
+    assert torch.equal(g, torch.zeros_like(g))
+    assert (jsd > 0).all()
+    (g_exact,) = torch.autograd.grad(D.ptd_topk_divergence(s, t, k=k, divergence="jsd-exact")
+                                     .sum(), s)  # the same value, its own gradient
+    assert g_exact.abs().max() > 0
+
+
+def _distill_terms(s, t, logp_s, logp_t):
+    """Every distillation signal the trainer uses, as (name, scalar of the student)."""
+    yield "opsd", D.distill_per_token(s, t, beta=0.0, token_clip=0.05).sum()  # OPSD v3
+    yield "opsd-top-k", D.distill_per_token(s, t, beta=0.0, top_k=5, add_tail=False,
+                                            support="teacher").sum()
+    sd = D.sdpo_per_token(s, t, logp_s, logp_s.detach(), beta=0.5, top_k=5)
+    yield "sdpo", sd.sum()
+    w = D.entropy_weights(grpo.entropy(t.detach()), torch.ones(s.shape[:2]))
+    yield "srpo", D.srpo_loss(torch.zeros_like(sd), sd, w, torch.ones(s.shape[0], dtype=bool),
+                              torch.ones(s.shape[:2]))
+    adv = D.opd_advantages(logp_s, logp_t)  # OPD: the reverse KL as a per-token advantage
+    yield "opd", grpo.policy_loss(logp_s, logp_s.detach(), adv)[0].sum()
+    for d in ("jsd-exact", "forward", "reverse"):
+        yield f"ptd-{d}", D.ptd_topk_divergence(s, t, k=5, divergence=d).sum()
+
+
+@given(seed=seeds, scale=st.floats(0.05, 0.5))
+def test_every_other_distillation_signal_has_a_gradient_when_the_teacher_differs(seed, scale):
+    """OPSD's, SDPO's, SRPO's, OPD's advantage and PTD-PO's other directions all move the
+    student whenever the teacher's distribution differs from it (a perturbation small enough
+    that OPSD's pointwise clip at 0.05 does not cut every entry)."""
+    t = randn(seed, 2, 3, 12, scale=1.0)
+    s = (t + randn(seed + 1, 2, 3, 12, scale=scale)).requires_grad_()
+    tokens = torch.randint(0, 12, (2, 3), generator=torch.Generator().manual_seed(seed))
+    logp_s = grpo.token_logprobs(s, tokens)
+    logp_t = grpo.token_logprobs(t, tokens)
+    for name, value in _distill_terms(s, t, logp_s, logp_t):
+        (g,) = torch.autograd.grad(value, s, retain_graph=True)
+        assert g.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("divergence", ["jsd-exact", "forward", "reverse"])
+def test_ptd_divergences_gradient_is_their_own_in_float64(divergence):
+    """Autograd against float64 central differences of the same function (distinct logits,
+    so the top-k set is locally constant), on a support with a real tail (k < V)."""
+    s = randn(3, 2, 2, 12, scale=1.5, dtype=torch.float64).requires_grad_()
+    t = randn(4, 2, 2, 12, scale=1.5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda z: D.ptd_topk_divergence(z, t, k=4, miss_vocab=40, divergence=divergence),
+        (s,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@given(seed=seeds, k=st.integers(2, 10))
+def test_ptd_divergences_vanish_on_equal_logits_and_bound(seed, k):
+    s, t = randn(seed, 2, 3, 16, scale=2.0), randn(seed + 1, 2, 3, 16, scale=2.0)
+    for d in D.PTD_DIVERGENCES:
+        assert (D.ptd_topk_divergence(s, s, k=k, divergence=d).abs() <= 1e-6).all(), d
+        v = D.ptd_topk_divergence(s, t, k=k, divergence=d)
+        assert (v >= -1e-6).all(), d
+        if d.startswith("jsd"):
+            assert (v <= math.log(2) + 1e-6).all(), d
+    torch.testing.assert_close(D.ptd_topk_divergence(s, t, k=k, divergence="jsd-exact"),
+                               D.ptd_topk_jsd(s, t, k=k))  # the same value
+
+
+def test_ptd_teacher_ties_follow_the_ids_its_topk_kept():
+    """Teacher logits tied at the k-th value (as bf16 logits often are): a student index tied
+    with the k-th but not among the ids torch.topk kept gets the tail share, as the official
+    id match does; the rule "reaches the k-th value" would give it its own probability."""
+    k, V = 4, 16
+    t = torch.linspace(3.0, -3.0, V).view(1, 1, V).clone()
+    t[..., 4] = t[..., 3]  # the 4th and 5th largest tie
+    t[..., 5] = t[..., 3]  # and the 6th
+    kept = t.topk(k, -1).indices
+    s = torch.zeros(1, 1, V)
+    s[..., [0, 3, 4, 5, 9]] = torch.tensor([5.0, 4.0, 4.5, 3.5, 3.0])  # student's top-4
+    ours = D.ptd_topk_jsd(s, t, k=k, miss_vocab=V)
+    ref = _ptd_reference(s, t, k, V)  # the official equality match on the kept ids
+    torch.testing.assert_close(ours.double(), ref, atol=1e-6, rtol=1e-5)
+    tied_out = [i for i in (3, 4, 5) if i not in kept.view(-1).tolist()]
+    assert tied_out  # some tied id was left out, and it matters:
+    t_full = torch.log_softmax(t, -1)
+    s_idx = s.topk(k, -1).indices
+    by_value = t_full.gather(-1, s_idx) >= t_full.topk(k, -1).values[..., -1:]
+    by_id = (s_idx[..., :, None] == kept[..., None, :]).any(-1)
+    assert not torch.equal(by_value, by_id)
 
 
 def test_ptdpo_loss_reductions_and_kl_switch():

@@ -260,3 +260,17 @@ def test_gradient_checkpointing_trains_like_plain(tmp_path, cache, monkeypatch):
     a, b = first_updates(tmp_path, cache, monkeypatch, ("--algo", "rlsd"),
                          ("--gradient-checkpointing",), ())
     assert_same_update(a, b, seq_len=SEQ)
+
+
+def test_released_ptdpo_updates_exactly_as_without_its_ptd_term(tmp_path, cache, monkeypatch):
+    """The released PTD term's gradient is exactly zero (tests/test_distill.py), so at the
+    trainer level PTD-PO as released takes the same first update, to the bit, with --ptd-coef
+    0.05 as with 0: GRPO with the reference KL off on hinted groups. The exact JSD does not."""
+    args = ("--algo", "ptdpo", "--top-k", "5")
+    (released, metrics), (off, _) = first_updates(
+        tmp_path, cache, monkeypatch, args, ("--ptd-coef", "0.05"), ("--ptd-coef", "0"), rows=True)
+    assert metrics["distilled_frac"] > 0 and metrics["distill"] > 0  # the term was there
+    assert all(torch.equal(released.grads[n], off.grads[n]) for n in off.grads)
+    exact, _ = first_updates(tmp_path / "exact", cache, monkeypatch, args,
+                             ("--ptd-divergence", "jsd-exact"), ("--ptd-coef", "0"))
+    assert any(not torch.equal(exact.grads[n], off.grads[n]) for n in off.grads)
