@@ -177,7 +177,7 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
     dist.barrier()
 
 
-RESUME_KEYS = ("algo", "model", "teacher", "data", "seed", "warm_start_steps", "lora_rank",
+RESUME_KEYS = ("algo", "model", "teacher", "data", "seed", "warm_start_steps", "warm_start", "lora_rank",
                "lora_targets")
 
 

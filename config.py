@@ -133,6 +133,7 @@ class Config:
     report_to: str = ""               # also send the metrics to: tensorboard, wandb, trackio (comma-separated; trackers.py)
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 2400      # toy: SFT steps of the cached warm start
+    warm_start: str = ""              # toy: start from this warm-start directory (a study archive) instead of the cached one
     demo_slip: float = 0.8            # toy SFT: the demonstrator drops a carry (shapes: overlooks a shape) with this probability; OPD's toy teacher learns from a careful one (0)
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
     dry_run: bool = False             # build the model on the meta device, print its size and memory per GPU, check --data, exit
@@ -418,6 +419,11 @@ def check_config(cfg: Config, given: dict = ()):
         if name in USED_BY and cfg.algo not in USED_BY[name]:
             bad(f"--{name.replace('_', '-')} has no effect with --algo {cfg.algo} "
                 f"(used by {', '.join(USED_BY[name])})")
+    if cfg.warm_start and (cfg.model != "toy" or cfg.algo == "sft"):
+        bad("--warm-start replaces the toy model's cached warm start: it needs --model toy "
+            "(and an RL algorithm; --algo sft builds a warm start)")
+    if cfg.warm_start and model_path_problem(cfg.warm_start):
+        bad(f"--warm-start {cfg.warm_start}: {model_path_problem(cfg.warm_start)}")
     if cfg.freeze_vision and cfg.model in ("toy", "toy-init") and cfg.data != "shapes":
         bad("--freeze-vision freezes a vision-language model's tower; the toy model of "
             f"--data {cfg.data} is a text model")

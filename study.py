@@ -4,7 +4,8 @@
     python study.py --jobs 1              # one process at a time (default: one per CPU core)
     python study.py --report              # only the report, from the finished runs
     python study.py --arms grpo,rlsd --seeds 0,1,2,3    # a subset, or more seeds
-    python study.py --check rlsd:0        # rerun a run's first steps: same metrics, exactly?
+    python study.py --check rlsd:0 --runs study/runs   # rerun from the archived warm start
+    python study.py --data shapes --arms grpo,ptdpo,ptdpo_exact,ptdpo_forward   # on pictures
 
 Every arm trains with `train.py` in its own process, on the same prompts (the data order is a
 function of the seed and the step), the same number of prompts per step, group size,
@@ -44,7 +45,11 @@ ARMS = {
     "opsd": ([], "OPSD, teacher shown the solution"),
     "sdpo": ([], "SDPO, teacher shown a successful sibling"),
     "srpo": ([], "SRPO: correct rows GRPO, failed rows SDPO-style"),
-    "ptdpo": ([], "PTD-PO, failed rows aligned to the hinted teacher"),
+    "ptdpo": ([], "PTD-PO as released: its Top-K JSD term has zero gradient"),
+    "ptdpo_exact": (["--algo", "ptdpo", "--ptd-divergence", "jsd-exact"],
+                    "PTD-PO with the exact Top-K JSD (the paper's objective)"),
+    "ptdpo_forward": (["--algo", "ptdpo", "--ptd-divergence", "forward"],
+                      "PTD-PO with KL(teacher || student) on the same support"),
     "rlsd": ([], "RLSD, teacher shown the answer"),
     "rlsd_unrelated": (["--algo", "rlsd", "--context-source", "other"],
                        "control: RLSD with another problem's answer"),
@@ -53,8 +58,15 @@ ARMS = {
 }
 # the budget every arm shares (the toy defaults, except OPSD's 32 prompts per step: 16 here)
 STEPS = 150
-SHARED = ["--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "40",
-          "--save-every", "50", "--keep-checkpoints", "1"]
+SHARED = ["--prompts-per-step", "16", "--group-size", "8", "--save-every", "50",
+          "--keep-checkpoints", "1"]
+# the embedded tasks a study runs on: train.py's --data, the response length, where it goes
+TASKS = {"toy": dict(flags=["--max-new-tokens", "40"], out="study", runs="study_runs",
+                     block="study"),
+         "shapes": dict(flags=["--data", "shapes", "--max-new-tokens", "16"],
+                        out=os.path.join("study", "shapes"),
+                        runs=os.path.join("study_runs", "shapes"), block="study-shapes")}
+PTD_ARMS = ("grpo", "ptdpo", "ptdpo_exact", "ptdpo_forward")  # the PTD-PO table, both tasks
 EARLY = 50  # the "learns faster early" column: test accuracy at this step (RLSD's lambda is 0 after it)
 TIMING = ("step_time_s", "time_rollout_s", "time_teacher_s", "time_fwd_bwd_s",
           "time_optimizer_s")
@@ -84,22 +96,59 @@ def finished(path: str, steps: int) -> bool:
 
 
 def command(arm: str, seed: int, out: str, teacher: str, steps: int = STEPS,
-            extra: tuple = ()) -> list[str]:
+            extra: tuple = (), task: str = "toy") -> list[str]:
     flags = list(ARMS[arm][0])
     if arm == "opd":  # every seed distils from the same external teacher (seed 0's)
         flags[flags.index("--teacher") + 1] = teacher
     if "--algo" not in flags:
         flags = ["--algo", arm] + flags
-    return [sys.executable, "train.py", *flags, *SHARED, "--steps", str(steps), "--eval-every",
-            str(min(25, steps)), "--seed", str(seed), "--out", out, *extra]
+    return [sys.executable, "train.py", *flags, *SHARED, *TASKS[task]["flags"], "--steps",
+            str(steps), "--eval-every", str(min(25, steps)), "--seed", str(seed), "--out", out,
+            *extra]
 
 
-def opd_teacher_path(extra: tuple = ()) -> str:
+def opd_teacher_path(extra: tuple = (), task: str = "toy") -> str:
     """Where seed 0's stronger toy teacher is cached (every seed's OPD run distils from it)."""
     import config
     import warmstart
-    cfg = config.parse_config(["--algo", "opd", "--teacher", "toy", "--seed", "0", *extra])
+    cfg = config.resolve_config(_given(["--algo", "opd", "--teacher", "toy", "--seed", "0",
+                                        *TASKS[task]["flags"], *extra]))
     return warmstart.warm_start_path(cfg, steps=cfg.warm_start_steps, name="teacher", slip=0.0)
+
+
+def student_warm_start(seed: int, extra: tuple = (), task: str = "toy") -> str:
+    """Where seed `seed`'s warm start is cached (every arm of that seed starts from it)."""
+    import config
+    import warmstart
+    cfg = config.resolve_config(_given(["--seed", str(seed), *TASKS[task]["flags"], *extra]))
+    return warmstart.warm_start_path(cfg, steps=cfg.warm_start_steps, name="student")
+
+
+def _given(argv: list) -> dict:
+    """train.py's flag-value pairs as the values its parser hands to config.resolve_config."""
+    import config
+    out = {}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        name = flag[2:].replace("-", "_")
+        kind = type(config.DEFAULTS[name])
+        out[name] = config._bool(value) if kind is bool else kind(value)
+    return out
+
+
+def environment() -> dict:
+    """What a rerun's numbers depend on besides the code: library versions, the thread count
+    (the study's: `child_env`), the CPU."""
+    import platform
+    import torch
+    import transformers
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), "")
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": int(child_env()["OMP_NUM_THREADS"]),
+            "cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 def child_env() -> dict:
@@ -146,29 +195,26 @@ def pool(tasks, jobs: int, what: str):
                          f"directory; rerun to continue")
 
 
-def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1):
-    import config
-    import warmstart
+def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1,
+            task: str = "toy"):
+    with open(os.path.join(runs, "environment.json"), "w") as f:  # what the runs ran on
+        json.dump(environment(), f, indent=1)
     # first every warm start (and OPD's teacher), in parallel: the runs of a seed share one
-    prep = []
-    for seed in seeds:
-        cfg = config.parse_config(["--seed", str(seed), *extra])
-        if not os.path.exists(warmstart.warm_start_path(cfg, steps=cfg.warm_start_steps,
-                                                        name="student")):
-            prep.append(("student", seed))
-    if "opd" in arms and not os.path.exists(opd_teacher_path(extra)):
+    prep = [("student", seed) for seed in seeds
+            if not os.path.exists(student_warm_start(seed, extra, task))]
+    if "opd" in arms and not os.path.exists(opd_teacher_path(extra, task)):
         prep.append(("teacher", 0))
     tasks = []
     for kind, seed in prep:
         algo = ["--algo", "opd", "--teacher", "toy"] if kind == "teacher" else ["--algo", "grpo"]
         cmd = [sys.executable, "train.py", *algo, "--steps", "0", "--eval-data", "",
                "--seed", str(seed), "--out", os.path.join(runs, "warm", f"{kind}{seed}"),
-               "--overwrite", *extra]
+               "--overwrite", *TASKS[task]["flags"], *extra]
         tasks.append((f"warm start ({kind}) seed {seed}",
                       lambda c=cmd, k=kind, s=seed: timed(c, runs, f"warm start ({k})", s,
                                                           f"warm-{k}{s}.log")))
     pool(tasks, jobs, "warm start")
-    teacher = opd_teacher_path(extra)
+    teacher = opd_teacher_path(extra, task)
     tasks = []
     for seed in seeds:  # seed-major: a partial study has whole seeds
         for arm in arms:
@@ -178,7 +224,7 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1
             ckpts = os.listdir(out) if os.path.isdir(out) else []
             resume = (["--resume"] if any(n.startswith("checkpoint-") for n in ckpts)
                       else ["--overwrite"])
-            cmd = command(arm, seed, out, teacher, steps, extra) + resume
+            cmd = command(arm, seed, out, teacher, steps, extra, task) + resume
             tasks.append((f"{arm} seed {seed}",
                           lambda c=cmd, a=arm, s=seed: timed(c, runs, a, s, f"{a}-seed{s}.log")))
     pool(tasks, jobs, "run")
@@ -215,7 +261,7 @@ def summarise(rows: list[dict], target: float | None) -> dict:
 
 
 def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
-           readme: str = "README.md"):
+           readme: str = "README.md", task: str = "toy", extra: tuple = ()):
     os.makedirs(out_dir, exist_ok=True)
     data = {a: {s: read(run_dir(runs, a, s)) for s in seeds
                 if finished(run_dir(runs, a, s), steps)} for a in arms}
@@ -249,16 +295,19 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
                      f"{col('best')} | {col('ood')} | "
                      f"{steps} | {col('entropy')} | {col('leakage')} | {col('length')} | "
                      f"{col('step_s')} |")
-    lines += ["", paired(summ, "rlsd", "grpo"), "", clip_line(data.get("rlsd", {})), "",
+    lines += (["", paired(summ, "rlsd", "grpo"), "", clip_line(data["rlsd"])]
+              if "rlsd" in data else []) + ["",
               "Each seed's warm start (step 0): "
               + "; ".join(f"seed {s}: student {v['start']:.1%}, shown the answer "
                           f"{v['start_teacher']:.1%}" for s, v in summ["grpo"].items())]
-    timing = os.path.join(runs, "study_time.jsonl")
+    timing, env = os.path.join(runs, "study_time.jsonl"), read_environment(runs)
     if os.path.exists(timing):  # every process the study ran, interrupted ones included
         with open(timing) as f:
             spans = [json.loads(line) for line in f if line.strip()]
-        lines.append(f"Time of these runs (warm starts and OPD's teacher included), on this "
-                     f"machine ({os.cpu_count()} CPU cores, one thread per process): "
+        machine = (f"{env['cores']} cores of {env['cpu']}, torch {env['torch']}, transformers "
+                   f"{env['transformers']}" if env else f"{os.cpu_count()} CPU cores")
+        lines.append(f"Time of these runs (warm starts and OPD's teacher included; {machine}; "
+                     f"one thread per process, --jobs side by side): "
                      f"{wall_hours(spans):.1f} h wall time, "
                      f"{sum(t['minutes'] for t in spans) / 60:.1f} h summed over processes.")
     teacher = os.path.join(runs, "opd_teacher.json")
@@ -267,20 +316,33 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
             lines.append(f"OPD's teacher (seed 0, SFT on careful demonstrations), greedy test "
                          f"accuracy: {json.load(f)['pass@1_greedy']:.1%}.")
     table = "\n".join(lines)
+    flag = "" if task == "toy" else f" --data {task}"
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
-        f.write("# Study results\n\nGenerated by `python study.py --report` from the runs in "
-                f"`{runs}/`.\n\n{table}\n")
-    replace_block(readme, table)
+        f.write(f"# Study results{': ' + task if flag else ''}\n\nGenerated by `python study.py"
+                f"{flag} --report` from the runs in `{runs}/`.\n\n{table}\n")
+    replace_block(readme, table, TASKS[task]["block"])
     plots(data, out_dir)
-    archive(data, runs, os.path.join(out_dir, "runs"))
+    forest(summ, out_dir, task)
+    archive(data, runs, os.path.join(out_dir, "runs"), task, extra)
+    ptd = ptd_table()
+    if ptd:
+        replace_block(readme, ptd, "study-ptd")
     print(table)
 
 
-def archive(data, runs: str, dest: str):
+# the files of a warm start a rerun needs (its weights, config and tokenizer; not the SFT's
+# optimizer state): about 1.2 MB for the arithmetic toy, 1 MB for the shapes task's
+WARM_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "preprocessor_config.json")
+
+
+def archive(data, runs: str, dest: str, task: str = "toy", extra: tuple = ()):
     """Copy what the report reads (each finished run's metrics.jsonl and config.json, the
-    timings, OPD's teacher accuracy) to `dest`, which is committed: `--report --runs dest`
-    rebuilds the table and plots, and `--check ARM:SEED --runs dest` compares a rerun with
-    them, on a fresh clone, without the checkpoints."""
+    timings, OPD's teacher accuracy, the environment) and what a rerun starts from (each
+    seed's warm start, OPD's teacher) to `dest`, which is committed: `--report --runs dest`
+    rebuilds the table and plots, and `--check ARM:SEED --runs dest` reruns a run from the
+    same weights and compares it with them, on a fresh clone, without the checkpoints."""
     if os.path.abspath(runs) == os.path.abspath(dest):
         return
     for arm, per in data.items():
@@ -289,9 +351,27 @@ def archive(data, runs: str, dest: str):
             os.makedirs(dst, exist_ok=True)
             for name in ("metrics.jsonl", "config.json"):
                 shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    for name in ("study_time.jsonl", "opd_teacher.json"):
+    for name in ("study_time.jsonl", "opd_teacher.json", "environment.json"):
         if os.path.exists(os.path.join(runs, name)):
             shutil.copyfile(os.path.join(runs, name), os.path.join(dest, name))
+    seeds = sorted({s for per in data.values() for s in per})
+    warm = [(student_warm_start(s, extra, task), f"seed{s}") for s in seeds]
+    if "opd" in data:
+        warm.append((opd_teacher_path(extra, task), "opd-teacher"))
+    for src, name in warm:
+        if os.path.isdir(src):
+            os.makedirs(os.path.join(dest, "warm", name), exist_ok=True)
+            for f in WARM_FILES:
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copyfile(os.path.join(src, f), os.path.join(dest, "warm", name, f))
+
+
+def read_environment(runs: str) -> dict:
+    path = os.path.join(runs, "environment.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def clip_line(rlsd: dict) -> str:
@@ -330,8 +410,8 @@ def paired(summ, a: str, b: str) -> str:
             + ", ".join(f"{x * 100:+.1f}" for x in d) + ").")
 
 
-def replace_block(path: str, text: str):
-    begin, end = "<!-- study:begin -->", "<!-- study:end -->"
+def replace_block(path: str, text: str, name: str = "study"):
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -355,7 +435,7 @@ def plots(data, out_dir: str):
         print("study: plots need matplotlib (pip install -e '.[plot]'); table written")
         return
 
-    colours = plt.get_cmap("tab20").colors  # 11 arms: the default cycle repeats after 10
+    colours = plt.get_cmap("tab20").colors  # 13 arms: the default cycle repeats after 10
 
     def curve(ax, rows_by_seed, key, label, **style):
         steps = sorted({r["step"] for rows in rows_by_seed.values() for r in rows if key in r})
@@ -371,10 +451,10 @@ def plots(data, out_dir: str):
                              ("entropy", "entropy.png", "entropy of the sampled tokens"),
                              ("test_leakage", "leakage.png", "leakage (test responses)")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for arm, d in data.items():  # a control: its arm's hue, lighter and dashed
-            control = "_unrelated" in arm
-            curve(ax, d, key, arm, color=colours[2 * list(ARMS).index(algo_of(arm)) + control],
-                  linestyle="--" if control else "-")
+        for arm, d in data.items():  # a variant of an arm (a control, a PTD direction): dashed
+            variant = arm not in config_algos()
+            curve(ax, d, key, arm, color=colours[list(ARMS).index(arm) % len(colours)],
+                  linestyle="--" if variant else "-")
         ax.set(title=f"{title}: mean ± std over seeds", xlabel="optimizer step")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
@@ -391,16 +471,110 @@ def plots(data, out_dir: str):
         plt.close(fig)
 
 
-def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple = ()) -> int:
-    """Rerun a logged run (same flags, so the same learning-rate schedule) until it has logged
-    `first` steps, then stop it (SIGTERM: train.py ends after the step in progress). 0 if
-    every logged metric but wall time is the same number."""
+def config_algos() -> tuple:
+    import config
+    return config.ALGOS
+
+
+def forest(summ: dict, out_dir: str, task: str = "toy"):
+    """One figure to take in at a glance: each arm's final test accuracy minus GRPO's on the
+    same seed (its own warm start), mean and 95% Student-t interval over seeds."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = []
+    for arm, per in summ.items():
+        d = [(v["final"] - summ["grpo"][s]["final"]) * 100 for s, v in per.items()
+             if s in summ["grpo"]]
+        if arm == "grpo" or len(d) < 2:
+            continue
+        half = T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+        rows.append((arm, statistics.mean(d), half, d))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(rows) + 1.3))
+    for y, (arm, m, half, d) in enumerate(rows[::-1]):
+        ax.errorbar(m, y, xerr=half, fmt="o", color="C0", capsize=3)
+        ax.plot(d, [y] * len(d), "x", color="C1", alpha=0.7)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows[::-1]])
+    ax.set_xlabel("final test accuracy - GRPO's, same seed (points): mean and 95% CI; x: seeds")
+    ax.set_title(f"Paired difference to GRPO ({'arithmetic' if task == 'toy' else task} task, "
+                 f"{len(rows[0][3])} seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "forest.png"), dpi=110)
+    plt.close(fig)
+
+
+def ptd_table() -> str:
+    """The PTD-PO table of both tasks, from the committed archives: each direction's final
+    test accuracy and its paired difference to GRPO (same seeds, 95% t interval)."""
+    cells, seeds_of = {}, {}
+    for task in TASKS:
+        runs = os.path.join(TASKS[task]["out"], "runs")
+        finals = {a: {s: read(run_dir(runs, a, s)) for s in range(10)} for a in PTD_ARMS}
+        finals = {a: {s: [r for r in rows if "test_acc" in r][-1]["test_acc"]
+                      for s, rows in per.items() if finished(run_dir(runs, a, s), STEPS)}
+                  for a, per in finals.items()}
+        if not all(finals[a] for a in PTD_ARMS):
+            return ""
+        for a in PTD_ARMS:
+            seeds = sorted(set(finals[a]) & set(finals["grpo"]))
+            d = [(finals[a][s] - finals["grpo"][s]) * 100 for s in seeds]
+            mean = mean_std(list(finals[a].values()), pct=True)
+            if a == "grpo" or len(d) < 2:
+                cells[a, task] = f"{mean} |"
+                continue
+            half = T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+            m = statistics.mean(d)
+            cells[a, task] = f"{mean} | {m:+.1f} [{m - half:+.1f}, {m + half:+.1f}]"
+            seeds_of[task] = len(d)
+    what = {"grpo": "GRPO (baseline)", "ptdpo": "PTD-PO as released (`jsd`: zero gradient)",
+            "ptdpo_exact": "PTD-PO, exact JSD (`--ptd-divergence jsd-exact`)",
+            "ptdpo_forward": "PTD-PO, KL(T || S) (`--ptd-divergence forward`)"}
+    lines = ["| arm | arithmetic: final test % | - GRPO's, paired (95% CI) | shapes: final test % "
+             "| - GRPO's, paired (95% CI) |", "|---|---|---|---|---|"]
+    for a in PTD_ARMS:
+        lines.append(f"| {what[a]} | " + " | ".join(
+            cells[a, t] if a != "grpo" else cells[a, t] + " |" for t in TASKS).replace("| |", "|")
+            + " |")
+    return "\n".join(lines) + (f"\n\nSeeds: {seeds_of.get('toy', 0)} (arithmetic), "
+                               f"{seeds_of.get('shapes', 0)} (shapes); every setting the study's "
+                               f"(`python study.py --arms {','.join(PTD_ARMS)}` and the same "
+                               f"with `--data shapes`).")
+
+
+def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple = (),
+          task: str = "toy") -> int:
+    """Rerun a logged run (same flags, so the same learning-rate schedule) from the weights it
+    started from until it has logged `first` steps, then stop it (SIGTERM: train.py ends after
+    the step in progress). Says what differs in the environment (library versions, threads,
+    CPU), then "identical" (0) or the first differing metric and its relative size (1)."""
     arm, seed = spec.split(":")
     logged = read(run_dir(runs, arm, int(seed)))
     if not logged:
         raise SystemExit(f"study: no logged run {arm} seed {seed} in {runs}")
+    warm, teacher = (os.path.join(runs, "warm", n) for n in (f"seed{seed}", "opd-teacher"))
+    start = []
+    if os.path.isdir(warm):
+        start = ["--warm-start", warm]
+        print(f"study: starting from the archived warm start {warm}")
+    else:
+        print(f"study: no archived warm start in {runs}: the cached or a rebuilt one")
+    if not os.path.isdir(teacher):
+        teacher = opd_teacher_path(extra, task)
+    then, now = read_environment(runs), environment()
+    differ = [f"{k} {then[k]} -> {now[k]}" for k in ("torch", "transformers", "python",
+                                                     "threads", "cpu", "cores")
+              if k in then and then[k] != now[k]]
+    print("study: environment " + ("differs from the archive's: " + "; ".join(differ)
+                                   if differ else "the same as the archive's" if then
+                                   else "of the archive not recorded"))
     out = tempfile.mkdtemp(prefix="study-check-")
-    cmd = command(arm, int(seed), out, opd_teacher_path(extra), steps, extra)
+    cmd = command(arm, int(seed), out, teacher, steps, extra + tuple(start), task)
     cmd[cmd.index("--eval-every") + 1] = "0"  # evaluation consumes no randomness: skip it
     proc = subprocess.Popen(cmd + ["--overwrite"], stdout=subprocess.DEVNULL, env=child_env())
     while proc.poll() is None and max((r["step"] for r in read(out)), default=0) < first:
@@ -412,49 +586,65 @@ def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple
     bad = [(r["step"], k, r[k], fresh[r["step"]].get(k)) for r in compared for k in r
            if k not in TIMING and not k.endswith("_acc") and k != "test_leakage"
            and fresh[r["step"]].get(k) != r[k]]
-    for b in bad:
-        print(f"step {b[0]} {b[1]}: logged {b[2]}, rerun {b[3]}")
-    print(f"study: {arm} seed {seed}, steps {[r['step'] for r in compared]}: "
-          + ("every metric identical" if compared and not bad else
-             f"{len(bad)} differences" if bad else "nothing to compare"))
-    return 0 if compared and not bad else 1
+    steps_done = [r["step"] for r in compared]
+    if not compared:
+        print(f"study: {arm} seed {seed}: nothing to compare (the rerun logged no step)")
+        return 1
+    if not bad:
+        print(f"study: {arm} seed {seed}, steps {steps_done}: every metric identical")
+        return 0
+    step, key, was, got = bad[0]
+    size = (abs(got - was) / max(abs(was), 1e-12) if isinstance(was, float)
+            and isinstance(got, float) else None)
+    print(f"study: {arm} seed {seed}, steps {steps_done}: {len(bad)} metrics differ; the first "
+          f"at step {step}: {key} logged {was}, rerun {got}"
+          + (f" (relative difference {size:.1e})" if size is not None else ""))
+    return 1
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Every method side by side on the toy task.")
+    p = argparse.ArgumentParser(description="Every method side by side on an embedded task.")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from: " + ", ".join(ARMS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--runs", default="study_runs",
-                   help="where the runs go (not committed; the report copies their metrics to "
-                        "OUT/runs, which is: `--report --runs study/runs` on a fresh clone)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each its own warm start)")
+    p.add_argument("--data", default="toy", choices=sorted(TASKS),
+                   help="the embedded task: toy (arithmetic) or shapes (pictures, a tiny Qwen3-VL)")
+    p.add_argument("--runs", default=None,
+                   help="where the runs go (default study_runs, study_runs/shapes; not committed: "
+                        "the report copies their metrics and warm starts to OUT/runs, which is, "
+                        "so `--report --runs study/runs` works on a fresh clone)")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
-    p.add_argument("--out", default="study", help="where RESULTS.md and the plots go")
+    p.add_argument("--out", default=None, help="where RESULTS.md, the plots and the archive go "
+                   "(default study, study/shapes)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="training processes side by side, one thread each (default: the "
                         "number of CPU cores)")
     p.add_argument("--report", action="store_true", help="only the report, from finished runs")
-    p.add_argument("--check", metavar="ARM:SEED", help="rerun a run's first steps and compare")
+    p.add_argument("--check", metavar="ARM:SEED", help="rerun a run's first steps from its "
+                   "archived warm start and compare them with the logged ones")
     p.add_argument("--train-flags", default="",
                    help="more train.py flags for every run, e.g. '--cache-dir DIR' (the tests)")
     a = p.parse_args(argv)
+    task = TASKS[a.data]
+    runs, out_dir = a.runs or task["runs"], a.out or task["out"]
     arms, seeds = a.arms.split(","), [int(s) for s in a.seeds.split(",")]
     extra = tuple(a.train_flags.split())
     unknown = [x for x in arms if x not in ARMS]
     if unknown:
         p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if a.check:
-        raise SystemExit(check(a.check, a.runs, a.steps, extra=extra))
+        raise SystemExit(check(a.check, runs, a.steps, extra=extra, task=a.data))
     if not a.report:
-        os.makedirs(a.runs, exist_ok=True)
-        run_all(arms, seeds, a.runs, a.steps, extra, jobs=max(1, a.jobs))
-        teacher, out = opd_teacher_path(extra), os.path.join(a.runs, "opd_teacher.json")
+        os.makedirs(runs, exist_ok=True)
+        run_all(arms, seeds, runs, a.steps, extra, jobs=max(1, a.jobs), task=a.data)
+        teacher, out = opd_teacher_path(extra, a.data), os.path.join(runs, "opd_teacher.json")
         if "opd" in arms and os.path.exists(teacher) and not os.path.exists(out):
-            res = subprocess.run([sys.executable, "eval.py", teacher, "--n", "500"],
-                                 capture_output=True, text=True, check=True, env=child_env())
+            res = subprocess.run([sys.executable, "eval.py", teacher, "--n", "500", "--data",
+                                  a.data], capture_output=True, text=True, check=True,
+                                 env=child_env())
             with open(out, "w") as f:
                 f.write(res.stdout.strip().splitlines()[0] + "\n")  # the test split's line
-    report(arms, seeds, a.runs, a.steps, out_dir=a.out,
-           readme="README.md" if a.out == "study" else os.path.join(a.out, "README.md"))
+    report(arms, seeds, runs, a.steps, out_dir=out_dir, task=a.data, extra=extra,
+           readme="README.md" if out_dir == task["out"] else os.path.join(out_dir, "README.md"))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def warm_start_key(sft: Config) -> str:
     settings = {k: v for k, v in dataclasses.asdict(sft).items()  # those that change weights
                 if k not in ("out", "cache_dir", "eval_n", "eval_data", "eval_every", "log_every",
                              "overwrite", "save_every", "keep_checkpoints", "dry_run",
-                             "gpus", "preset")}
+                             "gpus", "preset", "warm_start")}
     parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
              torch.__version__, transformers.__version__, data.TOY_CHARS, repr(TOY_TEMPLATES),
              repr(TOY_SFT_MIX), repr(data.MAX_OPERAND)]
@@ -133,6 +133,8 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
             return model.to(dist.device), tok
         tok = build_toy_tokenizer()
         return build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
+    if name == "toy" and cfg.warm_start:  # an archived warm start (the study's --check)
+        return load_model(cfg.warm_start, dtype=dtype, device=dist.device)
     if name == "toy":  # trained once, then read from the cache like any HF directory
         # Config.warm_start_steps (2400) is set by the slowest seed: the network learns to copy
         # a shown answer within ~500 SFT steps, but to compute the chain itself only later and

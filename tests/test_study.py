@@ -103,6 +103,55 @@ def test_study_runs_reports_resumes_and_checks(tmp_path, cache, capsys):
         study.main(flags + ["--check", "rlsd_unrelated:1"])
     assert e.value.code == 0
     assert "every metric identical" in capsys.readouterr().out
+    # the archive carries each seed's warm start (weights, config, tokenizer, not the SFT's
+    # optimizer) and the environment; a check from it starts from those weights
+    assert sorted(os.listdir(os.path.join(archived, "warm"))) == ["seed0", "seed1"]
+    assert "model.safetensors" in os.listdir(os.path.join(archived, "warm", "seed1"))
+    assert "trainer_state.pt" not in os.listdir(os.path.join(archived, "warm", "seed1"))
+    assert os.path.exists(os.path.join(out, "forest.png"))
+    with pytest.raises(SystemExit) as e:
+        study.main(flags[:6] + ["--runs", archived, "--out", str(tmp_path / "again"),
+                                "--train-flags", f"{TINY} --cache-dir {tmp_path / 'empty'}",
+                                "--check", "rlsd:1"])
+    printed = capsys.readouterr().out
+    assert "starting from the archived warm start" in printed
+    assert "environment the same as the archive's" in printed
+    assert e.value.code == 0 and "every metric identical" in printed
+    assert not os.path.exists(tmp_path / "empty")  # nothing was rebuilt
+
+
+def test_check_names_the_environment_and_the_first_deviation(tmp_path, monkeypatch, capsys):
+    """A check on another machine: the differing library versions, then the first metric that
+    differs and by how much (rounding is ~1e-7, a bug usually more)."""
+    runs = tmp_path / "runs"
+    os.makedirs(study.run_dir(str(runs), "grpo", 0))
+    (runs / "environment.json").write_text(json.dumps({**study.environment(),
+                                                       "transformers": "0.0.1"}))
+    logged = [{"step": 1, "loss": 0.25, "reward_mean": 0.5}]
+    with open(os.path.join(study.run_dir(str(runs), "grpo", 0), "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(logged[0]) + "\n")
+
+    class Done:  # the rerun: it logged step 1 with a slightly different loss
+        def __init__(self, cmd, **kw):
+            out = cmd[cmd.index("--out") + 1]
+            with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+                f.write(json.dumps({"step": 1, "loss": 0.25000003, "reward_mean": 0.5}) + "\n")
+
+        def poll(self):
+            return 0
+
+        def terminate(self):
+            pass
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(study.subprocess, "Popen", Done)
+    monkeypatch.setattr(study, "opd_teacher_path", lambda *a, **k: "unused")
+    assert study.check("grpo:0", str(runs), first=1) == 1
+    printed = capsys.readouterr().out
+    assert "environment differs from the archive's: transformers 0.0.1 -> " in printed
+    assert "the first at step 1: loss logged 0.25, rerun 0.25000003 (relative difference 1.2e-07)" \
+        in printed
 
 
 def test_wall_time_is_the_union_of_the_processes_intervals():
