@@ -24,14 +24,14 @@ from functools import partial
 import torch
 
 import data
-import rewards
-import vision
+from engine.toy import tasks
+from engine import rewards, vision
 import grpo
-from distributed import gathered
-from progress import Progress
-from prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, prompts_for
-from rollout import generate, left_pad, load_model, stop_ids
-from teachers import response_logits
+from engine.distributed import gathered
+from engine.progress import Progress
+from engine.prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, prompts_for
+from engine.rollout import generate, left_pad, load_model, stop_ids
+from engine.teachers import response_logits
 
 BATCH = 256  # prompts per generation call
 
@@ -147,7 +147,7 @@ def eval_sets(cfg, columns) -> dict:
     if not cfg.eval_data:
         return {}
     if cfg.eval_data in data.TASKS:
-        return {s: data.make_task(cfg.eval_data, s, cfg.eval_n) for s in ("test", "ood")}
+        return {s: tasks.make_task(cfg.eval_data, s, cfg.eval_n) for s in ("test", "ood")}
     return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
 
 
@@ -252,7 +252,7 @@ PROMPT_FIELDS = ("student_template", "system_prompt", "chat_template_kwargs", "r
 def run_config(checkpoint: str):
     """(Config of the run that wrote `checkpoint`, its path), from the config.json train.py
     writes into --out, the checkpoint's parent; (None, None) for a plain model or hub id."""
-    import config
+    from engine import config
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint.rstrip("/"))), "config.json")
     if not os.path.isfile(path):
         return None, None
@@ -268,7 +268,7 @@ def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
     """(Config whose prompts, reward and lengths evaluate `checkpoint`, the evaluation data,
     a line saying where they came from). The run's own settings where its config.json is
     found, else the defaults (the embedded tasks' compact prompts, the papers' for a file)."""
-    import config
+    from engine import config
     cfg, path = run_config(checkpoint)
     given = {k: v for k, v in overrides.items() if v is not None}
     if cfg is None:
@@ -289,7 +289,7 @@ def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
 
 
 def main(argv=None):
-    import config
+    from engine import config
     p = argparse.ArgumentParser(
         description="Evaluate a checkpoint the way its run was trained (its config.json: "
         "prompt template, system prompt, chat-template options, columns, reward, length), or "
@@ -333,8 +333,8 @@ def main(argv=None):
         print(note, file=sys.stderr)
         toy = spec in data.TASKS
         columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
-        sets = ({s: data.make_task(spec, s, a.n) for s in ("test", "ood")} if toy
-                else {"eval": data.load_data(spec, "eval", n_toy=0, columns=columns)})
+        sets = ({s: tasks.make_task(spec, s, a.n) for s in ("test", "ood")} if toy
+                else {"eval": tasks.load_data(spec, "eval", n_toy=0, columns=columns)})
         phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
         if toy:
             phrases += list(TOY_LEAK_MARKERS)

@@ -197,7 +197,7 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, *, mode: str = "
 # ----------------------------------------------------------------------------------------
 # Memory: log-probabilities and entropy of the sampled tokens, a chunk of rows at a time.
 # The rule: never materialise a float32 copy of (N, T, V) logits. The trainer already cuts the
-# response into chunks of positions (train.column_chunks); these kernels cut each chunk again
+# response into chunks of positions (engine/teachers.py, column_chunks); these kernels cut each chunk again
 # into rows, so a 152k vocabulary costs a few hundred MiB whatever N and T are.
 # ----------------------------------------------------------------------------------------
 

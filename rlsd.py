@@ -35,26 +35,21 @@ import torch
 from grpo import aggregate, policy_loss
 
 
-def _evidence_weights(adv_N, teacher_logp, student_logp, eps_w):
-    """Raw and clipped evidence ratios w_t, detached. (N,), (N,T), (N,T) -> (N,T), (N,T)."""
+def _token_advantages(adv_N, teacher_logp, student_logp, *, lam, eps_w):
+    """(A_t, w, clip(w)), each (N,T) and detached, from (N,) A and (N,T) log-probs."""
     with torch.no_grad():
         delta = teacher_logp.float() - student_logp.float()  # Eq. (13): stop-gradient
         # -inf - -inf (a padded position scored -inf by both) is NaN: treat it as "no evidence"
         delta = torch.nan_to_num(delta, nan=0.0)
         # clamp before exp: +-20 is far outside any clip range, and keeps w finite and > 0
         w = torch.exp((torch.sign(adv_N.float())[:, None] * delta).clamp(-20.0, 20.0))  # Eq. (14)
-        return w, w.clamp(1.0 - eps_w, 1.0 + eps_w)  # Eq. (15): clip the ratio, not delta
-
-
-def _mix(adv_N, w_clip, lam, mask):
-    """A_t = A * ((1 - lam) + lam * w_clip), detached; 0 where `mask` is 0."""
-    # 1 + lam * (w_c - 1) is (1 - lam) + lam * w_c rearranged (the fw-ai cookbook form). It is
-    # exactly 1.0 whenever lam == 0, eps_w == 0 or teacher == student, so those cases are
-    # GRPO bit for bit; the textbook form can round to 0.99999994.
-    adv_NT = adv_N.detach().float()[:, None] * (1.0 + lam * (w_clip - 1.0))
-    if mask is not None:
-        adv_NT = torch.where(mask.bool(), adv_NT, torch.zeros_like(adv_NT))
-    return adv_NT
+        w_clip = w.clamp(1.0 - eps_w, 1.0 + eps_w)  # Eq. (15): clip the ratio, not delta
+        # the lambda mix: 1 + lam * (w_c - 1) is (1 - lam) + lam * w_c rearranged (the fw-ai
+        # cookbook form). It is exactly 1.0 whenever lam == 0, eps_w == 0 or teacher ==
+        # student, so those cases are GRPO bit for bit; the textbook form can round to
+        # 0.99999994.
+        adv_NT = adv_N.detach().float()[:, None] * (1.0 + lam * (w_clip - 1.0))
+        return adv_NT, w, w_clip
 
 
 def rlsd_token_advantages(adv: torch.Tensor, teacher_logp: torch.Tensor,
@@ -68,8 +63,10 @@ def rlsd_token_advantages(adv: torch.Tensor, teacher_logp: torch.Tensor,
     Sign of A_t == sign of A; A = 0 gives 0; lam = 0 gives exactly A. `mask`, if given,
     zeroes padding positions.
     """
-    _, w_clip = _evidence_weights(adv, teacher_logp, student_logp, eps_w)
-    return _mix(adv, w_clip, lam, mask)
+    adv_NT, _, _ = _token_advantages(adv, teacher_logp, student_logp, lam=lam, eps_w=eps_w)
+    if mask is not None:
+        adv_NT = torch.where(mask.bool(), adv_NT, torch.zeros_like(adv_NT))
+    return adv_NT
 
 
 def lambda_schedule(step: int, *, lam0: float = 0.5,   # paper and code: 0.5
@@ -98,12 +95,12 @@ def rlsd_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
     tokens; `normalizer` the global token count (see grpo.aggregate). With one optimizer step
     per rollout batch the trainer passes old_logp = logp.detach() (ratio 1); with several, the
     rollout policy's. The evidence ratio uses the current log-probs either way (below).
-    metrics: the surrogate's (over `mask`), the lambda, and the fraction of clipped weights
-    and their mean over the tokens of rollouts with A != 0.
+    metrics: the surrogate's (over `mask`), and the fraction of clipped weights and their mean
+    over the tokens of rollouts with A != 0 (the lambda is the caller's: train.py logs it).
     """
     student_logp = logp.detach()  # the code's choice: current policy, recomputed in the update
-    w, w_clip = _evidence_weights(adv, teacher_logp, student_logp, eps_w)   # Eqs. (13)-(15)
-    adv_NT = _mix(adv, w_clip, lam, None)                                    # the lambda mix
+    adv_NT, w, w_clip = _token_advantages(adv, teacher_logp, student_logp, lam=lam,
+                                          eps_w=eps_w)  # Eqs. (13)-(15) and the lambda mix
     per_token, metrics = policy_loss(logp, old_logp, adv_NT, clip_low=clip_low,
                                      clip_high=clip_high, dual_clip=dual_clip, mask=mask)
     loss = aggregate(per_token, mask, normalizer=normalizer)  # global token-mean (code)
@@ -111,7 +108,6 @@ def rlsd_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
         # only tokens of rollouts with A != 0 have a weight that matters
         active = mask.bool() & (adv != 0)[:, None]
         n = active.sum().clamp(min=1)
-        metrics["rlsd_lambda"] = torch.tensor(float(lam))
         metrics["rlsd_weight_clip_frac"] = ((w != w_clip) & active).sum() / n
         metrics["rlsd_weight_mean"] = torch.where(active, w_clip, 0.0).sum() / n
     return loss, metrics

@@ -5,100 +5,85 @@
     torchrun --nproc_per_node=8 train.py --algo rlsd --model Qwen/Qwen3-8B --data train.jsonl
 
 How to read it: `train_step` is one optimizer step of every algorithm, as numbered steps
-    1 sample      G responses per prompt with the KV cache            batch.sample
-    2 reward      the reward function on each response (DAPO: re-roll) batch.sample, dapo_resample
+    1 sample      G responses per prompt with the KV cache            engine/batch.py sample
+    2 reward      the reward function on each response (DAPO: re-roll) sample, dapo_resample
     3 advantages  group-relative, (r - mean) / std or r - mean        grpo.group_advantages
     4 teacher     each row's privileged prompt, the distilled rows    batch.teacher_prompts
     5 score       no-grad log-probs of the sampled tokens under the teacher (RLSD, OPD), the
-                  KL reference and, with several updates, the rollout policy   teachers.py
-    6 loss        per micro-batch, per chunk of positions             losses.chunk_loss
+                  KL reference and, with several updates, the rollout policy
+                                                  engine/teachers.py sampled_token_logprobs
+    6 loss        per micro-batch, per chunk of positions   update_mini_batch (below), then
+                  engine/losses.py backward_chunked and chunk_loss (one branch per algorithm)
     7 update      clip the global gradient norm, AdamW (6-7 once per mini-batch of prompts,
-                  one by default, and per --ppo-epochs pass)   update.update_mini_batch
-    8 teacher     sync / EMA the teacher toward the student           teachers.Teacher.update
-and `train` is the setup plus the loop around it. What each algorithm does differently is in
-losses.py (one branch each); the options and each paper's defaults are in config.py, the
-student's starting point (a model directory or the toy warm start) in warmstart.py.
+                  one by default, and per --ppo-epochs pass)     engine/update.clip_and_step
+    8 teacher     sync / EMA the teacher toward the student           Teacher.update
+and `train` is the setup plus the loop around it. RLSD's path, from here to its idea:
+train_step -> teachers.sampled_token_logprobs -> teachers.response_hidden (the teacher's
+forward) -> update_mini_batch -> losses.backward_chunked -> losses.chunk_loss ->
+rlsd.rlsd_loss -> rlsd._token_advantages. The options and each paper's defaults are in
+engine/config.py and engine/defaults.py, the student's starting point (a model directory or
+the toy warm start) in engine/toy/warmstart.py.
 """
 import contextlib
-import copy
-import dataclasses
-import json
-import os
 import sys
 import time
 from functools import partial
 
 import torch
 
-import batch as rollouts
-import checkpoint as ckpt
 import data
 import grpo
-import losses
-import rewards
-import vision
-from config import Config, parse_config
-from distributed import (Dist, Stopwatch, autocast, release_large_blocks, setup_distributed,
-                         shard, teardown)
+from engine import batch as rollouts, checkpoint as ckpt, losses, rewards, vision
+from engine.config import Config, parse_config
+from engine.distributed import (Dist, Stopwatch, autocast, release_large_blocks,
+                                setup_distributed, teardown)
+from engine.lora import add_lora, is_lora
+from engine.prompts import prompt_limit, prompts_for
+from engine.rollout import checkpoint_layers, load_model
+from engine.rundir import (RunLog, StopSignals, Stopped, claim_run_dir, log_line,
+                           stopped_after, writing)
+from engine.sft import sft_batch, sft_step
+from engine.teachers import (Teacher, check_logits, column_chunks, sampled_token_logprobs,
+                             teacher_and_reference)
+from engine.toy.tasks import load_data
+from engine.toy.warmstart import load_policy, overview, toy_checkpoint
+from engine.trackers import Trackers
+from engine.update import (Metrics, clip_and_step, lr_at, micro_batches, rollout_mini_batches,
+                           updates_per_batch)
 from eval import eval_sets, evaluate, evaluation_plan
-from prompts import prompt_limit, prompts_for
-from lora import BaseView, add_lora, is_lora
 from rlsd import lambda_schedule
-from rollout import checkpoint_layers, load_model
-from rundir import StopSignals, Stopped, claim_run_dir, log_line, start_metrics_log, writing
-from teachers import Teacher, check_logits, chunked_logits, sampled_token_logprobs
-from trackers import Trackers
-from update import (Metrics, column_chunks, micro_batches, rollout_mini_batches,
-                    update_mini_batch, updates_per_step)
-from warmstart import load_policy, overview, sft_batch, sft_step, toy_checkpoint
 
 
 
 # ----------------------------------------------------------------------------------------
-# Models: the cached toy warm start, the student, teachers
+# The external teacher
 # ----------------------------------------------------------------------------------------
 
-def teacher_and_reference(cfg: Config, model, tok, dist: Dist, build=None):
-    """(Teacher, KL reference or None), and the student sharded with them under torchrun.
+def external_teacher(cfg: Config, tok, dist: Dist, build=None):
+    """OPD's external teacher (--teacher), loaded and checked, or None for a self-teacher.
+    'toy' is the stronger toy teacher: the same SFT from a careful demonstrator, trained by
+    `build` (the loop) and cached like the student's warm start."""
+    if cfg.teacher_mode != "external":
+        return None
+    name = cfg.teacher
+    if name == "toy":
+        name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="teacher", slip=0.0,
+                              build=build)
+    model, t_tok = load_model(name, device=dist.device)
+    check_logits(model, f"--teacher {cfg.teacher}")
+    if len(t_tok) != len(tok):
+        raise SystemExit(f"--teacher {cfg.teacher}: vocabulary of {len(t_tok)} tokens, the "
+                         f"student has {len(tok)}; OPD needs a shared tokenizer")
+    return model
 
-    The teacher's own weights (frozen, sync, ema, trust) and the reference are copies of the
-    initial student. The reference is never the same object as a teacher that moves (sync,
-    EMA; audit F10): then it gets a copy of its own. With LoRA the initial student is the
-    student with its adapters off (lora.BaseView), so a frozen or trust-region teacher and
-    the reference cost no copy at all. `build`: the loop that trains a toy teacher (train)."""
-    # copies are made BEFORE sharding: each copy is then sharded like the student, so a sync or
-    # an EMA update is a parameter-by-parameter operation between identically sharded models
-    base = BaseView(model) if is_lora(model) else None
-    moving = cfg.teacher_mode in ("sync", "ema")  # teachers whose weights leave theta_0
-    initial = None
-    if cfg.teacher_mode in ("frozen", "trust", "sync", "ema"):
-        initial = copy.deepcopy(model) if (moving or base is None) else base
-    ref = None
-    if cfg.kl_coef > 0:
-        # a frozen teacher IS the initial model, so the reference may share its weights; a
-        # sync or EMA teacher moves away from it, and the KL must stay anchored at theta_0
-        if base is not None:
-            ref = base
-        else:
-            ref = initial if (initial is not None and not moving) else copy.deepcopy(model)
-    if cfg.teacher_mode == "external":
-        name = cfg.teacher
-        if name == "toy":  # a stronger toy teacher: the same SFT from a careful demonstrator
-            name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="teacher",
-                                  slip=0.0, build=build)
-        initial, t_tok = load_model(name, device=dist.device)
-        check_logits(initial, f"--teacher {cfg.teacher}")
-        if len(t_tok) != len(tok):
-            raise SystemExit(f"--teacher {cfg.teacher}: vocabulary of {len(t_tok)} tokens, "
-                             f"the student has {len(tok)}; OPD needs a shared tokenizer")
-    # bf16 compute, float32 master weights (FSDP's mixed precision; autocast in one process)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    modules = [x for x in (model, initial, ref) if isinstance(x, torch.nn.Module)]
-    for m in {id(x): x for x in modules}.values():  # each once
-        shard(m, dist, dtype)
-    teacher = Teacher(cfg.teacher_mode, initial, sync_every=cfg.teacher_sync,
-                      ema_rate=cfg.teacher_ema)
-    return teacher, ref
+
+def teachers_for(cfg: Config, model, tok, dist: Dist, build=None):
+    """(Teacher, KL reference or None) of this run (teachers.teacher_and_reference), the
+    student sharded with them under torchrun."""
+    return teacher_and_reference(
+        model, mode=cfg.teacher_mode, kl_coef=cfg.kl_coef, sync_every=cfg.teacher_sync,
+        ema_rate=cfg.teacher_ema, external=external_teacher(cfg, tok, dist, build), dist=dist,
+        dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,46 +138,53 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                 ptd_tau=cfg.ptd_tau)
 
     # 5. score, without gradient and once per step: the log-probs of the sampled tokens under
-    # the teacher (RLSD's evidence, OPD's advantage), under the KL reference, and, when the
+    # the teacher (RLSD's evidence, OPD's advantage), under the KL reference and, when the
     # batch is updated in several steps, under the rollout policy (the PPO ratio's "old"
     # policy). With one update per batch the old policy IS the current one: the loss uses its
-    # own log-probs, detached (losses.py), and this pass is not needed.
+    # own log-probs, detached (losses.py), and this pass is not needed. (N, T) tensors, one
+    # forward per micro-batch (--micro-batch-size rows) and the loss's own LM-head chunks
     model.train()
-    mbs = micro_batches(b, cfg.micro_batch_size)  # rows per forward: bounds activation memory
-    chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
-              for mb in mbs]  # the loss uses the same chunks, so the numbers are identical
+    score = dict(temperature=T, rows=cfg.micro_batch_size, logit_chunk=cfg.logit_chunk,
+                 images=b.images)  # images: the same for every forward ({} for text)
     with sw("teacher"):
-        # (N, T) tensors, one forward per micro-batch and no gradient: the teacher is data,
-        # never trained, exactly like the KL reference (and cheaper than recomputing it in the
-        # checkpointed loss, which is what a closure inside the loss would do)
-        def scored(logits_of):  # (N, T): one forward per micro-batch, the loss's own chunks
-            return torch.cat([sampled_token_logprobs(logits_of(mb), mb.resp_ids, temperature=T,
-                                                     chunks=ch) for mb, ch in zip(mbs, chunks)])
-        if cfg.algo in losses.SAMPLED_TOKEN_TEACHER:
-            b.teacher_logp = scored(lambda mb: teacher.logits(
-                model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids, mb.resp_mask,
-                **mb.teacher_inputs(model)))  # images: the same as the student's ({} for text)
+        if cfg.algo in losses.SAMPLED_TOKEN_TEACHER:  # the teacher's prompt, the same tokens
+            b.teacher_logp = sampled_token_logprobs(teacher.scorer(model), b.teacher_ids,
+                                                    b.teacher_mask, b.resp_ids, b.resp_mask,
+                                                    **score)
         if cfg.kl_coef > 0:
-            b.ref_logp = scored(lambda mb: chunked_logits(
-                ref, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask,
-                **mb.student_inputs(ref)))
-        if updates_per_step(cfg) > 1:  # before the first update: the rollout policy
-            b.old_logp = scored(lambda mb: chunked_logits(
-                model, mb.prompt_ids, mb.prompt_mask, mb.resp_ids, mb.resp_mask,
-                **mb.student_inputs(model)))
+            b.ref_logp = sampled_token_logprobs(ref, b.prompt_ids, b.prompt_mask, b.resp_ids,
+                                                b.resp_mask, **score)
+        if updates_per_batch(cfg.prompts_per_step, cfg.mini_batch_size, cfg.ppo_epochs) > 1:
+            # before the first update: the rollout policy
+            b.old_logp = sampled_token_logprobs(model, b.prompt_ids, b.prompt_mask, b.resp_ids,
+                                                b.resp_mask, **score)
     # RLSD's lambda: 0.5 decaying linearly to 0 over 50 steps, after which RLSD is GRPO. Like
     # the teacher's sync and the learning rate it counts rollout batches (verl's global step)
     lam = lambda_schedule(step, lam0=cfg.lam0, warmup=cfg.lam_warmup,
                           decay=cfg.lam_decay) if cfg.algo == "rlsd" else 0.0
+    # each algorithm's loss on a chunk of positions (losses.py), with this run's options
+    loss_of = partial(losses.chunk_loss, algo=cfg.algo, lam=lam, temperature=T,
+                      clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                      kl_coef=cfg.kl_coef, loss_agg=cfg.loss_agg, eps_w=cfg.eps_w,
+                      opd_coef=cfg.opd_coef, beta=cfg.beta, top_k=cfg.top_k,
+                      token_clip=cfg.token_clip, is_clip=cfg.is_clip, srpo_beta=cfg.srpo_beta,
+                      ptd_coef=cfg.ptd_coef, ptd_divergence=cfg.ptd_divergence)
 
     # 6-7. loss, backward and update, once per mini-batch of prompts (--mini-batch-size,
     # verl's ppo_mini_batch_size) and per pass over the batch (--ppo-epochs); one mini-batch
     # and one pass, the default, is one optimizer step per rollout batch
     metrics, results = Metrics(), []
     for _ in range(cfg.ppo_epochs):
-        for mini in rollout_mini_batches(b, cfg, dist):
-            results.append(update_mini_batch(model, opt, teacher, mini, cfg, dist, step, lam,
-                                             metrics, sw))
+        for mini in rollout_mini_batches(b, prompts=cfg.mini_batch_size,
+                                         group_size=cfg.group_size, world=dist.world):
+            results.append(update_mini_batch(
+                model, opt, mini, loss_of=loss_of, teacher=teacher, algo=cfg.algo,
+                distill_agg=cfg.distill_agg, srpo_beta=cfg.srpo_beta, temperature=T,
+                rows=cfg.micro_batch_size, logit_chunk=cfg.logit_chunk,
+                max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm,
+                lr=lr_at(step, lr=cfg.lr, warmup=cfg.lr_warmup_steps,
+                         schedule=cfg.lr_schedule, steps=cfg.steps),
+                dist=dist, metrics=metrics, sw=sw))
     # 8. teacher: sync (RLSD) on its schedule, EMA (SDPO, SRPO) once per rollout batch after
     # its updates, and only if one of them was taken (SDPO's update_policy, then the EMA)
     skipped = all(r["skipped"] for r in results)
@@ -215,6 +207,56 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     if b.distill is not None:  # the share of rows the distillation term acted on
         out["distilled_frac"] = dist.sum(b.distill.float().sum()).item() / n
     return out, b
+
+
+def update_mini_batch(model, opt, b, *, loss_of, teacher: Teacher, algo: str, distill_agg: str,
+                      srpo_beta: float, temperature: float, rows: int, logit_chunk: int,
+                      max_new_tokens: int, max_grad_norm: float, lr: float, dist: Dist,
+                      metrics: Metrics, sw: Stopwatch) -> dict:
+    """Steps 6-7 for one mini-batch `b`: `loss_of` (losses.chunk_loss with the run's options)
+    on each micro-batch of `rows` rows, a chunk of positions at a time, backward, then one
+    AdamW step at `lr` with the gradient norm clipped to `max_grad_norm`. Every normaliser is
+    the mini-batch's count over all micro-batches and ranks (losses.Norms), so the gradient
+    does not depend on how the mini-batch is split. Returns {loss, grad_norm, skipped}."""
+    norms = losses.global_norms(b, max_new_tokens=max_new_tokens, dist=dist)  # all-reduced once
+    if b.distill is not None:  # --distill-agg as one weight per row, from the mini-batch's counts
+        b.distill_w = losses.distill_row_weights(distill_agg, b, norms)
+    mbs = micro_batches(b, rows)
+    chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, logit_chunk)
+              for mb in mbs]
+    if algo == "srpo":  # pass 1 of its entropy-weight normaliser: a whole-batch mean
+        with sw("teacher"):
+            norms.w_mean = losses.srpo_weight_mean(model, teacher, mbs, chunks,
+                                                   srpo_beta=srpo_beta,
+                                                   temperature=temperature, dist=dist)
+    if algo == "gspo" and b.old_logp is not None:  # each row's ratio, before its chunks
+        with sw("teacher"):
+            losses.gspo_sequence_ratios(model, mbs, temperature=temperature,
+                                        logit_chunk=logit_chunk)
+
+    # 6. loss and backward, a micro-batch at a time and a chunk of positions at a time. The
+    # gradients of the micro-batches accumulate in .grad; nothing is averaged per micro-batch,
+    # because every loss is already divided by a global count (Norms)
+    loss_sum = 0.0
+    for mb, ch in zip(mbs, chunks):
+        t_hidden = None  # the teacher's hidden states: its whole next-token distribution
+        if algo in losses.DISTRIBUTION_TEACHER:
+            with sw("teacher"):
+                t_hidden = teacher.hidden(model, mb.teacher_ids, mb.teacher_mask, mb.resp_ids,
+                                          mb.resp_mask, **mb.teacher_inputs(model))
+        with sw("fwd_bwd"):
+            loss_sum += losses.backward_chunked(
+                model, mb, ch, partial(loss_of, norms=norms), world=dist.world,
+                metrics=metrics, temperature=temperature, teacher=teacher,
+                teacher_hidden=t_hidden)
+    loss = dist.sum(loss_sum).item()  # the same global value on every rank
+
+    # 7. update: clip the global gradient norm (after FSDP has reduced the gradients, so the
+    # norm is the full model's), then AdamW; skipped if the loss or the norm is not finite
+    with sw("optimizer"):
+        grad_norm, skipped = clip_and_step(model, opt, loss=loss, lr=lr,
+                                           max_grad_norm=max_grad_norm)
+    return dict(loss=loss, grad_norm=grad_norm, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,8 +289,8 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
     # OPSD's solution (or rationale) must be on every row; PTD-PO's hint may be missing on
     # some rows (they are simply not distilled) but not on all
     need = (cfg.context,) if cfg.context in ("solution", "rationale") else ()
-    examples = data.load_data(cfg.data, "train", n_toy=20000, seed=cfg.seed, columns=columns,
-                              need=need)
+    examples = load_data(cfg.data, "train", n_toy=20000, seed=cfg.seed, columns=columns,
+                         need=need)
     if cfg.context == "hint" and not any(e.hint for e in examples):
         raise data.DataError(f"{cfg.data}: no row has a '{cfg.hint_key}' value, and "
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
@@ -279,8 +321,7 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
         model = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                          dropout=cfg.lora_dropout, targets=cfg.lora_targets)
     with stop.now("the warm start of the toy teacher"):  # OPD --teacher toy: a warm start too
-        teacher, ref = teacher_and_reference(cfg, model, tok, dist,
-                                             build=partial(train, stop=stop))  # shards the student
+        teacher, ref = teachers_for(cfg, model, tok, dist, build=partial(train, stop=stop))
     # AdamW over the (sharded) student's trainable weights only (with LoRA: the adapters):
     # teachers and the reference are never optimised
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -293,25 +334,9 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
     start = ckpt.restore(model, opt, teacher, gen, cfg, dist) if cfg.resume else 0
 
     # I/O on rank 0 only; the other ranks wait at the barrier so nobody races ahead of a
-    # half-written config. config.json is replaced atomically (write, then rename)
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if main_rank:
-        with writing(cfg.out, "config.json and metrics.jsonl"):
-            with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-            os.replace(os.path.join(cfg.out, "config.json.tmp"),
-                       os.path.join(cfg.out, "config.json"))
-            start_metrics_log(metrics_path, start)
+    # half-written config
+    run = RunLog(cfg, start, tracker=tracker, main=main_rank, label=label)
     dist.barrier()
-
-    def log(record):  # one JSON line per step, appended and flushed: a crash loses no step
-        if main_rank:
-            with writing(cfg.out, f"step {record['step']}'s metrics",
-                         f"The checkpoints are intact (newest: {ckpt.latest_checkpoint(cfg.out)})"):
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if tracker is not None:
-                    tracker.log(record)
 
     def evaluated(when: str) -> dict:  # a signal during evaluation stops it at once (one
         # process: the processes of torchrun evaluate together, and one that left early would
@@ -319,18 +344,13 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
         with stop.now(f"the evaluation {when}") if dist.world == 1 else contextlib.nullcontext():
             return evaluate(model, tok, sets, cfg, dist)
 
-    def show(when, values):
-        if main_rank:
-            print(f"{label}{when}: " + " | ".join(f"{k}={v:.3f}" for k, v in values.items()),
-                  flush=True)
-
     if main_rank and not label:
         print(evaluation_plan(sets, cfg, start), flush=True)
     first = {}
     if start == 0 and sets:  # greedy decoding: evaluation never consumes the sampling RNG
         first = evaluated("before training")
-        log({"step": 0, **first})
-        show("before training", first)
+        run.log({"step": 0, **first})
+        run.show("before training", first)
     t_start, last, skips, warned, saved = time.time(), {}, 0, False, start
     # during a step SIGTERM / Ctrl-C only set a flag: the step in progress finishes, so a
     # checkpoint is never of a half-updated model and metrics.jsonl never has half a step
@@ -338,13 +358,18 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
         t0, sw = time.time(), Stopwatch(dist.device)
         with autocast(cfg.dtype, dist):
             if cfg.algo == "sft":
-                m = sft_step(model, opt, sft_batch(examples, step, tok, cfg, dist), cfg, dist,
-                             step)
+                b = sft_batch(examples, step, tok, prompts=prompts_for(cfg), data_spec=cfg.data,
+                              per_step=cfg.prompts_per_step, seed=cfg.seed, slip=cfg.demo_slip,
+                              dist=dist)
+                m = sft_step(model, opt, b, rows=cfg.micro_batch_size,
+                             logit_chunk=cfg.logit_chunk, max_grad_norm=cfg.max_grad_norm,
+                             lr=lr_at(step, lr=cfg.lr, warmup=cfg.lr_warmup_steps,
+                                      schedule=cfg.lr_schedule, steps=cfg.steps), dist=dist)
             else:
                 m, _ = train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
                                   examples=examples, step=step, cfg=cfg, dist=dist, gen=gen,
                                   sw=sw)
-        # wall time per phase (rollout, teacher, fwd_bwd, optimizer): bench.py reads these
+        # wall time per phase (rollout, teacher, fwd_bwd, optimizer): tools/bench.py reads these
         m["step_time_s"] = time.time() - t0
         m.update({f"time_{k}_s": v for k, v in sw.times.items()})
         # evaluate every --eval-every steps and after the last one
@@ -354,7 +379,7 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
             except Stopped:  # the step itself is done: log it, save it if asked, stop
                 pass
         last = {"step": step, **m}
-        log(last)
+        run.log(last)
         if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
             log_line(step, cfg.steps, m, t_start, label)
         # most responses cut off at the limit: rewards are ~0 and nothing is learned; say so
@@ -380,16 +405,10 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
             ckpt.save(model, opt, teacher, tok, gen, cfg, dist, step)
             saved = step
         if signalled and step < cfg.steps:
-            resume = " ".join(a for a in sys.argv if a not in ("--resume", "--overwrite"))
-            raise Stopped(stop.name or "SIGTERM",
-                          f"stopped after step {step} ({stop.name or 'signal'}); "
-                          + (f"the newest checkpoint is step {saved} in {cfg.out}"
-                             if saved else "no checkpoint was written")
-                          + f"; continue with: python {resume} --resume"
-                          + ("" if saved == step else " (steps after the checkpoint "
-                             "are redone; --save-on-signal checkpoints the last one)"))
+            name = stop.name or "SIGTERM"  # the signal reached another rank
+            raise Stopped(name, stopped_after(step, saved, cfg.out, name, sys.argv))
     if first and last:
-        show("after training ", {k: last[k] for k in first if k in last})
+        run.show("after training ", {k: last[k] for k in first if k in last})
     ck = ckpt.latest_checkpoint(cfg.out)
     if main_rank and not label and ck:
         print(f"outputs in {cfg.out}: metrics.jsonl (one line per step), config.json, {ck} (a "
@@ -403,7 +422,7 @@ def main(argv=None):
     # minutes of a warm start followed by a traceback
     cfg = parse_config(argv)
     if cfg.dry_run:  # the model's size and memory per GPU from its config.json alone
-        import dryrun
+        from engine import dryrun
         try:
             return dryrun.main(cfg)
         except (data.DataError, FileNotFoundError) as e:

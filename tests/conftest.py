@@ -35,3 +35,11 @@ def warm_start_dir(cache_dir):
     """The cached warm-start checkpoint: a Hugging Face model directory."""
     (name,) = [n for n in os.listdir(cache_dir) if n.startswith("toy-student-") and "." not in n]
     return os.path.join(cache_dir, name)
+
+
+def chunk_logits(model, *batch, chunks, **kwargs):
+    """The trainer's path to logits: the hidden states of one forward, then the LM head a chunk
+    of positions at a time (engine/teachers.py), concatenated."""
+    from engine.teachers import lm_head_logits, response_hidden
+    h = response_hidden(model, *batch, **kwargs)
+    return torch.cat([lm_head_logits(model, h[:, t0:t1]) for t0, t1 in chunks], dim=1)

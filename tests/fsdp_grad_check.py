@@ -13,17 +13,18 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
-import rollout  # noqa: E402
-from distributed import Dist, shard  # noqa: E402
-from rollout import build_toy_model, build_toy_tokenizer, checkpoint_layers  # noqa: E402
-from teachers import lm_head_logits, response_hidden, response_logits  # noqa: E402
+from engine import rollout  # noqa: E402
+from engine.distributed import Dist, shard  # noqa: E402
+from engine.rollout import checkpoint_layers
+from engine.toy.models import build_toy_model, build_toy_tokenizer  # noqa: E402
+from engine.teachers import lm_head_logits, response_hidden, response_logits  # noqa: E402
 
 dist.init_process_group("gloo")
 ctx = Dist(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
 tok = build_toy_tokenizer()
 model = build_toy_model(tok, seed=0)
 if "--lora" in sys.argv:
-    from lora import LORA_TARGETS, add_lora
+    from engine.lora import LORA_TARGETS, add_lora
     model = add_lora(model, rank=4, alpha=8, dropout=0.0, targets=LORA_TARGETS)
     with torch.no_grad():  # B = 0 at init would hide a wrong gradient of A
         for n, p in model.named_parameters():

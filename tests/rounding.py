@@ -23,7 +23,8 @@ gradient by a sizeable fraction of itself, far above it.
 """
 import torch
 
-import update
+import train
+from engine import losses
 
 U32 = 2.0 ** -24  # float32 unit roundoff
 
@@ -34,13 +35,13 @@ class FirstUpdate:
 
     def __init__(self, monkeypatch):
         self.grads, self.parts, self.tokens, self.model = None, [], 0, None
-        real_step, real_backward = update.clip_and_step, update.backward_chunked
+        real_step, real_backward = train.clip_and_step, losses.backward_chunked
 
-        def backward(model, b, chunks, loss_fn, world, metrics):
+        def backward(model, b, *args, **kwargs):
             if self.grads is not None:  # after the first update: nothing more to record
-                return real_backward(model, b, chunks, loss_fn, world, metrics)
+                return real_backward(model, b, *args, **kwargs)
             before = {n: _grad(p) for n, p in model.named_parameters() if p.requires_grad}
-            out = real_backward(model, b, chunks, loss_fn, world, metrics)
+            out = real_backward(model, b, *args, **kwargs)
             self.parts.append({n: _grad(p) - before[n] for n, p in model.named_parameters()
                                if p.requires_grad})
             self.tokens += int(b.mask.sum())
@@ -52,8 +53,8 @@ class FirstUpdate:
                 self.grads = {n: _grad(p) for n, p in model.named_parameters() if p.requires_grad}
             return real_step(model, *args, **kwargs)
 
-        monkeypatch.setattr(update, "backward_chunked", backward)
-        monkeypatch.setattr(update, "clip_and_step", step)
+        monkeypatch.setattr(losses, "backward_chunked", backward)
+        monkeypatch.setattr(train, "clip_and_step", step)
 
     def magnitude(self) -> dict:
         """Per parameter: the sum over micro-batches of their contributions' 2-norms."""

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, strategies as st
 import torch
 
-import config
+from engine import config
 import train
-import update
-from distributed import Dist
-from rollout import build_toy_model, build_toy_tokenizer
+from engine import update
+from engine.distributed import Dist
+from engine.toy.models import build_toy_model, build_toy_tokenizer
 
 
 def test_help_documents_every_flag(capsys):
@@ -47,14 +47,14 @@ def test_boolean_flags():
 
 
 def test_lr_schedule_hand_values():
-    cfg = config.Config(lr=1.0, steps=10, lr_warmup_steps=4)
-    assert [update.lr_at(s, cfg) for s in (1, 2, 4, 10)] == [0.25, 0.5, 1.0, 1.0]
+    def lr(s, **kw):
+        return update.lr_at(s, **{**dict(lr=1.0, steps=10, warmup=4, schedule="constant"), **kw})
+    assert [lr(s) for s in (1, 2, 4, 10)] == [0.25, 0.5, 1.0, 1.0]
     # decay as HF's schedulers: step s (from 1) has progress (s - 1 - warmup) / (steps - warmup),
     # so the first step after warm-up has the full lr and the last is not wasted at lr 0
-    lin = dataclasses.replace(cfg, lr_schedule="linear")
-    assert [update.lr_at(s, lin) for s in (4, 5, 7, 10)] == pytest.approx([1.0, 1.0, 4 / 6, 1 / 6])
-    cos = dataclasses.replace(cfg, lr_schedule="cosine", lr_warmup_steps=0, steps=5)
-    assert [update.lr_at(s, cos) for s in (1, 3, 5)] == pytest.approx(
+    assert [lr(s, schedule="linear") for s in (4, 5, 7, 10)] == pytest.approx(
+        [1.0, 1.0, 4 / 6, 1 / 6])
+    assert [lr(s, schedule="cosine", warmup=0, steps=5) for s in (1, 3, 5)] == pytest.approx(
         [1.0, 0.5 * (1 + math.cos(math.pi * 0.4)), 0.5 * (1 + math.cos(math.pi * 0.8))])
 
 
@@ -67,7 +67,7 @@ def test_kl_reference_is_never_the_moving_teacher():
         model = build_toy_model(tok, seed=0)
         cfg = config.resolve_config(dict(algo=algo, model="org/x", teacher_mode=mode, kl_coef=0.1,
                                          teacher_sync=1))
-        teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
+        teacher, ref = train.teachers_for(cfg, model, tok, dist)
         assert ref is not teacher.model and ref is not model
         before = [p.detach().clone() for p in ref.parameters()]
         with torch.no_grad():
@@ -77,7 +77,7 @@ def test_kl_reference_is_never_the_moving_teacher():
         assert not torch.equal(next(teacher.model.parameters()), before[0])  # the teacher moved
         assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), before))
     cfg = config.resolve_config(dict(algo="ptdpo", model="org/x"))
-    teacher, ref = train.teacher_and_reference(cfg, build_toy_model(tok), tok, dist)
+    teacher, ref = train.teachers_for(cfg, build_toy_model(tok), tok, dist)
     assert ref is teacher.model  # frozen: one copy serves both
 
 

@@ -4,13 +4,14 @@ import json
 import pytest
 
 import data
-import prompts
+from engine.toy import arithmetic
+from engine import prompts
 
 
 def test_toy_examples_are_consistent_and_deterministic():
-    a, b = data.make_toy("train", 50), data.make_toy("train", 50)
+    a, b = arithmetic.make_toy("train", 50), arithmetic.make_toy("train", 50)
     assert [e.prompt for e in a] == [e.prompt for e in b]
-    for e in a + data.make_toy("ood", 20):
+    for e in a + arithmetic.make_toy("ood", 20):
         value = eval(e.prompt)  # left to right with + and - is ordinary evaluation
         assert e.answer == str(value)
         assert e.solution.split(";")[-1].endswith("=" + e.answer)
@@ -19,12 +20,12 @@ def test_toy_examples_are_consistent_and_deterministic():
 
 
 def test_toy_splits():
-    train = {e.prompt for e in data.make_toy("train", 3000)}
-    test = data.make_toy("test", 200)
+    train = {e.prompt for e in arithmetic.make_toy("train", 3000)}
+    test = arithmetic.make_toy("test", 200)
     assert len({e.prompt for e in test}) == 200 and not train & {e.prompt for e in test}
-    assert all(e.prompt.count("+") + e.prompt.count("-") == 4 for e in data.make_toy("ood", 30))
+    assert all(e.prompt.count("+") + e.prompt.count("-") == 4 for e in arithmetic.make_toy("ood", 30))
     with pytest.raises(data.DataError, match="split"):
-        data.make_toy("valid", 3)
+        arithmetic.make_toy("valid", 3)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -116,7 +117,7 @@ def test_bad_paths(tmp_path):
 
 
 def test_render_keeps_privileged_context_out_of_the_student_prompt():
-    e = data.make_toy("train", 1)[0]
+    e = arithmetic.make_toy("train", 1)[0]
     student = prompts.render(prompts.TOY_TEMPLATES["student"], e)
     for kind in data.CONTEXTS:
         assert getattr(e, kind) in prompts.render(prompts.TOY_TEMPLATES[kind], e)
@@ -154,7 +155,7 @@ def test_bad_files_give_one_message(tmp_path, name, raw, message):
 
 
 def test_sdpo_reprompt_and_thinking_removal_are_the_official_ones():
-    import batch
+    from engine import batch
     e = data.Example(prompt="What is 2+2?", answer="4")
     assert prompts.render(prompts.PAPER_TEMPLATES["sibling"], e, sibling="It is 4.") == (
         "What is 2+2?\nCorrect solution:\n\nIt is 4.\n\nCorrectly solve the original question.")

@@ -57,10 +57,10 @@ def test_compare_missing_run_is_a_clear_error(tmp_path, capsys):
 
 def _file(tmp_path, n=24):
     """Toy problems with the question in a renamed column."""
-    import data
+    from engine.toy import arithmetic
     f = tmp_path / "problems.jsonl"
     f.write_text("".join(json.dumps(dict(question=e.prompt, answer=e.answer)) + "\n"
-                         for e in data.make_toy("test", n)))
+                         for e in arithmetic.make_toy("test", n)))
     return str(f)
 
 

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import grpo
-from teachers import check_logits, chunked_logits, response_hidden, response_logits
+from conftest import chunk_logits
+from engine.teachers import check_logits, response_hidden, response_logits
 
 FAMILIES = {  # model_type: the post-processing its config switches on (tiny shapes)
     "gemma2": dict(final_logit_softcapping=2.0),
@@ -48,7 +49,7 @@ def test_chunked_head_equals_the_full_forward(model_type):
     model = tiny(model_type)
     x = _batch()
     full = response_logits(model, *x)
-    ours = torch.cat([chunked_logits(model, *x)(t0, t0 + 2) for t0 in (0, 2, 4)], 1)
+    ours = chunk_logits(model, *x, chunks=[(0, 2), (2, 4), (4, 6)])
     torch.testing.assert_close(ours, full, atol=1e-4, rtol=1e-4)
     check_logits(model, model_type)  # accepted
     if model_type == "phi":
@@ -66,7 +67,7 @@ def test_capped_entropy_is_not_the_uncapped_one():
     while sampling from the capped ones (near ln V); now both are the capped one."""
     model = tiny("gemma2", final_logit_softcapping=0.5)
     x = _batch()
-    h = grpo.entropy(torch.cat([chunked_logits(model, *x)(0, 5)], 1))
+    h = grpo.entropy(chunk_logits(model, *x, chunks=[(0, 5)]))
     assert h.mean() > 0.9 * torch.log(torch.tensor(64.0))
 
 

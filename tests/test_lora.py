@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora
+from engine import lora
 import train
-from rollout import build_toy_model, build_toy_tokenizer, load_model
-from teachers import chunked_logits
+from engine.rollout import load_model
+from engine.toy.models import build_toy_model, build_toy_tokenizer
+from conftest import chunk_logits
 from tests.conftest import warm_start_dir
 from tests.test_train import TINY, _train_rows
 
@@ -49,9 +50,9 @@ def test_base_view_is_the_base_model():
     logits exactly, while the adapted student differs."""
     model, base = _adapted()
     x = _inputs()
-    want = chunked_logits(base, *x)(0, 6)
-    assert torch.equal(chunked_logits(lora.BaseView(model), *x)(0, 6), want)
-    assert not torch.allclose(chunked_logits(model, *x)(0, 6), want, atol=1e-3)
+    want = chunk_logits(base, *x, chunks=[(0, 6)])
+    assert torch.equal(chunk_logits(lora.BaseView(model), *x, chunks=[(0, 6)]), want)
+    assert not torch.allclose(chunk_logits(model, *x, chunks=[(0, 6)]), want, atol=1e-3)
     assert any(p.requires_grad for p in model.parameters())  # the view changed nothing
 
 
@@ -96,12 +97,13 @@ def test_lora_run_saves_adapters_that_load_and_merge(tmp_path, cache):
         assert json.load(f)["base_model_name_or_path"] == base_dir
     x = _inputs()
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    want_base = chunked_logits(base, *x)(0, 6)
+    want_base = chunk_logits(base, *x, chunks=[(0, 6)])
     adapted = peft.PeftModel.from_pretrained(base, str(ck))
-    unmerged = chunked_logits(adapted, *x)(0, 6)
+    unmerged = chunk_logits(adapted, *x, chunks=[(0, 6)])
     assert not torch.allclose(unmerged, want_base, atol=1e-4)
     merged, _ = load_model(str(ck))  # the path eval.py takes: base + adapters, merged
-    torch.testing.assert_close(chunked_logits(merged, *x)(0, 6), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunk_logits(merged, *x, chunks=[(0, 6)]), unmerged, atol=1e-5,
+                               rtol=1e-5)
     assert not lora.is_lora(merged)
 
 

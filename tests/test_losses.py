@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import losses
-from update import Norms
+from engine import losses
+from engine.losses import Norms
 from rounding import assert_same_update
 from test_train import SEQ, first_updates
 

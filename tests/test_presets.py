@@ -9,11 +9,10 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
-import config
-import dryrun
-import presets
+from engine import config, dryrun, presets
 import train
-from rollout import build_toy_model, build_toy_tokenizer, checkpoint_layers
+from engine.rollout import checkpoint_layers
+from engine.toy.models import build_toy_model, build_toy_tokenizer
 from tests.test_train import TINY
 
 NAMES = presets.names()
@@ -193,7 +192,7 @@ def test_static_memory_is_exact_after_an_optimizer_step():
     est = dryrun.estimate(dryrun.shapes(model, _cfg()), _cfg(), world=1)
     assert {k: est[k] for k in measured} == measured
     pytest.importorskip("peft")
-    import lora
+    from engine import lora
     adapted = lora.add_lora(build_toy_model(tok), rank=4, alpha=8, dropout=0.0,
                             targets=lora.LORA_TARGETS)
     trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
@@ -204,7 +203,7 @@ def test_kv_cache_formula_is_exact():
     model = _qwen3(64, 128, 3, 4, 2, 16)
     R, S = 3, 40
     cache = DynamicCache(config=model.config)
-    from rollout import cache_argument
+    from engine.rollout import cache_argument
     model(input_ids=torch.randint(0, 64, (R, S)), use_cache=True, **{cache_argument(model): cache})
     measured = sum(t.numel() * 4 for layer in cache.layers for t in (layer.keys, layer.values))
     cfg = _cfg(max_new_tokens=S - 1, max_prompt_tokens=1, prompts_per_step=R, group_size=1)

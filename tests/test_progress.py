@@ -1,9 +1,9 @@
 """Progress on long work (progress.py) and what `python train.py` says before and after."""
 import io
 
-import config
-import warmstart
-from progress import Progress
+from engine import config
+from engine.toy import warmstart
+from engine.progress import Progress
 from tests.conftest import warm_start_dir
 
 

@@ -3,10 +3,10 @@ and the teacher, the system prompt, a per-row teacher prompt, and the teacher-pr
 import pytest
 
 import data
-import prompts
-from config import parse_config
-from prompts import Prompts, prompts_for, render
-from rollout import build_toy_tokenizer
+from engine import prompts
+from engine.config import parse_config
+from engine.prompts import Prompts, prompts_for, render
+from engine.toy.models import build_toy_tokenizer
 
 # a chat template over the toy tokenizer's characters: role initial, ':', content, ';', then
 # 'A=t' when the thinking switch is off (so the rendered prompt shows whether it got there)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import data
-import rewards
-from batch import Batch, dapo_resample
+from engine import rewards
+from engine.batch import Batch, dapo_resample
 
 EX = data.Example(prompt="2+3", answer="5")
 
@@ -46,15 +46,15 @@ def test_reward_plugin_loaded_by_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec, words", [("nope", "expected one of"),
                                          ("no_such_module_xyz:f", "cannot load"),
-                                         ("rewards:no_such_function", "cannot load"),
-                                         ("rewards:MATH_VERIFY_TIMEOUT", "not a function")])
+                                         ("engine.rewards:no_such_function", "cannot load"),
+                                         ("engine.rewards:MATH_VERIFY_TIMEOUT", "not a function")])
 def test_bad_reward_spec_is_a_config_error(spec, words):
     with pytest.raises(SystemExit, match=words):
         rewards.load_reward(spec)
 
 
 def test_bad_reward_flag_fails_before_any_work():
-    from config import parse_config
+    from engine.config import parse_config
     with pytest.raises(SystemExit, match="--reward"):
         parse_config(["--reward", "nope"])
     assert parse_config(["--algo", "dapo"]).reward == "dapo"  # DAPO's +-1 by default

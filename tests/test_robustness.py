@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint as ckpt
-import losses
+from engine import checkpoint as ckpt, losses
 import train
-import warmstart
+from engine.toy import warmstart
 from conftest import warm_start_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,7 +270,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, cache):
 
 
 def test_warm_start_is_deterministic_and_keyed_to_its_settings(tmp_path, capsys):
-    import config
+    from engine import config
     dirs, printed = [], []
     for name in ("a", "b"):
         d = tmp_path / name

@@ -7,8 +7,9 @@ makes most tokens differ, rounding at most a rare one."""
 import pytest
 import torch
 
-import rollout
-from rollout import build_toy_model, build_toy_tokenizer, generate, left_pad
+from engine import rollout
+from engine.rollout import generate, left_pad
+from engine.toy.models import build_toy_model, build_toy_tokenizer
 
 TOK = build_toy_tokenizer()
 PROMPTS = [[5, 6, 7, 8, 9], [4, 5], [7, 8, 9, 10, 11, 12, 13], [6]]

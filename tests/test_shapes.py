@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 import data
-import shapes
 import train
+from engine import vision
+from engine.toy import models, shapes
 
 
 def _seen_colours(png: bytes) -> list:
@@ -105,7 +106,7 @@ def test_parquet_image_bytes_with_other_column_names(tmp_path):
     rows = data.load_examples(f, columns={"prompt": "q", "answer": "a", "images": "pics"})
     assert [r.images for r in rows[:2]] == [exs[0].images, exs[1].images]
     try:
-        data.check_images(rows)
+        vision.check_images(rows)
     except data.DataError as e:
         assert "row 3" in str(e) and "image 1 (bytes)" in str(e)
     else:
@@ -114,12 +115,11 @@ def test_parquet_image_bytes_with_other_column_names(tmp_path):
 
 def test_freeze_vision_freezes_the_tower_only_and_refuses_a_text_model():
     import pytest
-    import config
-    import vision
-    from rollout import build_toy_model, build_toy_tokenizer
+    from engine import config
+    from engine.toy.models import build_toy_model, build_toy_tokenizer
     assert all(config.resolve_config(dict(algo=a, data="shapes")).freeze_vision
                for a in ("sft", "rlsd"))  # the toy's default, warm start and RL
-    model, _ = vision.toy_vlm(seed=0, hidden=32, layers=1, head_dim=16)
+    model, _ = models.toy_vlm(seed=0, hidden=32, layers=1, head_dim=16)
     n = vision.freeze_vision_tower(model)
     assert n == sum(p.numel() for p in model.model.visual.parameters()) > 0
     assert not any(p.requires_grad for p in model.model.visual.parameters())
@@ -131,8 +131,7 @@ def test_freeze_vision_freezes_the_tower_only_and_refuses_a_text_model():
 
 
 def test_teach_to_see_trains_the_tower_to_tell_cells_and_centres_its_projector():
-    import vision
-    model, tok = vision.toy_vlm(seed=0, hidden=32, layers=1, head_dim=16)
+    model, tok = models.toy_vlm(seed=0, hidden=32, layers=1, head_dim=16)
     language = {n: p.clone() for n, p in model.model.language_model.named_parameters()}
     content, cell = shapes.teach_to_see(model, tok, steps=400, seed=0, batch=8)
     assert content > 0.9  # 9 cells x 5 classes; always "empty" would be about 0.55

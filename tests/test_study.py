@@ -6,10 +6,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import batch
-import config
-import data
-import study
+from engine import batch, config
+from engine.toy import arithmetic
+from tools import study
 
 TINY = "--prompts-per-step 4 --group-size 2 --max-new-tokens 16 --eval-n 4 --warm-start-steps 30"
 
@@ -18,7 +17,7 @@ TINY = "--prompts-per-step 4 --group-size 2 --max-new-tokens 16 --eval-n 4 --war
        seed=st.integers(0, 10**6))
 def test_unrelated_contexts_swap_every_privileged_field_and_keep_the_question(n_groups, group,
                                                                               pool, seed):
-    exs = data.make_toy("train", pool)
+    exs = arithmetic.make_toy("train", pool)
     rows = [exs[i % pool] for i in range(n_groups) for _ in range(group)]
     state = torch.random.get_rng_state()
     out = batch.unrelated_contexts(rows, exs, group_size=group, seed=seed)

@@ -7,11 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import grpo
-import rollout
-import teachers
-from rollout import build_toy_model, build_toy_tokenizer, checkpoint_layers
-from teachers import Teacher, sampled_token_logprobs
+from engine import rollout, teachers
+from engine.rollout import checkpoint_layers
+from engine.toy.models import build_toy_model, build_toy_tokenizer
+from engine.teachers import Teacher, sampled_token_logprobs
 
 
 def _pair():
@@ -77,26 +76,41 @@ def test_teacher_forward_carries_no_gradient():
 
     student, initial = Tiny(), Tiny()
     ids, mask = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)
-    for mode, init in (("frozen", initial), ("live", None), ("trust", initial)):
-        logits = _teacher(mode, init).logits(student, ids, mask, ids, mask)
-        z = logits(0, 2)
-        assert z.shape == (1, 2, 5) and not z.requires_grad
-        # a chunk is a matrix product of another shape, whose summation order BLAS may choose
-        # differently: equal to the float32 rounding, not bit for bit
-        torch.testing.assert_close(logits(1, 2), z[:, 1:], rtol=1.3e-6, atol=1e-6)
-        with torch.enable_grad():  # no gradient even when asked from inside a loss
-            assert not logits(0, 1).requires_grad
+    with torch.enable_grad():  # no gradient even when asked from inside a loss
+        for mode, init in (("frozen", initial), ("live", None), ("trust", initial)):
+            teacher = _teacher(mode, init)
+            hidden = teacher.hidden(student, ids, mask, ids, mask)
+            z = teacher.logits(student, hidden, 0, 2)
+            assert z.shape == (1, 2, 5) and not z.requires_grad
+            assert not any(h.requires_grad for h in hidden)
+            # a chunk is a matrix product of another shape, whose summation order BLAS may
+            # choose differently: equal to the float32 rounding, not bit for bit
+            torch.testing.assert_close(teacher.logits(student, hidden, 1, 2), z[:, 1:],
+                                       rtol=1.3e-6, atol=1e-6)
+            if mode == "trust":  # SDPO's trust region: the two models' logits, lerped
+                at = torch.tensor([[2, 1]])  # the tokens at the positions predicting the response
+                own = initial.head(initial.emb(at))
+                torch.testing.assert_close(z, torch.lerp(own, student.head(student.emb(at)),
+                                                         0.25))
+                with pytest.raises(ValueError, match="mixes two models"):
+                    teacher.scorer(student)
+            else:
+                assert teacher.scorer(student) is (student if mode == "live" else init)
 
 
-def test_sampled_token_logprobs_are_the_chunked_token_logprobs():
-    torch.manual_seed(0)
-    z = torch.randn(2, 5, 7)
-    tokens = torch.randint(0, 7, (2, 5))
-    out = sampled_token_logprobs(lambda t0, t1: z[:, t0:t1], tokens, temperature=1.3,
-                                 chunks=[(0, 2), (2, 5)])
-    assert torch.equal(out, torch.cat([grpo.token_logprobs(z[:, :2], tokens[:, :2], temperature=1.3),
-                                       grpo.token_logprobs(z[:, 2:], tokens[:, 2:], temperature=1.3)], 1))
-    torch.testing.assert_close(out, torch.log_softmax(z / 1.3, -1).gather(-1, tokens[..., None])[..., 0])
+def test_sampled_token_logprobs_are_the_full_forwards_log_softmax():
+    """One forward per `rows` rows, the LM head per chunk of positions: the log-probs of the
+    sampled tokens under softmax(z / T) of the model's own full forward, for any split."""
+    tok = build_toy_tokenizer()
+    model = build_toy_model(tok, seed=0)
+    ids, mask, resp, rmask = _rows(3, 2, 0, tok)
+    z = teachers.response_logits(model, ids, mask, resp, rmask)
+    want = torch.log_softmax(z / 1.3, -1).gather(-1, resp[..., None])[..., 0]
+    for rows, chunk in ((0, -1), (4, 2), (1, 1)):
+        out = sampled_token_logprobs(model, ids, mask, resp, rmask, temperature=1.3,
+                                     rows=rows, logit_chunk=chunk)
+        assert out.shape == resp.shape and not out.requires_grad
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sync_is_due_by_the_step_even_when_the_update_was_skipped():
@@ -116,7 +130,7 @@ def test_sync_is_due_by_the_step_even_when_the_update_was_skipped():
 
 
 # ----------------------------------------------------------------------------------------
-# A group's prompt runs once (teachers.shared_prompt_forward): the same numbers as per row
+# A group's prompt runs once (teachers.response_hidden): the same numbers as per row
 # ----------------------------------------------------------------------------------------
 
 def _rows(P, G, seed, tok):
@@ -163,18 +177,18 @@ def test_shared_prompt_forward_gives_the_per_row_forward_and_gradient(monkeypatc
     model = build_toy_model(tok, seed=0)
     rows = _rows(P, G, seed, tok)
     fn = teachers.response_hidden if hidden else teachers.response_logits
-    shared_fn = []
-    monkeypatch_module.setattr(teachers, "shared_prompt_forward",
-                               _recording(_SHARED_PROMPT_FORWARD, shared_fn))
+    shared = []
+    monkeypatch_module.setattr(teachers, "_shareable_cache",
+                               _recording(_SHAREABLE_CACHE, shared))
     a, ga = _scored(monkeypatch_module, False, fn, model, rows)
     b, gb = _scored(monkeypatch_module, True, fn, model, rows)
-    assert shared_fn == ([False, True] if G > 1 else [False, False])  # it ran where rows repeat
+    assert shared == ([True] if G > 1 else [])  # it ran where rows repeat, and only there
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for x, y in zip(gb, ga):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * max(1.0, y.abs().max().item()))
 
 
-_SHARED_PROMPT_FORWARD = teachers.shared_prompt_forward
+_SHAREABLE_CACHE = teachers._shareable_cache
 
 
 def _recording(fn, log):
@@ -194,8 +208,9 @@ def test_shared_prompt_forward_is_off_under_activation_checkpointing():
     ref = teachers.response_logits(model, *rows)
     checkpoint_layers(model)
     model.train()
-    assert teachers.shared_prompt_forward(model, *rows, lambda out: out.logits) is None
+    assert teachers._shareable_cache(model) is None
     torch.testing.assert_close(teachers.response_logits(model, *rows), ref)
     with torch.no_grad():  # nothing is recomputed without a backward: shared again
-        shared = teachers.shared_prompt_forward(model, *rows, lambda out: out.logits)
+        assert teachers._shareable_cache(model) is not None
+        shared = teachers.response_logits(model, *rows)
     torch.testing.assert_close(shared, ref, rtol=1e-5, atol=1e-5)

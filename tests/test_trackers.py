@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-import config
+from engine import config
 import train
 from tests.test_train import TINY
 

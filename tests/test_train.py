@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import config
+from engine import config
 import train
 from rounding import FirstUpdate, assert_same_update
 
@@ -114,9 +114,9 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, cache):
 
 
 def _toy_rows_as_file(tmp_path, fmt):
-    import data
+    from engine.toy import arithmetic
     rows = [dict(question=e.prompt, answer=e.answer, solution=e.solution, hint=e.hint)
-            for e in data.make_toy("train", 12)]
+            for e in arithmetic.make_toy("train", 12)]
     if fmt == "jsonl":
         f = tmp_path / "train.jsonl"
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))

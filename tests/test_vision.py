@@ -8,14 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-import vision
-from rollout import left_pad, positions
-from teachers import chunked_logits, response_logits
+from engine import vision
+from engine.rollout import left_pad, positions
+from conftest import chunk_logits
+from engine.teachers import response_logits
+from engine.toy import models
 
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
-    d = vision.build_toy_vlm(str(tmp_path_factory.mktemp("toy-vlm")))
+    d = models.build_toy_vlm(str(tmp_path_factory.mktemp("toy-vlm")))
     model, tok = vision.load(d)
     return d, model.eval(), tok, tok.image_processor
 
@@ -94,14 +96,14 @@ def test_text_rows_positions_are_the_plain_ones(vlm):
 
 @torch.no_grad()
 def test_chunked_head_equals_full_forward_with_images(vlm):
-    """teachers.chunked_logits (hidden states, then the head a chunk at a time) against
+    """The trainer's logits (hidden states, then the head a chunk at a time) against
     teachers.response_logits (the model's own full logits), images and M-RoPE included."""
     _, model, tok, _ = vlm
     rows, resp = _rows(vlm)
     ids, mask, rids, rmask, pos, kw = _logits(model, rows, resp, tok.pad_token_id)
     full = response_logits(model, ids, mask, rids, rmask, position_ids=pos, **kw)
-    at = chunked_logits(model, ids, mask, rids, rmask, position_ids=pos, **kw)
-    chunks = torch.cat([at(t, t + 1) for t in range(rids.shape[1])], 1)
+    chunks = chunk_logits(model, ids, mask, rids, rmask, position_ids=pos, **kw,
+                          chunks=[(t, t + 1) for t in range(rids.shape[1])])
     torch.testing.assert_close(chunks, full, atol=1e-5, rtol=1e-5)
     # and the images matter: the same text with another image gives other logits
     other = [vision.encode(tok, vlm[3], model.config, q, [_image(s + 7)])
@@ -116,7 +118,7 @@ def test_cached_sampling_with_images_is_the_full_forward_argmax(vlm):
     """Greedy generation with the KV cache (images in the prefill only, then text positions
     after the largest M-RoPE position) picks, token by token, the argmax of a full forward over
     prompt + tokens so far with the images: the cache and the positions are right."""
-    from rollout import generate
+    from engine.rollout import generate
     _, model, tok, _ = vlm
     rows, _ = _rows(vlm)
     ids, mask = left_pad([r[0] for r in rows], tok.pad_token_id)
@@ -138,7 +140,7 @@ def test_cached_sampling_with_images_is_the_full_forward_argmax(vlm):
         smask = torch.cat([smask, torch.ones_like(smask[:, :1])], 1)
     # the decode positions generate uses are the model's own M-RoPE positions of those tokens
     # (all three components), not the token count, which the image has moved them away from
-    from rollout import next_positions
+    from engine.rollout import next_positions
     full = vision.rope_positions(model, seq, smask, grid)[:, :, ids.shape[1]:]
     want = next_positions(pos) + torch.arange(6)
     for k in range(3):
@@ -150,9 +152,9 @@ def _image_rows(tmp_path, n=8):
     """A JSONL file of arithmetic rows, each with an image next to it (relative path)."""
     import json
 
-    import data
+    from engine.toy import arithmetic
     lines = []
-    for i, e in enumerate(data.make_toy("train", n)):
+    for i, e in enumerate(arithmetic.make_toy("train", n)):
         _image(i).save(tmp_path / f"img{i}.png")
         lines.append(json.dumps(dict(prompt=e.prompt, answer=e.answer, solution=e.solution,
                                      hint=e.hint, images=[f"img{i}.png"])))
@@ -282,9 +284,9 @@ def test_lora_on_a_vision_language_model(tmp_path, vlm):
 
     from safetensors.torch import load_file
 
-    import lora
+    from engine import lora
     import train
-    from rollout import load_model
+    from engine.rollout import load_model
     data_file = _image_rows(tmp_path)
     out = str(tmp_path / "lora")
     train.main(["--algo", "opsd", "--model", vlm[0], "--data", data_file, "--eval-data", "",

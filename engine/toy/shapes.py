@@ -1,7 +1,7 @@
 """The embedded image task (`--data shapes`): count the shapes of one colour in a picture.
 
 The vision-language counterpart of the arithmetic toy task (data.py), for the tiny Qwen3-VL
-(`vision.toy_vlm`): everything runs offline on a laptop CPU. A picture is a 3 x 3 grid of
+(`models.toy_vlm`): everything runs offline on a laptop CPU. A picture is a 3 x 3 grid of
 32-pixel cells, 96 x 96 pixels, so that each cell is exactly one image token of the model
 (16-pixel patches, 2 x 2 merged). A cell is empty or holds a square, disc or triangle, big or
 small, in red, green, blue or yellow (r, g, b, y). The question is a colour; the worked solution

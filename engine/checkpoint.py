@@ -21,9 +21,9 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
-import lora
-from distributed import full_state_dict, load_full_state_dict
-from rundir import writing
+from engine import lora
+from engine.distributed import full_state_dict, load_full_state_dict
+from engine.rundir import writing
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 

@@ -1,26 +1,29 @@
-"""The study: every method side by side on the embedded arithmetic task, several seeds each.
+"""The study: every method side by side on an embedded task, several seeds each.
 
-    python study.py                       # every arm x 3 seeds, then the report (~2 h, 2 CPU cores)
-    python study.py --jobs 1              # one process at a time (default: one per CPU core)
-    python study.py --report              # only the report, from the finished runs
-    python study.py --arms grpo,rlsd --seeds 0,1,2,3    # a subset, or more seeds
-    python study.py --check rlsd:0 --runs study/runs   # rerun from the archived warm start
-    python study.py --data shapes --arms grpo,ptdpo,ptdpo_exact,ptdpo_forward   # on pictures
+    python tools/study.py                  # every arm x 3 seeds, then the report (~2 h, 2 CPU cores)
+    python tools/study.py --jobs 1         # one process at a time (default: one per CPU core)
+    python tools/study.py --report         # only the report, from the finished runs
+    python tools/study.py --arms grpo,rlsd --seeds 0,1,2,3    # a subset, or more seeds
+    python tools/study.py --check rlsd:0 --runs tools/results/runs   # rerun from the archive
+    python tools/study.py --data shapes --arms grpo,ptdpo,ptdpo_exact,ptdpo_forward   # pictures
 
 Every arm trains with `train.py` in its own process, on the same prompts (the data order is a
 function of the seed and the step), the same number of prompts per step, group size,
 response length and optimizer steps; otherwise each algorithm keeps the defaults `train.py`
 gives it on the toy model (its paper's constants). Seed s uses the warm start of seed s
 (trained once and cached); the warm starts are built first, side by side, then the runs go
-`--jobs` at a time, one thread each (`child_env`). The study is resumable: a finished run is reused, an interrupted
-one continues from its last checkpoint (`--resume`), so `python study.py` can be stopped and
-started again at any time.
+`--jobs` at a time, one thread each (`child_env`). The study is resumable: a finished run is
+reused, an interrupted one continues from its last checkpoint (`--resume`), so the study can be
+stopped and started again at any time.
 
 The report (`--report`, also at the end of a full run) reads the runs' metrics.jsonl and
-writes study/RESULTS.md (the table, the paired RLSD - GRPO comparison, each warm start's
-accuracy), the plots study/*.png, and the same table into README.md between its study
-markers. Nothing in it is typed by hand. It also copies every run's metrics to study/runs/
-(committed), so the report can be rebuilt and a run checked without rerunning the study.
+writes tools/results/RESULTS.md (the table, the paired RLSD - GRPO comparison, each warm
+start's accuracy), the plots tools/results/*.png (the forest plot of each arm's paired
+difference to GRPO among them), and the same table into README.md between its study markers,
+with the PTD-PO table of both tasks. Nothing in it is typed by hand. It also copies every
+run's metrics, each seed's warm start and the environment to tools/results/runs/
+(committed), so the report can be rebuilt and a run checked from the same weights without
+rerunning the study.
 """
 import argparse
 import json
@@ -61,10 +64,12 @@ STEPS = 150
 SHARED = ["--prompts-per-step", "16", "--group-size", "8", "--save-every", "50",
           "--keep-checkpoints", "1"]
 # the embedded tasks a study runs on: train.py's --data, the response length, where it goes
-TASKS = {"toy": dict(flags=["--max-new-tokens", "40"], out="study", runs="study_runs",
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+RESULTS = os.path.join(ROOT, "tools", "results")  # committed: tables, plots, the archive
+TASKS = {"toy": dict(flags=["--max-new-tokens", "40"], out=RESULTS, runs="study_runs",
                      block="study"),
          "shapes": dict(flags=["--data", "shapes", "--max-new-tokens", "16"],
-                        out=os.path.join("study", "shapes"),
+                        out=os.path.join(RESULTS, "shapes"),
                         runs=os.path.join("study_runs", "shapes"), block="study-shapes")}
 PTD_ARMS = ("grpo", "ptdpo", "ptdpo_exact", "ptdpo_forward")  # the PTD-PO table, both tasks
 EARLY = 50  # the "learns faster early" column: test accuracy at this step (RLSD's lambda is 0 after it)
@@ -102,15 +107,15 @@ def command(arm: str, seed: int, out: str, teacher: str, steps: int = STEPS,
         flags[flags.index("--teacher") + 1] = teacher
     if "--algo" not in flags:
         flags = ["--algo", arm] + flags
-    return [sys.executable, "train.py", *flags, *SHARED, *TASKS[task]["flags"], "--steps",
+    return [sys.executable, os.path.join(ROOT, "train.py"), *flags, *SHARED, *TASKS[task]["flags"], "--steps",
             str(steps), "--eval-every", str(min(25, steps)), "--seed", str(seed), "--out", out,
             *extra]
 
 
 def opd_teacher_path(extra: tuple = (), task: str = "toy") -> str:
     """Where seed 0's stronger toy teacher is cached (every seed's OPD run distils from it)."""
-    import config
-    import warmstart
+    from engine import config
+    from engine.toy import warmstart
     cfg = config.resolve_config(_given(["--algo", "opd", "--teacher", "toy", "--seed", "0",
                                         *TASKS[task]["flags"], *extra]))
     return warmstart.warm_start_path(cfg, steps=cfg.warm_start_steps, name="teacher", slip=0.0)
@@ -118,15 +123,15 @@ def opd_teacher_path(extra: tuple = (), task: str = "toy") -> str:
 
 def student_warm_start(seed: int, extra: tuple = (), task: str = "toy") -> str:
     """Where seed `seed`'s warm start is cached (every arm of that seed starts from it)."""
-    import config
-    import warmstart
+    from engine import config
+    from engine.toy import warmstart
     cfg = config.resolve_config(_given(["--seed", str(seed), *TASKS[task]["flags"], *extra]))
     return warmstart.warm_start_path(cfg, steps=cfg.warm_start_steps, name="student")
 
 
 def _given(argv: list) -> dict:
     """train.py's flag-value pairs as the values its parser hands to config.resolve_config."""
-    import config
+    from engine import config
     out = {}
     for flag, value in zip(argv[::2], argv[1::2]):
         name = flag[2:].replace("-", "_")
@@ -207,7 +212,7 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1
     tasks = []
     for kind, seed in prep:
         algo = ["--algo", "opd", "--teacher", "toy"] if kind == "teacher" else ["--algo", "grpo"]
-        cmd = [sys.executable, "train.py", *algo, "--steps", "0", "--eval-data", "",
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *algo, "--steps", "0", "--eval-data", "",
                "--seed", str(seed), "--out", os.path.join(runs, "warm", f"{kind}{seed}"),
                "--overwrite", *TASKS[task]["flags"], *extra]
         tasks.append((f"warm start ({kind}) seed {seed}",
@@ -260,7 +265,7 @@ def summarise(rows: list[dict], target: float | None) -> dict:
             "start": evals[0]["test_acc"], "start_teacher": evals[0].get("test_teacher_acc")}
 
 
-def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
+def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = RESULTS,
            readme: str = "README.md", task: str = "toy", extra: tuple = ()):
     os.makedirs(out_dir, exist_ok=True)
     data = {a: {s: read(run_dir(runs, a, s)) for s in seeds
@@ -318,8 +323,8 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = "study",
     table = "\n".join(lines)
     flag = "" if task == "toy" else f" --data {task}"
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
-        f.write(f"# Study results{': ' + task if flag else ''}\n\nGenerated by `python study.py"
-                f"{flag} --report` from the runs in `{runs}/`.\n\n{table}\n")
+        f.write(f"# Study results{': ' + task if flag else ''}\n\nGenerated by `python "
+                f"tools/study.py{flag} --report` from the runs in `{runs}/`.\n\n{table}\n")
     replace_block(readme, table, TASKS[task]["block"])
     plots(data, out_dir)
     forest(summ, out_dir, task)
@@ -472,7 +477,7 @@ def plots(data, out_dir: str):
 
 
 def config_algos() -> tuple:
-    import config
+    from engine import config
     return config.ALGOS
 
 
@@ -543,7 +548,7 @@ def ptd_table() -> str:
             + " |")
     return "\n".join(lines) + (f"\n\nSeeds: {seeds_of.get('toy', 0)} (arithmetic), "
                                f"{seeds_of.get('shapes', 0)} (shapes); every setting the study's "
-                               f"(`python study.py --arms {','.join(PTD_ARMS)}` and the same "
+                               f"(`python tools/study.py --arms {','.join(PTD_ARMS)}` and the same "
                                f"with `--data shapes`).")
 
 
@@ -611,10 +616,10 @@ def main(argv=None):
     p.add_argument("--runs", default=None,
                    help="where the runs go (default study_runs, study_runs/shapes; not committed: "
                         "the report copies their metrics and warm starts to OUT/runs, which is, "
-                        "so `--report --runs study/runs` works on a fresh clone)")
+                        "so `--report --runs tools/results/runs` works on a fresh clone)")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
     p.add_argument("--out", default=None, help="where RESULTS.md, the plots and the archive go "
-                   "(default study, study/shapes)")
+                   "(default tools/results, tools/results/shapes)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="training processes side by side, one thread each (default: the "
                         "number of CPU cores)")
@@ -638,13 +643,14 @@ def main(argv=None):
         run_all(arms, seeds, runs, a.steps, extra, jobs=max(1, a.jobs), task=a.data)
         teacher, out = opd_teacher_path(extra, a.data), os.path.join(runs, "opd_teacher.json")
         if "opd" in arms and os.path.exists(teacher) and not os.path.exists(out):
-            res = subprocess.run([sys.executable, "eval.py", teacher, "--n", "500", "--data",
+            res = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), teacher, "--n", "500", "--data",
                                   a.data], capture_output=True, text=True, check=True,
                                  env=child_env())
             with open(out, "w") as f:
                 f.write(res.stdout.strip().splitlines()[0] + "\n")  # the test split's line
     report(arms, seeds, runs, a.steps, out_dir=out_dir, task=a.data, extra=extra,
-           readme="README.md" if out_dir == task["out"] else os.path.join(out_dir, "README.md"))
+           readme=os.path.join(ROOT, "README.md") if out_dir == task["out"]
+           else os.path.join(out_dir, "README.md"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Vision-language models (the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families): loading without
 torchvision, prompts with images, the multimodal RoPE positions, and the images of every
-forward (sampling, teachers, reference, loss, evaluation), and the tiny Qwen3-VL of the
-embedded image task (shapes.py). An image is a file path or the encoded bytes of a PNG / JPEG
-(Parquet image columns, the generated task).
+forward (sampling, teachers, reference, loss, evaluation), and the check that every image of
+a data file reads (the embedded image task's tiny Qwen3-VL is engine/toy/models.py). An image
+is a file path or the encoded bytes of a PNG / JPEG (Parquet image columns, generated tasks).
 
 A Qwen-VL prompt holds one `<|image_pad|>` placeholder per image, written by the tokenizer's
 chat template, which must become as many image tokens as the vision tower emits for that image:
@@ -23,6 +23,8 @@ import os
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+import data
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -177,63 +179,22 @@ def rope_positions(model, ids: torch.Tensor, mask: torch.Tensor,
     return pos
 
 
-# ----------------------------------------------------------------------------------------
-# A tiny Qwen3-VL, built locally: the vision-language counterpart of the toy model
-# ----------------------------------------------------------------------------------------
-
-VISION_SPECIALS = ["<|vision_start|>", IMAGE_PAD, "<|vision_end|>", "<|video_pad|>"]
-TOY_VLM_TEMPLATE = (
-    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}:{% endif %}")
-
-
-def toy_vlm(*, seed: int = 0, hidden: int = 64, layers: int = 2, rope_theta: float = 10000.0,
-            head_dim: int = 16):
-    """(model, tokenizer) of a tiny Qwen3-VL with random weights: the toy's character tokenizer
-    plus the colour letters of the image task and the vision special tokens, and a PIL image
-    processor (16-pixel patches, 2 x 2 merged) as `tok.image_processor`. M-RoPE gives half of
-    a head's head_dim / 2 frequencies to the text/time axis and a quarter to each of the
-    image's height and width (Qwen3-VL's [24, 20, 20] at 128 is close to this)."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    import shapes
-    from rollout import build_toy_tokenizer
-    tok = build_toy_tokenizer(extra_chars=shapes.CHARS)
-    tok.add_special_tokens({"additional_special_tokens": VISION_SPECIALS})
-    tok.chat_template = TOY_VLM_TEMPLATE
-    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_SPECIALS}
-    if head_dim % 8 or hidden % head_dim:
-        raise ValueError(f"toy_vlm: head_dim {head_dim} must be a multiple of 8 dividing hidden {hidden}")
-    heads = hidden // head_dim
-    q = head_dim // 8  # frequencies per quarter
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
-                         max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
-                                          "mrope_section": [2 * q, q, q], "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=hidden, deepstack_visual_indexes=[0],
-                           num_position_embeddings=64),
-        image_token_id=ids[IMAGE_PAD], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    tok.image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
-                                                   temporal_patch_size=2, min_pixels=32 * 32,
-                                                   max_pixels=128 * 128)
-    return model, tok
-
-
-def build_toy_vlm(directory: str, *, seed: int = 0, **sizes) -> str:
-    """`toy_vlm` saved in Hugging Face format (weights, tokenizer, image processor) to
-    `directory`, loadable with `load` like any Qwen3-VL checkpoint."""
-    model, tok = toy_vlm(seed=seed, **sizes)
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    tok.image_processor.save_pretrained(directory)
-    return directory
+def check_images(examples: list):
+    """Every image a row names must exist and decode, before any training starts."""
+    rows = [e for e in examples if e.images]
+    if not rows:
+        return
+    try:
+        import PIL  # noqa: F401  (open_image reads them with pillow)
+    except ImportError:
+        raise data.DataError(f"{rows[0].where}: rows have images; reading them needs pillow "
+                        f"(pip install -e '.[vision]')") from None
+    for e in rows:
+        for k, p in enumerate(e.images, 1):
+            try:
+                with open_image(p) as im:
+                    im.verify()
+            except Exception as err:  # PIL raises many types for a bad file
+                name = f"image {k} (bytes)" if isinstance(p, bytes) else f"image {p}"
+                raise data.DataError(f"{e.where}: {name} cannot be read "
+                                f"({type(err).__name__}: {err})") from None

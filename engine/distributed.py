@@ -123,7 +123,7 @@ def autocast(dtype_name: str, dist: Dist):
 # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; after that,
 # the vocabulary-sized blocks of a wide LM head (rows x 151,936 floats: 2.4 MB for 4 rows, in
 # every decode step and every loss chunk) come from the heap, fragment, and stay resident: one
-# RLSD step at V = 151,936 peaked at 14.2 GB of RSS instead of 1.4 GB (BENCH.md). A fixed
+# RLSD step at V = 151,936 peaked at 14.2 GB of RSS instead of 1.4 GB (tools/BENCH.md). A fixed
 # 512 KiB threshold gives every block of one row of logits or more its own mmap, returned to
 # the OS when freed (4 MiB was not enough with 4 rollouts: 2.7 GB RLSD, 5.1 GB SDPO). Only for
 # wide vocabularies on CPU: the toy (V = 31) and GPU runs never take this path.

@@ -2,6 +2,7 @@
 
     claim_run_dir   refuse a non-empty --out unless --resume or --overwrite; lock it, so a
                     second run on the same --out is refused (the lock dies with its process)
+    RunLog          config.json, metrics.jsonl (and the trackers), the console lines
     start_metrics_log  metrics.jsonl without the lines of steps a resume will redo
     file_lock       an exclusive lock on a file, waited for (the toy warm-start cache)
     writing         a failed write is one message naming the directory and its free space
@@ -9,6 +10,7 @@
                     of it; evaluation and the warm start they end at once (`Stopped`)
 """
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -59,6 +61,50 @@ def _lock_run_dir(cfg, existing: list):
             if name in RUN_FILES or name.startswith("checkpoint-"):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     return lock
+
+
+class RunLog:
+    """What a run writes as it goes, on rank 0 only: config.json (the resolved options,
+    replaced atomically), one JSON line per step in metrics.jsonl (appended and flushed: a
+    crash loses no step; on resume the lines after the checkpoint are dropped, they will be
+    redone), the trackers (--report-to) and the console. A failed write is one message."""
+
+    def __init__(self, cfg, start: int, *, tracker=None, main: bool = True, label: str = ""):
+        self.out, self.tracker, self.main, self.label = cfg.out, tracker, main, label
+        self.path = os.path.join(cfg.out, "metrics.jsonl")
+        if main:
+            with writing(cfg.out, "config.json and metrics.jsonl"):
+                with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
+                    json.dump(dataclasses.asdict(cfg), f, indent=2)
+                os.replace(os.path.join(cfg.out, "config.json.tmp"),
+                           os.path.join(cfg.out, "config.json"))
+                start_metrics_log(self.path, start)
+
+    def log(self, record: dict):
+        if self.main:
+            with writing(self.out, f"step {record['step']}'s metrics",
+                         f"The checkpoints in {self.out} are intact"):
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if self.tracker is not None:
+                    self.tracker.log(record)
+
+    def show(self, when: str, values: dict):
+        if self.main:
+            print(f"{self.label}{when}: " + " | ".join(f"{k}={v:.3f}" for k, v in values.items()),
+                  flush=True)
+
+
+def stopped_after(step: int, saved: int, out: str, name: str, argv: list) -> str:
+    """The message of a run stopped by a signal after `step`, with the command that resumes
+    it (`argv`: this one, which had `saved` as its newest checkpoint)."""
+    resume = " ".join(a for a in argv if a not in ("--resume", "--overwrite"))
+    return (f"stopped after step {step} ({name}); "
+            + (f"the newest checkpoint is step {saved} in {out}" if saved
+               else "no checkpoint was written")
+            + f"; continue with: python {resume} --resume"
+            + ("" if saved == step else " (steps after the checkpoint are redone; "
+               "--save-on-signal checkpoints the last one)"))
 
 
 def start_metrics_log(path: str, start: int):

@@ -1,10 +1,10 @@
 """Benchmark one training step: where the time goes, tokens per second, peak memory.
 
-    python bench.py                                  # GRPO and RLSD on the toy model, and the ratio
-    python bench.py --algos rlsd --group-size 16 --max-new-tokens 256
-    python bench.py --scaling                        # step time vs group size, length, model size
-    python bench.py --vs-trl --prompts-per-step 8    # against TRL's GRPOTrainer at qwen3-3m
-    python bench.py --vs-trl-sizes toy,qwen3-3m,qwen3-30m --prompts-per-step 8 --algos grpo
+    python tools/bench.py                                  # GRPO and RLSD on the toy model, and the ratio
+    python tools/bench.py --algos rlsd --group-size 16 --max-new-tokens 256
+    python tools/bench.py --scaling                        # step time vs group size, length, model size
+    python tools/bench.py --vs-trl --prompts-per-step 8    # against TRL's GRPOTrainer at qwen3-3m
+    python tools/bench.py --vs-trl-sizes toy,qwen3-3m,qwen3-30m --prompts-per-step 8 --algos grpo
 
 Each configuration runs in a fresh process (so peak memory is its own): `--warmup` steps,
 then the median over `--steps` steps of the phases the trainer reports in metrics.jsonl:
@@ -18,9 +18,11 @@ how close sampling gets to the model's own throughput. The model is the toy Qwen
 weights (no warm start needed) unless --model names another, or --shape builds a real model's
 architecture from its config with random weights (no download):
 
-    python bench.py --shape qwen3-0.6b --dtype bfloat16 --generation compiled   # on a GPU
+    python tools/bench.py --shape qwen3-0.6b --dtype bfloat16 --generation compiled   # on a GPU
+    python tools/bench.py --gpu-suite          # every GPU measurement at once (tools/gpu_suite.py)
 """
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -32,8 +34,8 @@ import time
 
 import torch
 
-from progress import Progress
-from rollout import GENERATION_MODES
+from engine.progress import Progress
+from engine.rollout import GENERATION_MODES
 
 PHASES = ("rollout", "teacher", "fwd_bwd", "optimizer")
 # Qwen3 config fields, built with random weights. qwen3-0.6b is the real checkpoint's
@@ -52,7 +54,7 @@ SHAPES = {"qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_s
 
 def build_model(args, tok):
     """The benchmarked model with random weights: the toy, a --shape, or the --vocab one."""
-    from rollout import build_toy_model
+    from engine.toy.models import build_toy_model
     if args.vocab:  # the wide-vocabulary memory configuration: tiny model, huge LM head
         return build_toy_model(tok, vocab_size=args.vocab, hidden_size=args.hidden,
                                intermediate_size=2 * args.hidden, head_dim=args.hidden // 4,
@@ -62,14 +64,14 @@ def build_model(args, tok):
 
 def measure(args) -> dict:
     """Run warm-up + timed steps of one configuration in this process; return medians."""
-    import config
-    import data
-    import rollout
+    from engine import config
+    from engine.toy import arithmetic
+    from engine import rollout
     import train
-    import warmstart
-    from distributed import Dist, Stopwatch, autocast, gathered, release_large_blocks
-    from rollout import build_toy_tokenizer
-    from teachers import lm_head_logits, response_hidden
+    from engine.toy import warmstart
+    from engine.distributed import Dist, Stopwatch, autocast, gathered, release_large_blocks
+    from engine.toy.models import build_toy_tokenizer
+    from engine.teachers import column_chunks, lm_head_logits, response_hidden
 
     rollout.SHARE_PROMPTS = bool(args.share_prompts)
 
@@ -91,10 +93,10 @@ def measure(args) -> dict:
     else:
         model, tok = warmstart.load_policy(cfg, dist, args.model, build=train.train)
     release_large_blocks(model, device)  # as train.py does
-    teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
+    teacher, ref = train.teachers_for(cfg, model, tok, dist)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(0)
-    examples = data.make_toy("train", 2000)
+    examples = arithmetic.make_toy("train", 2000)
     rows = []
     for step in range(1, args.warmup + args.steps + 1):
         sw = Stopwatch(device)
@@ -108,7 +110,7 @@ def measure(args) -> dict:
         fw = Stopwatch(device)
         with torch.no_grad(), gathered(model), autocast(cfg.dtype, dist), fw("forward"):
             h = response_hidden(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask)
-            for t0, t1 in train.column_chunks(len(b.examples), ro.resp_ids.shape[1], model,
+            for t0, t1 in column_chunks(len(b.examples), ro.resp_ids.shape[1], model,
                                               cfg.logit_chunk):  # the same chunked LM head
                 lm_head_logits(model, h[:, t0:t1])
         fwd_s = fw.times["forward"]
@@ -140,11 +142,11 @@ def ops_per_chunk(algo: str) -> float:
     training step, forward + recompute + backward: a step with 16 chunks minus one with 8."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import config
-    import data
+    from engine import config
+    from engine.toy import arithmetic
     import train
-    from distributed import Dist, Stopwatch
-    from rollout import build_toy_model, build_toy_tokenizer
+    from engine.distributed import Dist, Stopwatch
+    from engine.toy.models import build_toy_model, build_toy_tokenizer
 
     class Count(TorchDispatchMode):
         n = 0
@@ -163,11 +165,11 @@ def ops_per_chunk(algo: str) -> float:
         dist = Dist(device=torch.device("cpu"))
         tok = build_toy_tokenizer()
         model = build_toy_model(tok)
-        teacher, ref = train.teacher_and_reference(cfg, model, tok, dist)
+        teacher, ref = train.teachers_for(cfg, model, tok, dist)
         opt = torch.optim.AdamW(model.parameters())
         with Count() as counter:
             train.train_step(model, opt, tok=tok, teacher=teacher, ref=ref,
-                             examples=data.make_toy("train", 100), step=1, cfg=cfg, dist=dist,
+                             examples=arithmetic.make_toy("train", 100), step=1, cfg=cfg, dist=dist,
                              gen=torch.Generator().manual_seed(0), sw=Stopwatch(dist.device))
         counts.append(counter.n)
     return (counts[0] - counts[1]) / 8
@@ -187,15 +189,16 @@ def measure_trl(args) -> dict:
     except ImportError:
         raise SystemExit("--vs-trl needs TRL: pip install trl (a benchmark-only dependency)") from None
     import data
-    from prompts import TOY_TEMPLATES, render
-    from rollout import build_toy_tokenizer
+    from engine.prompts import TOY_TEMPLATES, render
+    from engine.toy import arithmetic
+    from engine.toy.models import build_toy_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
     tok = build_toy_tokenizer()
     build_model(args, tok).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     n_prompts = args.prompts_per_step * (args.warmup + args.steps)
-    exs = data.make_toy("train", n_prompts)
+    exs = arithmetic.make_toy("train", n_prompts)
     chat = lambda e: tok.apply_chat_template(  # noqa: E731
         [{"role": "user", "content": render(TOY_TEMPLATES["student"], e)}],
         add_generation_prompt=True, tokenize=False)
@@ -241,8 +244,8 @@ def run_isolated(args, **override) -> dict:
     """One configuration in a fresh Python process; its JSON result."""
     argv = [sys.executable, os.path.abspath(__file__), "--one"]
     for k, v in {**vars(args), **override}.items():
-        if k in ("one", "scaling", "algos", "vs_trl", "vs_trl_sizes", "trl",
-                 "ops_per_chunk") or v is None:
+        if k in ("one", "scaling", "algos", "vs_trl", "vs_trl_sizes", "trl", "ops_per_chunk",
+                 "gpu_suite", "device", "tiny", "out") or v is None:
             continue
         argv += [f"--{k.replace('_', '-')}", str(v)]
     if override.get("trl"):
@@ -313,9 +316,24 @@ def main(argv=None):
                         "(default: --shape, else qwen3-3m)")
     p.add_argument("--ops-per-chunk", action="store_true",
                    help="count the tensor ops one LM-head chunk costs, per algorithm in --algos")
+    p.add_argument("--gpu-suite", action="store_true",
+                   help="every GPU measurement in one run (tools/gpu_suite.py): rollout against "
+                        "the bandwidth floor, forward, RLSD and GRPO steps, a VLM, memory options")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="with --gpu-suite: the device (default: cuda if present)")
+    p.add_argument("--tiny", action="store_true",
+                   help="with --gpu-suite: the toy shapes, every section in well under a minute")
+    p.add_argument("--out", default="runs/gpu-suite", help="with --gpu-suite: where "
+                   "gpu_suite.json goes")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trl", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.gpu_suite:
+        # its neighbour in tools/, run as a script (python tools/bench.py) or imported (tests)
+        gpu_suite = importlib.import_module(f"{__package__}.gpu_suite" if __package__
+                                            else "gpu_suite")
+        gpu_suite.run(a.device, a.tiny, a.out)
+        return
     if a.one:
         print(json.dumps(measure_trl(a) if a.trl else measure(a)))
         return

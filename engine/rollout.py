@@ -1,4 +1,4 @@
-"""Models and rollouts: loading (one place), the embedded toy model, sampling.
+"""Models and rollouts: loading (one place), activation checkpointing, sampling.
 
 A rollout batch is a left-padded prompt block followed by a right-padded response block:
 
@@ -23,48 +23,12 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 
-import data
-import lora
-import vision
-
-TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
-# the toy chat template: the user text, a newline, and ':' as the generation prompt
-TOY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}:{% endif %}")
-
-
-def build_toy_tokenizer(extra_chars: str = ""):
-    """A character-level tokenizer in Hugging Face format (saved and loaded like any other)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {t: i for i, t in enumerate(TOY_SPECIALS + sorted(set(data.TOY_CHARS + extra_chars)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char, one token
-    tok.decoder = decoders.Fuse()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                 unk_token="<unk>")
-    hf.chat_template = TOY_CHAT_TEMPLATE
-    return hf
-
-
-def build_toy_model(tokenizer, *, seed: int = 0, **overrides):
-    """A ~0.3M-parameter Qwen3 (a real HF architecture) with random weights. `overrides` change
-    config fields (the memory benchmark uses vocab_size=151936 with a tiny hidden size)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=288,
-                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=24, max_position_embeddings=256, tie_word_embeddings=True,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=None)
-    cfg = Qwen3Config(**{**fields, **overrides})
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(cfg)
-
+from engine import lora, vision
 
 def checkpoint_layers(model):
     """Activation checkpointing of every decoder layer: its activations are recomputed in
     backward instead of stored (non-reentrant, so it composes with FSDP2 and with the chunked
-    LM head, whose own checkpointing is update.backward_chunked's)."""
+    LM head, whose own checkpointing is losses.backward_chunked's)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -126,8 +90,8 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 # The G rows of a group share one prompt: it goes through the model once and the G rows read
 # its keys and values, in the rollout's prefill (`generate`) and in every scoring forward
-# (teachers.shared_prompt_forward). False: each row's prompt runs again, e.g. to measure what
-# sharing saves (bench.py --share-prompts 0).
+# (teachers.response_hidden). False: each row's prompt runs again, e.g. to measure what
+# sharing saves (tools/bench.py --share-prompts 0).
 SHARE_PROMPTS = True
 
 
@@ -191,7 +155,7 @@ class _StaticCache(transformers.StaticCache):
 class _FilledPrefix(DynamicLayer):
     """A "dynamic" cache layer that writes into a buffer allocated once per rollout, where
     transformers' DynamicLayer concatenates: its `torch.cat` copies the whole cache every token
-    (30% of a CPU rollout at bench.py --shape qwen3-3m). Attention reads the filled prefix as a
+    (30% of a CPU rollout at tools/bench.py --shape qwen3-3m). Attention reads the filled prefix as a
     view: the same keys and values DynamicLayer would hand it, so the same numbers."""
 
     def __init__(self, capacity: int):

@@ -30,7 +30,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-import vision
+from engine import vision
 
 # The toy tokenizer is character level, so its templates are compact.
 TOY_TEMPLATES = {

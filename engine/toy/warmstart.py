@@ -1,64 +1,64 @@
 """The student's starting point: a local model, or the embedded toy model warm-started by SFT.
 
-    load_policy     (model, tokenizer): 'toy' (the cached warm start), 'toy-init' (random
-                    weights), or a Hugging Face directory / hub id
+    load_policy     (model, tokenizer): 'toy' (the cached warm start, or --warm-start DIR),
+                    'toy-init' (random weights), or a Hugging Face directory / hub id
     toy_checkpoint  the warm start, trained once with `--algo sft` and cached under a file
                     lock, keyed by a hash of its settings and of the code that builds it
-    sft_batch, sft_step   supervised fine-tuning: the warm start, or SFT on a dataset
+    overview        what `python train.py` is about to do, and for how long
 
-The SFT step runs through the same hidden-state forward, chunked loss and global normaliser
-as the RL step (update.py), so it is resumable and split-invariant in the same way.
+The warm start is a run of the training loop (`--algo sft`, engine/sft.py), which the trainer
+hands down as `build`: nothing here imports train.py.
 """
 import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
-from functools import partial
 
 import torch
 
-import checkpoint as ckpt
 import data
-import grpo
-import shapes
-import vision
-from batch import Batch
-from config import Config, resolve_config
-from distributed import Dist
-from rollout import build_toy_model, build_toy_tokenizer, left_pad, load_model
-from prompts import TOY_TEMPLATES, prompts_for, render, templates
-from rundir import file_lock
-from teachers import lm_head_logits
-from update import Metrics, backward_chunked, clip_and_step, column_chunks, lr_at, micro_batches
+from engine import checkpoint as ckpt, vision
+from engine.losses import backward_chunked
+from engine.sft import TOY_SFT_MIX, sft_batch, sft_step
+from engine.update import clip_and_step, lr_at
+from engine.config import Config, resolve_config
+from engine.distributed import Dist
+from engine.prompts import TOY_TEMPLATES, render
+from engine.rollout import load_model
+from engine.rundir import file_lock
+from engine.toy import arithmetic, models, shapes
 
 TOY_VERSION = "v3"  # part of the warm-start cache key (with the settings and the code)
+# the code that makes the warm start's weights: its source is part of the cache key (the
+# functions as imported here, so that a test wrapping one at run time changes no key)
+_BUILDS_IT = (arithmetic.toy_example, arithmetic.toy_chain, arithmetic.sloppy_solution,
+              arithmetic.make_toy, data.step_examples, models.build_toy_model,
+              models.build_toy_tokenizer, sft_batch, render, sft_step, backward_chunked, lr_at,
+              clip_and_step)
 
 
 def cache_dir(cfg: Config) -> str:
     return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rlsd-reference")
 
 
-def warm_start_key(sft: Config) -> str:
+def warm_start_key(sft_cfg: Config) -> str:
     """A short hash of everything that makes the warm-start weights: the SFT settings, the
     source of the code that builds the task, the model and the SFT step, and the library
     versions. Any change gives a new cache entry, so a stale warm start is never reused."""
     import inspect
     import transformers
-    settings = {k: v for k, v in dataclasses.asdict(sft).items()  # those that change weights
+    settings = {k: v for k, v in dataclasses.asdict(sft_cfg).items()  # those that change weights
                 if k not in ("out", "cache_dir", "eval_n", "eval_data", "eval_every", "log_every",
                              "overwrite", "save_every", "keep_checkpoints", "dry_run",
                              "gpus", "preset", "warm_start")}
     parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
-             torch.__version__, transformers.__version__, data.TOY_CHARS, repr(TOY_TEMPLATES),
-             repr(TOY_SFT_MIX), repr(data.MAX_OPERAND)]
-    if sft.data == "shapes":  # the image task: its pictures and the tiny Qwen3-VL
-        parts += [inspect.getsource(shapes), inspect.getsource(vision.toy_vlm), repr(TOY_VLM),
+             torch.__version__, transformers.__version__, arithmetic.TOY_CHARS, repr(TOY_TEMPLATES),
+             repr(TOY_SFT_MIX), repr(arithmetic.MAX_OPERAND)]
+    if sft_cfg.data == "shapes":  # the image task: its pictures and the tiny Qwen3-VL
+        parts += [inspect.getsource(shapes), inspect.getsource(models.toy_vlm), repr(TOY_VLM),
                   inspect.getsource(vision.freeze_vision_tower)]
-    parts += [inspect.getsource(f) for f in (data.toy_example, data.toy_chain, data.sloppy_solution, data.make_toy, data.step_examples,
-                                             build_toy_model, build_toy_tokenizer, sft_batch, render,
-                                             sft_step, backward_chunked, lr_at, clip_and_step)]
+    parts += [inspect.getsource(f) for f in _BUILDS_IT]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
@@ -92,22 +92,22 @@ def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: floa
     `build(cfg, dist, label)` is the training loop that runs the SFT (train.train, handed down
     by the trainer: the warm start is a run of the same loop, and never imports it)."""
     slip = cfg.demo_slip if slip is None else slip
-    sft = _sft_config(cfg, steps, slip)
+    sft_cfg = _sft_config(cfg, steps, slip)
     path = warm_start_path(cfg, steps=steps, name=name, slip=slip)
     if dist.rank == 0:
         with file_lock(path + ".lock", waiting=f"waiting for another process that is building "
                                                   f"the warm start {path}"):
             if not os.path.exists(path):
-                sft.out = path + ".run"  # a crashed attempt's files are overwritten
-                minutes = steps * SFT_SECONDS[sft.data] / 60
-                what = ("the ~0.3M-parameter toy Qwen3 on the arithmetic task" if sft.data == "toy"
+                sft_cfg.out = path + ".run"  # a crashed attempt's files are overwritten
+                minutes = steps * SFT_SECONDS[sft_cfg.data] / 60
+                what = ("the ~0.3M-parameter toy Qwen3 on the arithmetic task" if sft_cfg.data == "toy"
                         else "the tiny Qwen3-VL on the shapes task")
                 print(f"warm start ({name}): supervised fine-tuning of {what}, {steps} steps, "
                       f"about {minutes:.0f} minutes on 2 CPU cores. Done once: cached in {path}",
                       flush=True)
-                build(sft, Dist(device=dist.device), label="warm start: ")  # one local process
-                os.replace(ckpt.latest_checkpoint(sft.out), path)
-                shutil.rmtree(sft.out, ignore_errors=True)
+                build(sft_cfg, Dist(device=dist.device), label="warm start: ")  # one local process
+                os.replace(ckpt.latest_checkpoint(sft_cfg.out), path)
+                shutil.rmtree(sft_cfg.out, ignore_errors=True)
     dist.barrier()
     return path
 
@@ -118,7 +118,7 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
     dtype = torch.float32  # master weights; bf16 compute comes from FSDP's policy or autocast
     if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
         if task_of(cfg) == "shapes":
-            model, tok = vision.toy_vlm(seed=cfg.seed, **TOY_VLM)
+            model, tok = models.toy_vlm(seed=cfg.seed, **TOY_VLM)
             if name == "toy":  # the warm start: first its vision tower learns to see,
                 shapes.teach_to_see(model, tok, seed=cfg.seed)
                 # then the language model learns the task over the frozen tower (the toy's
@@ -131,8 +131,8 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
                 # step: the first update sent the reward from 0.31 to 0.07, and the run ended
                 # answering "one shape" to every picture
             return model.to(dist.device), tok
-        tok = build_toy_tokenizer()
-        return build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
+        tok = models.build_toy_tokenizer()
+        return models.build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
     if name == "toy" and cfg.warm_start:  # an archived warm start (the study's --check)
         return load_model(cfg.warm_start, dtype=dtype, device=dist.device)
     if name == "toy":  # trained once, then read from the cache like any HF directory
@@ -147,76 +147,9 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
     return load_model(name, dtype=dtype, device=dist.device)  # the same path as a real model
 
 
-# ----------------------------------------------------------------------------------------
-# SFT: the toy warm start, or supervised fine-tuning on a dataset's solutions
-# ----------------------------------------------------------------------------------------
-
-# the toy warm start: 30% of its prompts carry the answer, so that the same network later
-# acts as a teacher that USES a privileged context (30%, not 20%: measured). Without a context
-# the demonstrations drop 80% of the carries (Config.demo_slip, data.sloppy_solution); in a
-# trial run 0.6 left the warm start nearer to where RL levels off, so less for RL to fix. On
-# the shapes task the demonstrator overlooks that share of the right-hand column's shapes.
-TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
-# the shapes task's tiny Qwen3-VL has this language model (the vision tower: vision.toy_vlm)
+# the shapes task's tiny Qwen3-VL has this language model (the vision tower: models.toy_vlm)
 SFT_SECONDS = {"toy": 0.25, "shapes": 0.1}  # per SFT step on 2 CPU cores (measured)
 TOY_VLM = dict(hidden=64, layers=2, head_dim=32)  # 2 heads: 4 M-RoPE frequencies per image axis
-
-
-def sft_batch(examples, step: int, tok, cfg: Config, dist: Dist) -> Batch:
-    """Prompt -> reference solution (or the answer). On the toy task the prompts mix in every
-    privileged context (TOY_SFT_MIX), so that the network learns to read them, and the
-    targets of the bare questions are the sloppy demonstrator's (--demo-slip)."""
-    # the same data order as RL: a function of (seed, step), so the warm start resumes exactly
-    exs = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
-                             seed=cfg.seed, rank=dist.rank, world=dist.world)
-    rng = random.Random(f"{cfg.seed}-{step}-{dist.rank}")  # a string seed: stable across runs
-    tpl, P = templates(cfg.data), prompts_for(cfg)
-    toy = cfg.data in data.TASKS
-    prompts, targets = [], []
-    for e in exs:
-        kind = rng.choice(TOY_SFT_MIX) if toy else "student"
-        kind = kind if kind == "student" or getattr(e, kind) else "student"  # e.g. no hint
-        prompts.append(P.ids(tok, render(tpl[kind], e), ex=e))  # with the row's images
-        target = e.solution or e.answer  # the worked solution; a bare answer if there is none
-        if toy and kind == "student":  # the demonstrator slips without a context
-            target = (shapes.careless_solution(e, rng, cfg.demo_slip) if cfg.data == "shapes"
-                      else data.sloppy_solution(e, rng, cfg.demo_slip))
-        targets.append(tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    # the same layout as a rollout batch (left-padded prompts, right-padded targets), so SFT
-    # runs through the same hidden-state forward and chunked loss as RL
-    ids, mask = left_pad(prompts, tok.pad_token_id)
-    n, T = len(exs), max(map(len, targets))
-    resp = torch.full((n, T), tok.pad_token_id, dtype=torch.long)  # right-padded targets
-    rmask = torch.zeros((n, T), dtype=torch.long)
-    for i, t in enumerate(targets):
-        resp[i, :len(t)], rmask[i, :len(t)] = torch.tensor(t), 1
-    images = [vision.row_images(tok, e.images) for e in exs]  # () for a text row
-    return Batch(exs, *(x.to(dist.device) for x in (ids, mask, resp, rmask)),
-                 truncated=torch.zeros(n, dtype=torch.bool), texts=[], rewards=torch.zeros(n),
-                 correct=torch.zeros(n, dtype=torch.bool),
-                 in_loss=torch.ones(n, dtype=torch.bool, device=dist.device),
-                 images=images if any(images) else None)
-
-
-def sft_step(model, opt, b: Batch, cfg: Config, dist: Dist, step: int) -> dict:
-    """Token-mean negative log-likelihood of the targets, with the same chunked scaffold."""
-    model.train()
-    # a token-mean over ALL target tokens of the step (all ranks): micro-batches and ranks
-    # then add up to the full batch's gradient, as in the RL step
-    norm = dist.sum(b.mask.sum()).item()
-
-    def nll(h_ntH, t0, t1, mb):
-        c = mb.positions(t0, t1)
-        logp_nt = grpo.token_logprobs(lm_head_logits(model, h_ntH), c.resp_ids)
-        return grpo.aggregate(-logp_nt, c.mask, normalizer=norm), {}
-
-    loss_sum = 0.0
-    for mb in micro_batches(b, cfg.micro_batch_size):
-        ch = column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
-        loss_sum += backward_chunked(model, mb, ch, partial(nll, mb=mb), dist.world, Metrics())
-    loss = dist.sum(loss_sum).item()
-    grad_norm, skipped = clip_and_step(model, opt, cfg, loss, step)
-    return dict(loss=loss, grad_norm=grad_norm, skipped=float(skipped), tokens=norm)
 
 
 def overview(cfg: Config) -> str:

@@ -19,11 +19,10 @@ import torch
 
 import distill
 import grpo
-import rewards as reward_fns
-import vision
-from distributed import gathered
-from prompts import Prompts
-from rollout import Rollouts, concat_rollouts, generate, left_pad, stop_ids
+from engine import rewards as reward_fns, vision
+from engine.distributed import gathered
+from engine.prompts import Prompts
+from engine.rollout import Rollouts, concat_rollouts, generate, left_pad, stop_ids
 
 # The (N, T) fields: cut along T by `positions`; every tensor and list field is cut along N.
 _POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp", "old_logp")

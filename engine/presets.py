@@ -17,7 +17,7 @@ try:
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 MODELS = os.path.join(RECIPES, "models")  # the config.json of every recipe's model
 ABOUT = ("model", "data", "gpus", "target", "wall_clock", "needs")
 

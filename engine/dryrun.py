@@ -23,7 +23,7 @@ H hidden, I MLP width, Q = heads x head_dim, KV = kv_heads x head_dim, V vocabul
                                            tests/test_dryrun.py to within 10%)
       checkpointed   m S (2 H L + A) c     each layer keeps its input; one layer recomputed
     LM-head chunk    3 x 4 min(N_chunk, m T V)   float32 logits, log-softmax and their gradient of
-                                           one chunk (update.column_chunks; N_chunk = 128M on GPU)
+                                           one chunk (teachers.column_chunks; N_chunk = 128M on GPU)
     KV cache         R S L 2 KV c          the rollout: R rows per GPU sampled together
                                            (--rollout-micro-batch, else the whole local batch)
 The peak is the static part (weights to gathered) plus the larger of the rollout (KV cache) and
@@ -37,9 +37,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 import data
-import presets
-from config import DEFAULTS
-from update import LOGIT_CHUNK_ELEMENTS
+from engine.toy import tasks
+from engine import presets
+from engine.config import DEFAULTS
+from engine.teachers import LOGIT_CHUNK_ELEMENTS
 
 GB = 1e9
 PROMPT_TOKENS = 1024  # the prompt length assumed for S when no --max-prompt-tokens caps it lower
@@ -49,7 +50,7 @@ def model_config(cfg):
     """(transformers config, where it came from) of --model: 'toy', a directory, or a hub id
     whose config.json ships in recipes/models/."""
     if cfg.model in ("toy", "toy-init"):
-        from rollout import build_toy_model, build_toy_tokenizer
+        from engine.toy.models import build_toy_model, build_toy_tokenizer
         return build_toy_model(build_toy_tokenizer()).config, "the embedded toy model"
     path = cfg.model if os.path.isdir(cfg.model) else presets.model_config_dir(cfg.model)
     if path is None:
@@ -92,7 +93,7 @@ def activation_values(s: dict) -> int:
 
 
 def model_copies(cfg) -> int:
-    """Full copies of the weights besides the student (train.teacher_and_reference)."""
+    """Full copies of the weights besides the student (teachers.teacher_and_reference)."""
     moving = cfg.teacher_mode in ("sync", "ema")
     own = cfg.teacher_mode in ("frozen", "trust", "sync", "ema")
     if cfg.lora_rank:  # theta_0 is the student with adapters off; only a moving teacher copies
@@ -161,6 +162,6 @@ def main(cfg):
     if cfg.data != "toy":
         columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
         need = (cfg.context,) if cfg.context in ("solution", "rationale") else ()
-        rows = data.load_data(cfg.data, "train", n_toy=0, columns=columns, need=need)
+        rows = tasks.load_data(cfg.data, "train", n_toy=0, columns=columns, need=need)
         print(f"data: {cfg.data}: {len(rows)} rows, the columns this run reads are present")
     print("dry run OK: nothing was trained or downloaded")

@@ -1,0 +1,113 @@
+"""The embedded world's tiny models, real Hugging Face architectures with random weights.
+
+    build_toy_tokenizer  a character-level tokenizer in Hugging Face format (the arithmetic
+                         task's characters, plus any extra), saved and loaded like any other
+    build_toy_model      a ~0.3M-parameter Qwen3: the arithmetic task's student
+    toy_vlm              a ~0.2M-parameter Qwen3-VL with a PIL image processor: the shapes
+                         task's student (build_toy_vlm saves one as a checkpoint directory)
+
+They are warm-started on their tasks by warmstart.py; everything else treats them as any
+checkpoint of their family.
+"""
+import torch
+
+from engine import vision
+from engine.toy import arithmetic, shapes
+
+TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
+# the toy chat template: the user text, a newline, and ':' as the generation prompt
+TOY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}:{% endif %}")
+
+
+def build_toy_tokenizer(extra_chars: str = ""):
+    """A character-level tokenizer in Hugging Face format (saved and loaded like any other)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(TOY_SPECIALS + sorted(set(arithmetic.TOY_CHARS + extra_chars)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char, one token
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                 unk_token="<unk>")
+    hf.chat_template = TOY_CHAT_TEMPLATE
+    return hf
+
+
+def build_toy_model(tokenizer, *, seed: int = 0, **overrides):
+    """A ~0.3M-parameter Qwen3 (a real HF architecture) with random weights. `overrides` change
+    config fields (the memory benchmark uses vocab_size=151936 with a tiny hidden size)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=288,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=24, max_position_embeddings=256, tie_word_embeddings=True,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=None)
+    cfg = Qwen3Config(**{**fields, **overrides})
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(cfg)
+
+
+
+VISION_SPECIALS = ["<|vision_start|>", vision.IMAGE_PAD, "<|vision_end|>", "<|video_pad|>"]
+TOY_VLM_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}:{% endif %}")
+
+
+def toy_vlm(*, seed: int = 0, hidden: int = 64, layers: int = 2, rope_theta: float = 10000.0,
+            head_dim: int = 16):
+    """(model, tokenizer) of a tiny Qwen3-VL with random weights: the toy's character tokenizer
+    plus the colour letters of the image task and the vision special tokens, and a PIL image
+    processor (16-pixel patches, 2 x 2 merged) as `tok.image_processor`. M-RoPE gives half of
+    a head's head_dim / 2 frequencies to the text/time axis and a quarter to each of the
+    image's height and width (Qwen3-VL's [24, 20, 20] at 128 is close to this)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    tok = toy_vlm_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_SPECIALS}
+    if head_dim % 8 or hidden % head_dim:
+        raise ValueError(f"toy_vlm: head_dim {head_dim} must be a multiple of 8 dividing hidden {hidden}")
+    heads = hidden // head_dim
+    q = head_dim // 8  # frequencies per quarter
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
+                         max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                          "mrope_section": [2 * q, q, q], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=hidden, deepstack_visual_indexes=[0],
+                           num_position_embeddings=64),
+        image_token_id=ids[vision.IMAGE_PAD], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config), tok
+
+
+def toy_vlm_tokenizer(max_pixels: int = 128 * 128):
+    """The tiny Qwen3-VL's tokenizer: the toy's characters, the shapes task's colour letters,
+    the vision special tokens and a chat template that places them, with a PIL image processor
+    (16-pixel patches, 2 x 2 merged, at most `max_pixels` per image) as `tok.image_processor`."""
+    from transformers import Qwen2VLImageProcessorPil
+    tok = build_toy_tokenizer(extra_chars=shapes.CHARS)
+    tok.add_special_tokens({"additional_special_tokens": VISION_SPECIALS})
+    tok.chat_template = TOY_VLM_TEMPLATE
+    tok.image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+                                                   temporal_patch_size=2, min_pixels=32 * 32,
+                                                   max_pixels=max_pixels)
+    return tok
+
+
+def build_toy_vlm(directory: str, *, seed: int = 0, **sizes) -> str:
+    """`toy_vlm` saved in Hugging Face format (weights, tokenizer, image processor) to
+    `directory`, loadable with `load` like any Qwen3-VL checkpoint."""
+    model, tok = toy_vlm(seed=seed, **sizes)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    tok.image_processor.save_pretrained(directory)
+    return directory

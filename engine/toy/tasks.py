@@ -1,0 +1,27 @@
+"""What `--data` and `--eval-data` name: an embedded task (generated here) or a data file.
+
+    make_task   n generated problems of a split of an embedded task: `toy` (arithmetic.py)
+                or `shapes` (shapes.py); splits train, test, ood
+    load_data   an embedded task's split, or a data file (data.load_examples) whose images
+                are all checked to read (vision.check_images) before any training starts
+"""
+from data import TASKS, Example, load_examples
+from engine import vision
+from engine.toy import arithmetic, shapes
+
+
+def make_task(spec: str, split: str, n: int, *, seed: int = 0) -> list[Example]:
+    """n generated problems of an embedded task's split."""
+    if spec == "shapes":
+        return shapes.make_shapes(split, n, seed=seed)
+    return arithmetic.make_toy(split, n, seed=seed)
+
+
+def load_data(spec: str, split: str, *, n_toy: int, seed: int = 0, columns=None,
+              need=()) -> list[Example]:
+    """An embedded task ('toy', 'shapes': generated) or a file path."""
+    if spec in TASKS:
+        return make_task(spec, split, n_toy, seed=seed)
+    examples = load_examples(spec, columns=columns, need=need)
+    vision.check_images(examples)
+    return examples
