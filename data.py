@@ -21,7 +21,9 @@ from fractions import Fraction
 
 import torch
 
-COLUMNS = ("prompt", "answer", "solution", "hint", "rationale", "teacher_prompt", "images")
+COLUMNS = ("prompt", "answer", "solution", "hint", "rationale", "teacher_prompt", "images",
+           "videos", "audios")
+MEDIA = ("images", "videos", "audios")  # the columns whose cells name files (or hold their bytes)
 CONTEXTS = ("answer", "solution", "hint", "rationale")
 
 
@@ -33,7 +35,9 @@ class Example:
     hint: str = ""
     rationale: str = ""
     teacher_prompt: str = ""  # a whole teacher prompt given by the data (PTD-PO prompt_with_hint)
-    images: list = field(default_factory=list)
+    images: list = field(default_factory=list)  # image files or bytes (engine/vision.py)
+    videos: list = field(default_factory=list)  # video files, frame lists, bytes (engine/media.py)
+    audios: list = field(default_factory=list)  # audio files (WAV, .npy) or bytes (engine/media.py)
     where: str = ""  # "file:line" of the row, for error messages
 
 
@@ -197,23 +201,47 @@ def _jsonl_rows(path: str):
         yield f"{path}:{i}", row
 
 
-def _images(cell, base: str, where: str, name: str) -> list:
-    """A row's images: one or a list of file paths (relative to the data file), encoded bytes,
-    or {"bytes": ..., "path": ...} structs (a Hugging Face datasets Image column in Parquet)."""
+def _media(cell, base: str, where: str, kind: str, column: str) -> list:
+    """A row's images, videos or audio clips: one item or a list of them. An item is a file path
+    (relative to the data file), encoded bytes, a {"bytes": ..., "path": ...} struct (a Hugging
+    Face datasets Image or Audio column saved as Parquet, "array" and "sampling_rate" too), or,
+    for a video, a list of frame image paths or a {"frames": [...], "fps": ...} struct. Paths are
+    made absolute here; engine/media.py reads them."""
     if cell is None or (isinstance(cell, (str, bytes, list, tuple)) and not cell):
         return []
+    items = cell if isinstance(cell, (list, tuple)) else [cell]
+    if kind == "videos" and all(isinstance(i, str) for i in items) and _frames(items):
+        items = [items]  # one video given as its frame files
     out = []
-    for item in (cell if isinstance(cell, (list, tuple)) else [cell]):
+    for item in items:
         if isinstance(item, dict):
-            item = item.get("bytes") or item.get("path")
-        if isinstance(item, bytes):
-            out.append(item)
+            item = ({k: _path(v, base) for k, v in item.items()} if item.get("bytes") is None
+                    else item["bytes"] if set(item) <= {"bytes", "path"} else item)
+        if isinstance(item, (list, tuple)) and item and all(isinstance(f, str) for f in item):
+            item = [_path(f, base) for f in item]  # a video as its frames
         elif isinstance(item, str) and item:
-            out.append(os.path.join(base, item))
-        else:
-            raise DataError(f"{where}: '{name}' must hold image paths or image bytes, "
-                            f"got {type(item).__name__}")
+            item = _path(item, base)
+        elif not isinstance(item, (bytes, dict)):
+            raise DataError(f"{where}: '{column}' must hold file paths, their bytes or (videos) "
+                            f"lists of frame files, got {type(item).__name__}")
+        out.append(item)
     return out
+
+
+_FRAME_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _frames(paths: list) -> bool:
+    return all(p.lower().endswith(_FRAME_EXT) for p in paths)
+
+
+def _path(value, base: str):
+    """A path relative to the data file, made absolute; lists of paths each; other values kept."""
+    if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
+        return os.path.join(base, value)
+    if isinstance(value, (list, tuple)):
+        return [_path(v, base) for v in value]
+    return value
 
 
 def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -> list[Example]:
@@ -235,7 +263,7 @@ def load_examples(path: str, *, columns: dict | None = None, need: tuple = ()) -
         base = os.path.dirname(os.path.abspath(path))  # relative image paths: next to the file
         out.append(Example(prompt=str(row[col["prompt"]]),
                            **{c: "" if v is None else str(v) for c, v in fields.items()},
-                           images=_images(row.get(col["images"]), base, where, col["images"]),
+                           **{m: _media(row.get(col[m]), base, where, m, col[m]) for m in MEDIA},
                            where=where))
     if not out:
         raise DataError(f"{path}: no rows")
@@ -279,4 +307,5 @@ def step_examples(examples: list, step: int, *, prompts_per_step: int, seed: int
     return out
 
 
-TASKS = ("toy", "shapes")  # the embedded tasks' --data names: arithmetic, shapes (engine/toy/)
+TASKS = ("toy", "shapes", "clips")  # the embedded tasks' --data names (engine/toy/)
+MULTIMODAL_TASKS = ("shapes", "clips")  # pictures (a tiny Qwen3-VL); clips with sound (Omni)

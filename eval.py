@@ -46,9 +46,11 @@ def _sum(dist, x):
 
 @torch.no_grad()
 def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1,
-           generator=None, device="cpu", progress: Progress | None = None):
+           generator=None, device="cpu", progress: Progress | None = None, media_of=None):
     """k responses per example (temperature 0: greedy); `encode(example)` gives the prompt
-    ids. Returns (texts, rollouts per batch)."""
+    ids, `media_of(example)` its processed media (Prompts.media; default: vision.row_media).
+    Returns (texts, rollouts per batch)."""
+    media_of = media_of or (lambda e: vision.row_media(tok, e))
     texts, stats = [], []
     rows = [e for e in examples for _ in range(k)]
     for i in range(0, len(rows), BATCH):
@@ -57,9 +59,9 @@ def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1
         chunk = rows[i:i + BATCH]
         ids, mask = left_pad([encode(e) for e in chunk], tok.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        # a vision-language row's images in the prefill ({} for text), as batch.sample does
-        images = [vision.row_images(tok, e.images) for e in chunk]
-        extra = vision.forward_inputs(model, images, ids, mask)
+        # a multimodal row's media in the prefill ({} for text), as batch.sample does
+        media = [media_of(e) for e in chunk]
+        extra = vision.forward_inputs(model, media, ids, mask)
         ro = generate(model, ids, mask, max_new_tokens=max_new_tokens,
                       temperature=temperature, eos_id=stop_ids(model, tok),
                       pad_id=tok.pad_token_id, generator=generator,
@@ -67,7 +69,7 @@ def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1
                       banned_ids=vision.placeholder_ids(tok) if extra else None)
         texts += tok.batch_decode(torch.where(ro.resp_mask.bool(), ro.resp_ids, tok.pad_token_id),
                                   skip_special_tokens=True)
-        stats.append(dataclasses.replace(ro, images=images))  # for response_entropy
+        stats.append(dataclasses.replace(ro, media=media))  # for response_entropy
     if progress is not None:
         progress.close()
     return texts, stats
@@ -81,8 +83,8 @@ def accuracy(model, tok, examples, encode, cfg, dist=None, leak_phrases=None):
     # a line on a terminal only: training logs stay one line per step
     quiet = (dist is not None and dist.rank != 0) or not sys.stderr.isatty()
     texts, _ = sample(model, tok, mine, encode, max_new_tokens=cfg.max_new_tokens,
-                      device=device, progress=Progress("evaluating", len(mine), quiet=quiet)
-                      ) if mine else ([], [])
+                      device=device, progress=Progress("evaluating", len(mine), quiet=quiet),
+                      media_of=partial(prompts_for(cfg).media, tok)) if mine else ([], [])
     correct = sum(rewards.accuracy(cfg.reward, texts, mine))
     acc = _sum(dist, correct) / max(_sum(dist, len(mine)), 1.0)
     if leak_phrases is None:
@@ -108,7 +110,7 @@ def leakage(texts, phrases) -> float:
 def response_entropy(model, ro, temperature=1.0) -> float:
     """Mean per-token entropy of the model on its own responses."""
     z = response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask,
-                        **vision.forward_inputs(model, ro.images, ro.prompt_ids,
+                        **vision.forward_inputs(model, ro.media, ro.prompt_ids,
                                                 ro.prompt_mask, ro.resp_ids, ro.resp_mask))
     h = grpo.entropy(z, temperature=temperature)
     m = ro.resp_mask.bool()
@@ -120,16 +122,18 @@ def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperatu
     model, tok = load_model(path)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    encode = partial(prompts.student, tok)
+    encode, media_of = partial(prompts.student, tok), partial(prompts.media, tok)
     greedy, g_ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens,
-                          progress=Progress(f"{path}: greedy", len(examples)))
+                          progress=Progress(f"{path}: greedy", len(examples)),
+                          media_of=media_of)
     res = {"n": len(examples),
            "pass@1_greedy": sum(rewards.accuracy(reward, greedy, examples)) / len(examples)}
     texts, ro = greedy, g_ro
     if k > 1 or temperature > 0:
         texts, ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens,
                            temperature=temperature or 1.0, k=k, generator=gen,
-                           progress=Progress(f"{path}: {k} samples each", k * len(examples)))
+                           progress=Progress(f"{path}: {k} samples each", k * len(examples)),
+                           media_of=media_of)
         acc = rewards.accuracy(reward, texts, [e for e in examples for _ in range(k)])
         correct = [sum(acc[i * k:(i + 1) * k]) for i in range(len(examples))]
         res[f"avg@{k}"] = sum(correct) / (k * len(examples))
@@ -148,7 +152,8 @@ def eval_sets(cfg, columns) -> dict:
         return {}
     if cfg.eval_data in data.TASKS:
         return {s: tasks.make_task(cfg.eval_data, s, cfg.eval_n) for s in ("test", "ood")}
-    return {"eval": data.load_examples(cfg.eval_data, columns=columns)}
+    return {"eval": tasks.load_data(cfg.eval_data, "eval", n_toy=0, columns=columns,
+                                    fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video)}
 
 
 def evaluation_plan(sets: dict, cfg, start: int = 0) -> str:
@@ -246,7 +251,8 @@ def plot_runs(run_dirs, out_png, keys=("reward_mean", "test_acc", "entropy", "re
 # What shapes a prompt and its verdict: read from the run's config.json next to the checkpoint,
 # each overridable by the flag of the same name as train.py's
 PROMPT_FIELDS = ("student_template", "system_prompt", "chat_template_kwargs", "reward",
-                 "max_new_tokens", "prompt_key", "answer_key", "images_key")
+                 "max_new_tokens", "prompt_key", "answer_key", "images_key", "videos_key",
+                 "audios_key", "video_fps", "use_audio_in_video")
 
 
 def run_config(checkpoint: str):
@@ -274,7 +280,7 @@ def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
     if cfg is None:
         spec = data_spec or "toy"
         cfg = config.Config(data=spec, student_template="", reward="verifier",
-                            max_new_tokens={"toy": 40, "shapes": 16}.get(spec, 4096))
+                            max_new_tokens={"toy": 40, "shapes": 16, "clips": 12}.get(spec, 4096))
         note = (f"{checkpoint}: no run config.json beside it; the default prompts, reward and "
                 f"length for --data {spec}")
     else:
@@ -334,7 +340,9 @@ def main(argv=None):
         toy = spec in data.TASKS
         columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
         sets = ({s: tasks.make_task(spec, s, a.n) for s in ("test", "ood")} if toy
-                else {"eval": tasks.load_data(spec, "eval", n_toy=0, columns=columns)})
+                else {"eval": tasks.load_data(spec, "eval", n_toy=0, columns=columns,
+                                              fps=cfg.video_fps,
+                                              audio_in_video=cfg.use_audio_in_video)})
         phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
         if toy:
             phrases += list(TOY_LEAK_MARKERS)

@@ -145,7 +145,7 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # forward per micro-batch (--micro-batch-size rows) and the loss's own LM-head chunks
     model.train()
     score = dict(temperature=T, rows=cfg.micro_batch_size, logit_chunk=cfg.logit_chunk,
-                 images=b.images)  # images: the same for every forward ({} for text)
+                 media=b.media)  # images, video, audio: the same for every forward
     with sw("teacher"):
         if cfg.algo in losses.SAMPLED_TOKEN_TEACHER:  # the teacher's prompt, the same tokens
             b.teacher_logp = sampled_token_logprobs(teacher.scorer(model), b.teacher_ids,
@@ -290,7 +290,7 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
     # some rows (they are simply not distilled) but not on all
     need = (cfg.context,) if cfg.context in ("solution", "rationale") else ()
     examples = load_data(cfg.data, "train", n_toy=20000, seed=cfg.seed, columns=columns,
-                         need=need)
+                         need=need, fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video)
     if cfg.context == "hint" and not any(e.hint for e in examples):
         raise data.DataError(f"{cfg.data}: no row has a '{cfg.hint_key}' value, and "
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
@@ -299,6 +299,11 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
     with stop.now("the warm start"):
         model, tok = load_policy(cfg, dist, cfg.model, build=partial(train, stop=stop))
     check_logits(model, f"--model {cfg.model}")  # losses and samples see the same logits
+    try:  # audio for a model without an audio tower, images for a text model
+        vision.check_model(tok, examples + [e for s in sets.values() for e in s],
+                           audio_in_video=cfg.use_audio_in_video, source=f"--model {cfg.model}")
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
     release_large_blocks(model, dist.device)  # CPU + wide vocabulary: chunks returned to the OS
     # prompts longer than the model can answer fail here (naming the row), not after minutes
     # of training with a traceback about a 30 GB allocation
@@ -310,9 +315,9 @@ def _train(cfg: Config, dist: Dist, label: str, stop: StopSignals, tracker=None)
                                           limit, cfg.long_prompts, source=cfg.data,
                                           verbose=main_rank, limit_name=name)
 
-    if cfg.freeze_vision:  # before the teachers copy it and before sharding
+    if cfg.freeze_vision or cfg.freeze_towers:  # before the teachers copy it and sharding
         try:
-            vision.freeze_vision_tower(model, f"--model {cfg.model}")
+            vision.freeze_towers(model, f"--model {cfg.model}", audio=cfg.freeze_towers)
         except ValueError as e:
             raise SystemExit(f"config error: {e}") from None
     if cfg.gradient_checkpointing:  # before the teachers copy it: they run without grad anyway

@@ -52,7 +52,7 @@ class Batch:
     old_logp: torch.Tensor | None = None       # (N, T) rollout-policy log-probs (several updates)
     row_tokens: torch.Tensor | None = None     # (N,) loss tokens of each WHOLE row (positions)
     seq_log_ratio: torch.Tensor | None = None  # (N,) GSPO's log s_i under the current weights
-    images: list | None = None                 # (N,) each row's processed images (vision.py)
+    media: list | None = None                  # (N,) each row's processed media (vision.Media)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -60,13 +60,13 @@ class Batch:
         return self.resp_mask.bool() & self.in_loss[:, None]
 
     def student_inputs(self, model) -> dict:
-        """Images and M-RoPE positions of a forward over prompt + response ({} for text)."""
-        return vision.forward_inputs(model, self.images, self.prompt_ids, self.prompt_mask,
+        """Media and M-RoPE positions of a forward over prompt + response ({} for text)."""
+        return vision.forward_inputs(model, self.media, self.prompt_ids, self.prompt_mask,
                                      self.resp_ids, self.resp_mask)
 
     def teacher_inputs(self, model) -> dict:
-        """The same images, with the positions of the teacher's (longer) prompt."""
-        return vision.forward_inputs(model, self.images, self.teacher_ids, self.teacher_mask,
+        """The same media, with the positions of the teacher's (longer) prompt."""
+        return vision.forward_inputs(model, self.media, self.teacher_ids, self.teacher_mask,
                                      self.resp_ids, self.resp_mask)
 
     def select_rows(self, rows: slice) -> "Batch":
@@ -120,15 +120,15 @@ def sample(model, tok, examples, *, prompts: Prompts, max_new_tokens: int, tempe
     `rows_per_pass` (--rollout-micro-batch) samples that many rows at a time, so the KV cache
     holds that many rows, not the whole batch (0: all at once)."""
     n = rows_per_pass or len(examples)
-    images = [vision.row_images(tok, e.images) for e in examples]  # () for a text row
+    media = [prompts.media(tok, e) for e in examples]  # empty for a text row
     parts = []
     with gathered(model):  # FSDP: unshard once for the whole generation, not per token
         for i in range(0, len(examples), n):
             ids, mask = left_pad([prompts.student(tok, e) for e in examples[i:i + n]],
                                  tok.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
-            # images: their pixels and M-RoPE positions in the prefill ({} for text)
-            extra = vision.forward_inputs(model, images[i:i + n], ids, mask)
+            # media: their pixels, features and positions in the prefill ({} for text)
+            extra = vision.forward_inputs(model, media[i:i + n], ids, mask)
             parts.append(generate(model, ids, mask,
                                   max_new_tokens=max_new_tokens, temperature=temperature,
                                   eos_id=-1 if ignore_eos else stop_ids(model, tok),
@@ -148,7 +148,7 @@ def sample(model, tok, examples, *, prompts: Prompts, max_new_tokens: int, tempe
     return Batch(examples, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask, ro.truncated,
                  texts, rewards, torch.tensor(accs, dtype=torch.bool),
                  in_loss=torch.ones(len(examples), dtype=torch.bool),
-                 images=images if any(images) else None)
+                 media=media if any(media) else None)
 
 
 def flat_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:

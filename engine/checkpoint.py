@@ -21,7 +21,7 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
-from engine import lora
+from engine import lora, vision
 from engine.distributed import full_state_dict, load_full_state_dict
 from engine.rundir import writing
 
@@ -88,8 +88,7 @@ def _write_files(tmp: str, *, model_state, model_config, tokenizer, trainer_stat
                  metadata={"format": "pt"})
         lora.save_adapter_config(lora_model, tmp)
     tokenizer.save_pretrained(tmp)
-    if getattr(tokenizer, "image_processor", None) is not None:  # a vision-language model
-        tokenizer.image_processor.save_pretrained(tmp)
+    vision.save_processors(tokenizer, tmp)  # a multimodal model's: image, audio, video settings
     _written(torch.save, os.path.join(tmp, "trainer_state.pt"), trainer_state)
     if teacher_state is not None:
         _written(save_file, os.path.join(tmp, "teacher.safetensors"), _plain(teacher_state, tied))

@@ -58,8 +58,8 @@ def shard(model, dist: Dist, dtype):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for m in model.modules():  # the language model's layers, and a vision tower's blocks
-        if type(m).__name__.endswith(("DecoderLayer", "VisionBlock")):
+    for m in model.modules():  # the language model's layers, a vision tower's blocks, an audio tower's layers
+        if type(m).__name__.endswith(("DecoderLayer", "VisionBlock", "EncoderLayer")):
             fully_shard(m, mp_policy=mp)
     # the root (embeddings, final norm, LM head) stays gathered after forward: the chunked loss
     # applies the LM head outside the model's forward, and FSDP reduce-scatters the root's

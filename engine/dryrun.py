@@ -60,9 +60,13 @@ def model_config(cfg):
 
 
 def meta_model(config):
-    """The model on the meta device: every shape, no memory, no weights read."""
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    """The model on the meta device: every shape, no memory, no weights read. A Qwen2.5-Omni
+    checkpoint is its thinker (vision.load trains nothing else)."""
     with torch.device("meta"):
+        if getattr(config, "model_type", "") in ("qwen2_5_omni", "qwen2_5_omni_thinker"):
+            from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+            return Thinker._from_config(getattr(config, "thinker_config", config))
+        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
         return auto.from_config(config)
 
 
@@ -72,17 +76,23 @@ def shapes(model, cfg) -> dict:
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     total = sum(p.numel() for p in model.parameters())
     per_layer = sum(p.numel() for p in layers[0].parameters()) if layers else 0
-    vision = sum(p.numel() for n, p in model.named_parameters() if "visual" in n)
+    def tower(name):  # a module path inside an encoder (lora.TOWERS)
+        return bool(set(name.split(".")) & {"visual", "vision_tower", "audio_tower"})
+    vision = sum(p.numel() for n, p in model.named_parameters() if tower(n) and "audio" not in n)
+    audio = sum(p.numel() for n, p in model.named_parameters() if "audio_tower" in n.split("."))
     if cfg.lora_rank:  # r (in + out) per adapted linear layer (lora.py): A is r x in, B out x r
-        targets = {t.strip() for t in cfg.lora_targets.split(",")}
+        targets = {t.strip() for t in cfg.lora_targets.split(",")}  # never inside the towers
         trained = sum(cfg.lora_rank * (m.in_features + m.out_features)
                       for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
-    else:
-        trained = total
+                      if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets
+                      and not tower(n))
+    else:  # --freeze-vision / --freeze-towers: those weights get no gradient or moments
+        trained = total - (vision + audio if cfg.freeze_towers else
+                           vision if cfg.freeze_vision else 0)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return dict(total=total, trained=trained, layer=per_layer, layers=len(layers), vision=vision,
-                root=total - per_layer * len(layers) - vision, H=text.hidden_size,
+    return dict(total=total, trained=trained, layer=per_layer, layers=len(layers),
+                vision=vision + audio, audio=audio,
+                root=total - per_layer * len(layers) - vision - audio, H=text.hidden_size,
                 I=text.intermediate_size, Q=text.num_attention_heads * head_dim,
                 KV=text.num_key_value_heads * head_dim, V=text.vocab_size)
 
@@ -147,7 +157,8 @@ def main(cfg):
     print(f"dry run: {name}--algo {cfg.algo}, {cfg.model} ({source}), {world} GPU(s), "
           f"{cfg.dtype}" + (f", LoRA r={cfg.lora_rank}" if cfg.lora_rank else ""))
     print(f"parameters: {s['total'] / 1e9:.3f}B ({s['layers']} layers, hidden {s['H']}, vocabulary "
-          f"{s['V']}" + (f", vision tower {s['vision'] / 1e9:.3f}B" if s["vision"] else "")
+          f"{s['V']}" + (f", vision tower {(s['vision'] - s['audio']) / 1e9:.3f}B" if s["vision"] else "")
+          + (f", audio tower {s['audio'] / 1e9:.3f}B" if s["audio"] else "")
           + f"); trained: {s['trained'] / 1e9:.4f}B")
     print(f"per GPU, FSDP2 over {world}: S = {e['prompt']} prompt (assumed) + {cfg.max_new_tokens} "
           f"response tokens; {e['rollout_rows']} rollout rows, micro-batches of {e['m']} rows; "

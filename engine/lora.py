@@ -23,6 +23,9 @@ import re
 # every linear layer inside a Qwen / Llama / Mistral decoder layer (OPSD: q/k/v/o/gate/up/down)
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 NEVER = ("lm_head", "embed_tokens")  # see the module docstring
+# a multimodal model's encoders keep their weights: adapters go on the language model only
+# (a Whisper-style audio tower also has q_proj / k_proj / v_proj)
+TOWERS = ("visual", "vision_tower", "audio_tower")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
@@ -40,7 +43,7 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, targets: str):
     peft = _peft()
     names = [t.strip() for t in targets.split(",") if t.strip()]
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-               if type(m).__name__ == "Linear"}
+               if type(m).__name__ == "Linear" and not set(n.split(".")) & set(TOWERS)}
     for t in names:
         if t in NEVER:
             raise SystemExit(f"--lora-targets {t}: the LM head and embeddings cannot be adapted "
@@ -48,8 +51,12 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, targets: str):
         if t not in present:
             raise SystemExit(f"--lora-targets {t}: no linear layer of that name in the model "
                              f"(it has {', '.join(sorted(present))})")
+    # a regular expression (peft matches it against each module's full name): the named
+    # layers, outside the towers
+    towers, layers = "|".join(TOWERS), "|".join(re.escape(t) for t in names)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                             target_modules=names, task_type="CAUSAL_LM")
+                             target_modules=rf"^(?!(.*\.)?({towers})\.).*\b({layers})$",
+                             task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
 

@@ -226,7 +226,7 @@ def chunk_loss(c, logits, logp, teacher_logits, norms, *, algo: str, lam: float,
         d_mask = mask & c.distill[:, None]
         # with --top-k, the teacher's top-k renormalised, no tail bucket (audit F8)
         div = distill.distill_per_token(logits, teacher_logits, beta=beta,
-                                        top_k=top_k or None, add_tail=False,
+                                        top_k=min(top_k, logits.shape[-1]) or None, add_tail=False,
                                         token_clip=token_clip or None, temperature=T,
                                         support="teacher")
         stats["distill"] = mean_stat(div, d_mask)
@@ -320,7 +320,7 @@ def gspo_sequence_ratios(model, mbs: list, *, temperature: float, logit_chunk: i
     for mb in mbs:
         logp = sampled_token_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.resp_ids,
                                       mb.resp_mask, temperature=temperature,
-                                      logit_chunk=logit_chunk, images=mb.images)
+                                      logit_chunk=logit_chunk, media=mb.media)
         mb.seq_log_ratio = grpo.sequence_log_ratio(logp, mb.old_logp, mb.resp_mask)
 
 

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass, field
 
 from engine import vision
+from engine.vision import Media
 
 # The toy tokenizer is character level, so its templates are compact.
 TOY_TEMPLATES = {
@@ -82,7 +83,7 @@ TOY_LEAK_MARKERS = ("Q", "A", "S", "H", "R")  # toy privileged-context markers
 
 def templates(data_spec: str) -> dict:
     """The embedded tasks' compact templates, or the papers' wording for real data."""
-    return TOY_TEMPLATES if data_spec in ("toy", "shapes") else PAPER_TEMPLATES
+    return TOY_TEMPLATES if data_spec in ("toy", "shapes", "clips") else PAPER_TEMPLATES
 
 
 def render(template: str, ex, sibling: str = "") -> str:
@@ -92,15 +93,16 @@ def render(template: str, ex, sibling: str = "") -> str:
                            rationale=ex.rationale.strip(), sibling=sibling)
 
 
-def prompt_ids(tokenizer, text: str, *, system: str = "", images: tuple = (),
+def prompt_ids(tokenizer, text: str, *, system: str = "", media: Media | None = None,
                **template_kwargs) -> list[int]:
     """Token ids of one user message (after an optional system message) through the model's
     chat template, ready to generate. `template_kwargs` reach the template (enable_thinking).
-    `images` (vision.row_images) come first in the message, each placeholder expanded to the
-    image's number of tokens."""
+    `media` (vision.row_media: images, then videos, then audio clips) come first in the
+    message, each placeholder expanded to its medium's number of tokens."""
     if getattr(tokenizer, "chat_template", None):
-        content = ([{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-                   if images else text)
+        items = ([{"type": "image"}] * len(media.images) + [{"type": "video"}] * len(media.videos)
+                 + [{"type": "audio"}] * len(media.audios)) if media else []
+        content = items + [{"type": "text", "text": text}] if items else text
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -108,7 +110,7 @@ def prompt_ids(tokenizer, text: str, *, system: str = "", images: tuple = (),
     elif system:  # no chat template (the toy model): the system text simply comes first
         text = system + "\n" + text
     return vision.expand_row(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"],
-                             images)
+                             media or Media())
 
 
 @dataclass
@@ -119,11 +121,18 @@ class Prompts:
     student_options: dict = field(default_factory=dict)  # chat-template kwargs of the student
     teacher_options: dict = field(default_factory=dict)  # ... and of the teacher
     max_teacher_tokens: int = 0                          # 0: no budget for the teacher prompt
+    fps: float = 2.0                                     # videos: frames a second (--video-fps)
+    audio_in_video: bool = False                         # a video's own audio track too
+
+    def media(self, tok, ex) -> Media:
+        """The processed media of row `ex` (vision.row_media), with this run's video options."""
+        if ex is None:
+            return Media()
+        return vision.row_media(tok, ex, fps=self.fps, audio_in_video=self.audio_in_video)
 
     def ids(self, tok, text: str, *, teacher: bool = False, ex=None) -> list[int]:
-        """`ex`: the row whose images (if any) the prompt shows, the teacher's as the student's."""
-        images = vision.row_images(tok, ex.images) if ex is not None and ex.images else ()
-        return prompt_ids(tok, text, system=self.system, images=images,
+        """`ex`: the row whose media (if any) the prompt shows, the teacher's as the student's."""
+        return prompt_ids(tok, text, system=self.system, media=self.media(tok, ex),
                           **(self.teacher_options if teacher else self.student_options))
 
     def student(self, tok, ex) -> list[int]:
@@ -191,7 +200,8 @@ def prompts_for(cfg) -> Prompts:
     teacher = (_options(cfg.teacher_chat_template_kwargs, "--teacher-chat-template-kwargs")
                if cfg.teacher_chat_template_kwargs else student)
     return Prompts(tpl, system=cfg.system_prompt, student_options=student,
-                   teacher_options=teacher, max_teacher_tokens=cfg.max_teacher_prompt_tokens)
+                   teacher_options=teacher, max_teacher_tokens=cfg.max_teacher_prompt_tokens,
+                   fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video)
 
 
 def prompt_limit(cfg, model) -> int:

@@ -49,8 +49,8 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
         tokenizer.pad_token = tokenizer.eos_token
     if os.path.isdir(path) and lora.is_adapter_dir(path):
         model = lora.load_merged(path, partial(load_model, dtype=dtype))
-        if vision.is_vision_language(model.config):  # the image processor, saved beside it
-            tokenizer.image_processor = vision.image_processor(path)
+        if vision.is_vision_language(model.config):  # the processors, saved beside it
+            vision.attach_processors(tokenizer, path, model.config)
     elif vision.is_vision_language(path):  # image-text-to-text: the tokenizer carries the
         model, tokenizer = vision.load(path, dtype=dtype)  # image processor (vision.py)
     else:
@@ -117,7 +117,7 @@ class Rollouts:
     resp_ids: torch.Tensor     # (N, T) sampled tokens, <eos> included, then padding
     resp_mask: torch.Tensor    # (N, T) 1 on sampled tokens up to and including <eos>
     truncated: torch.Tensor    # (N,) bool: no <eos> within max_new_tokens
-    images: list | None = None  # (N,) each row's processed images, when the caller keeps them
+    media: list | None = None  # (N,) each row's processed media, when the caller keeps them
 
 
 def concat_rollouts(parts: list, pad_id: int) -> Rollouts:
@@ -286,7 +286,7 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature
     # static: all of it, as slots not yet written are hidden by the causal mask)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, width - Lp)], 1)
     if prefill_inputs and mode != "dynamic":
-        raise ValueError("images are sampled with --generation dynamic")
+        raise ValueError("images, videos and audio are sampled with --generation dynamic")
     pos = positions(prompt_mask) if prefill_positions is None else prefill_positions
     kv = cache_argument(model)
     # rows that repeat a prompt (a group's G rollouts) share its prefill: each distinct prompt

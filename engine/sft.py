@@ -15,21 +15,21 @@ import torch
 
 import data
 import grpo
-from engine import vision
 from engine.batch import Batch
 from engine.distributed import Dist
 from engine.losses import backward_chunked
 from engine.prompts import Prompts, render, templates
 from engine.rollout import left_pad
 from engine.teachers import column_chunks
-from engine.toy import arithmetic, shapes
+from engine.toy import arithmetic, clips, shapes
 from engine.update import Metrics, clip_and_step, micro_batches
 
 # the toy warm start: 30% of its prompts carry the answer, so that the same network later
 # acts as a teacher that USES a privileged context (30%, not 20%: measured). Without a context
 # the demonstrations drop 80% of the carries (--demo-slip, arithmetic.sloppy_solution); in a
 # trial run 0.6 left the warm start nearer to where RL levels off, so less for RL to fix. On
-# the shapes task the demonstrator overlooks that share of the right-hand column's shapes.
+# the shapes task the demonstrator overlooks that share of the right-hand column's shapes; on
+# the clips task it counts that share of the silent seconds (it does not listen).
 TOY_SFT_MIX = ["student"] * 4 + ["answer"] * 3 + ["solution", "hint", "rationale"]
 
 
@@ -48,11 +48,11 @@ def sft_batch(examples, step: int, tok, *, prompts: Prompts, data_spec: str, per
     for e in exs:
         kind = rng.choice(TOY_SFT_MIX) if toy else "student"
         kind = kind if kind == "student" or getattr(e, kind) else "student"  # e.g. no hint
-        prompt_ids.append(P.ids(tok, render(tpl[kind], e), ex=e))  # with the row's images
+        prompt_ids.append(P.ids(tok, render(tpl[kind], e), ex=e))  # with the row's media
         target = e.solution or e.answer  # the worked solution; a bare answer if there is none
         if toy and kind == "student":  # the demonstrator slips without a context
-            target = (shapes.careless_solution(e, rng, slip) if data_spec == "shapes"
-                      else arithmetic.sloppy_solution(e, rng, slip))
+            careless = {"shapes": shapes.careless_solution, "clips": clips.careless_solution}
+            target = careless.get(data_spec, arithmetic.sloppy_solution)(e, rng, slip)
         targets.append(tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     # the same layout as a rollout batch (left-padded prompts, right-padded targets), so SFT
     # runs through the same hidden-state forward and chunked loss as RL
@@ -62,12 +62,12 @@ def sft_batch(examples, step: int, tok, *, prompts: Prompts, data_spec: str, per
     rmask = torch.zeros((n, T), dtype=torch.long)
     for i, t in enumerate(targets):
         resp[i, :len(t)], rmask[i, :len(t)] = torch.tensor(t), 1
-    images = [vision.row_images(tok, e.images) for e in exs]  # () for a text row
+    media = [P.media(tok, e) for e in exs]  # empty for a text row
     return Batch(exs, *(x.to(dist.device) for x in (ids, mask, resp, rmask)),
                  truncated=torch.zeros(n, dtype=torch.bool), texts=[], rewards=torch.zeros(n),
                  correct=torch.zeros(n, dtype=torch.bool),
                  in_loss=torch.ones(n, dtype=torch.bool, device=dist.device),
-                 images=images if any(images) else None)
+                 media=media if any(media) else None)
 
 
 def sft_step(model, opt, b: Batch, *, rows: int, logit_chunk: int, lr: float,

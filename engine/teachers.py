@@ -75,8 +75,8 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask, *, logi
         captured["h"] = args[0]
         return (args[0][:, :0],) + tuple(args[1:])
 
-    def read(out):
-        return out.logits if logits else captured["h"]
+    def read(out, keep: int):  # the last `keep` positions (a model that ignores
+        return (out.logits if logits else captured["h"])[:, -keep:]  # logits_to_keep: Omni)
 
     handle = None if logits else model.get_output_embeddings().register_forward_pre_hook(grab)
     try:
@@ -90,15 +90,16 @@ def response_hidden(model, prompt_ids, prompt_mask, resp_ids, resp_mask, *, logi
             out = model(input_ids=prompt_ids[one_row], attention_mask=prompt_mask[one_row],
                         position_ids=pos[one_row, :Lp], use_cache=True, logits_to_keep=1,
                         **{kv: cache})
-            first = read(out)  # (U, 1, ...): the prediction of each prompt's first token
+            first = read(out, 1)  # (U, 1, ...): the prediction of each prompt's first token
             cache.batch_select_indices(inverse)
             out = model(input_ids=resp_ids, attention_mask=mask, position_ids=pos[:, Lp:],
                         use_cache=True, logits_to_keep=resp_ids.shape[1], **{kv: cache})
-            return torch.cat([first[inverse], read(out)], dim=1)[:, :-1]
+            return torch.cat([first[inverse], read(out, resp_ids.shape[1])], dim=1)[:, :-1]
         out = model(input_ids=torch.cat([prompt_ids, resp_ids], dim=1), attention_mask=mask,
                     position_ids=pos, use_cache=False, logits_to_keep=resp_ids.shape[1] + 1,
                     **model_kwargs)
-        return read(out)[:, :-1]  # position t predicts token t + 1: drop the last prediction
+        # position t predicts token t + 1: the last T + 1 positions, the last prediction dropped
+        return read(out, resp_ids.shape[1] + 1)[:, :-1]
     finally:
         if handle is not None:
             handle.remove()
@@ -184,17 +185,17 @@ def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sampled_token_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, *,
                            temperature: float, rows: int = 0, logit_chunk: int = 0,
-                           images: list | None = None) -> torch.Tensor:
+                           media: list | None = None) -> torch.Tensor:
     """(N, T) float32 log softmax(z / temperature) of `model` at the sampled tokens, no grad:
     one forward per `rows` rows (0: all; the loss's micro-batches), then the LM head a chunk of
     positions at a time (the loss's own chunks, `column_chunks`, so the rollout policy's
-    log-probs are exactly those its loss computes). `images`: each row's processed images
-    (Batch.images), shown with these prompt ids (vision.forward_inputs)."""
+    log-probs are exactly those its loss computes). `media`: each row's processed media
+    (Batch.media), shown with these prompt ids (vision.forward_inputs)."""
     rows, parts = rows or len(prompt_ids), []
     for i in range(0, len(prompt_ids), rows):
         p, pm, r, rm = (x[i:i + rows] for x in (prompt_ids, prompt_mask, resp_ids, resp_mask))
         h_nTH = response_hidden(model, p, pm, r, rm, **vision.forward_inputs(
-            model, images[i:i + rows] if images else None, p, pm, r, rm))
+            model, media[i:i + rows] if media else None, p, pm, r, rm))
         parts.append(torch.cat([grpo.token_logprobs(lm_head_logits(model, h_nTH[:, t0:t1]),
                                                     r[:, t0:t1], temperature=temperature)
                                 for t0, t1 in column_chunks(len(p), r.shape[1], model,
@@ -256,7 +257,7 @@ class Teacher:
     def hidden(self, student, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
         """The teacher's (n, T, H) hidden states of the response positions, as a tuple: one
         tensor, or for `trust` its own and the student's. `model_kwargs`: a vision-language
-        row's images and positions (vision.forward_inputs)."""
+        row's media and positions (vision.forward_inputs)."""
         own = response_hidden(student if self.mode == "live" else self.model, prompt_ids,
                               prompt_mask, resp_ids, resp_mask, **model_kwargs)
         if self.mode != "trust":

@@ -16,13 +16,14 @@ from engine.toy.models import build_toy_model, build_toy_tokenizer
 from tests.test_train import TINY
 
 NAMES = presets.names()
-TEXT = [n for n in NAMES if presets.load(n, config.DEFAULTS)[0].get("needs") != "vlm"]
+TEXT = [n for n in NAMES if presets.load(n, config.DEFAULTS)[0].get("needs") not in ("vlm", "omni")]
 
 
 def test_the_papers_settings_are_all_there():
     want = {"rlsd-qwen3-vl-8b", "grpo-qwen3-vl-8b", "opsd-qwen3-vl-8b", "sdpo-qwen3-vl-8b",
             "opsd-qwen3-1.7b", "opsd-qwen3-4b", "opsd-qwen3-8b", "sdpo-qwen3-8b", "srpo-qwen3-8b",
-            "ptdpo-qwen3-vl-2b", "ptdpo-qwen3-vl-4b", "ptdpo-qwen3-vl-8b", "omniopsd-qwen3-vl-8b"}
+            "ptdpo-qwen3-vl-2b", "ptdpo-qwen3-vl-4b", "ptdpo-qwen3-vl-8b", "omniopsd-qwen3-vl-8b",
+            "omniopsd-qwen2.5-omni-7b"}
     assert want <= set(NAMES)
     assert {"opsd-qwen3-1.7b", "opsd-qwen3-4b", "opsd-qwen3-8b", "sdpo-qwen3-8b",
             "srpo-qwen3-8b"} <= set(TEXT)
@@ -102,7 +103,7 @@ def test_dry_run_validates_the_data(tmp_path, capsys):
 
 
 # published parameter counts (Hugging Face model cards), billions: the shipped configs are right
-PUBLISHED = {"Qwen/Qwen3-1.7B": 1.7, "Qwen/Qwen3-4B": 4.0, "Qwen/Qwen3-8B": 8.2,
+PUBLISHED = {"Qwen/Qwen3-0.6B": 0.6, "Qwen/Qwen3-1.7B": 1.7, "Qwen/Qwen3-4B": 4.0, "Qwen/Qwen3-8B": 8.2,
              "Qwen/Qwen3-VL-2B-Thinking": 2.1, "Qwen/Qwen3-VL-4B-Thinking": 4.4,
              "Qwen/Qwen3-VL-8B-Thinking": 8.8, "Qwen/Qwen3-VL-8B-Instruct": 8.8}
 
@@ -208,3 +209,16 @@ def test_kv_cache_formula_is_exact():
     measured = sum(t.numel() * 4 for layer in cache.layers for t in (layer.keys, layer.values))
     cfg = _cfg(max_new_tokens=S - 1, max_prompt_tokens=1, prompts_per_step=R, group_size=1)
     assert dryrun.estimate(dryrun.shapes(model, cfg), cfg, world=1)["KV cache"] == measured
+
+
+def test_the_omni_recipe_dry_run_counts_both_towers(capsys):
+    """Qwen2.5-Omni's thinker on the meta device: its vision tower (0.68B) and
+    audio tower (0.64B) counted, LoRA's adapters on the language model only."""
+    train.main(["--preset", "omniopsd-qwen2.5-omni-7b", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "parameters: 8.932B" in out and "vision tower 0.677B" in out and "audio tower 0.640B" in out
+    cfg = config.parse_config(["--preset", "omniopsd-qwen2.5-omni-7b", "--dry-run"])
+    s = dryrun.shapes(dryrun.meta_model(dryrun.model_config(cfg)[0]), cfg)
+    per_layer = sum(16 * (i + o) for i, o in ((3584, 3584), (3584, 512), (3584, 512), (3584, 3584),
+                                                (3584, 18944), (3584, 18944), (18944, 3584)))
+    assert s["trained"] == 28 * per_layer  # q k v o gate up down of 28 layers, r = 16

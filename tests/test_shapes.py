@@ -106,7 +106,7 @@ def test_parquet_image_bytes_with_other_column_names(tmp_path):
     rows = data.load_examples(f, columns={"prompt": "q", "answer": "a", "images": "pics"})
     assert [r.images for r in rows[:2]] == [exs[0].images, exs[1].images]
     try:
-        vision.check_images(rows)
+        vision.check_media(rows)
     except data.DataError as e:
         assert "row 3" in str(e) and "image 1 (bytes)" in str(e)
     else:

@@ -18,7 +18,7 @@ import shutil
 import torch
 
 import data
-from engine import checkpoint as ckpt, vision
+from engine import checkpoint as ckpt, media, vision
 from engine.losses import backward_chunked
 from engine.sft import TOY_SFT_MIX, sft_batch, sft_step
 from engine.update import clip_and_step, lr_at
@@ -27,7 +27,7 @@ from engine.distributed import Dist
 from engine.prompts import TOY_TEMPLATES, render
 from engine.rollout import load_model
 from engine.rundir import file_lock
-from engine.toy import arithmetic, models, shapes
+from engine.toy import arithmetic, clips, models, shapes
 
 TOY_VERSION = "v3"  # part of the warm-start cache key (with the settings and the code)
 # the code that makes the warm start's weights: its source is part of the cache key (the
@@ -58,6 +58,9 @@ def warm_start_key(sft_cfg: Config) -> str:
     if sft_cfg.data == "shapes":  # the image task: its pictures and the tiny Qwen3-VL
         parts += [inspect.getsource(shapes), inspect.getsource(models.toy_vlm), repr(TOY_VLM),
                   inspect.getsource(vision.freeze_vision_tower)]
+    if sft_cfg.data == "clips":  # the omni task: its clips, the tiny thinker, the media path
+        parts += [inspect.getsource(m) for m in (clips, media, vision)] + [
+            inspect.getsource(models.toy_omni), repr(TOY_OMNI)]
     parts += [inspect.getsource(f) for f in _BUILDS_IT]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
@@ -100,8 +103,9 @@ def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: floa
             if not os.path.exists(path):
                 sft_cfg.out = path + ".run"  # a crashed attempt's files are overwritten
                 minutes = steps * SFT_SECONDS[sft_cfg.data] / 60
-                what = ("the ~0.3M-parameter toy Qwen3 on the arithmetic task" if sft_cfg.data == "toy"
-                        else "the tiny Qwen3-VL on the shapes task")
+                what = {"toy": "the ~0.3M-parameter toy Qwen3 on the arithmetic task",
+                        "shapes": "the tiny Qwen3-VL on the shapes task",
+                        "clips": "the tiny Qwen2.5-Omni thinker on the clips task"}[sft_cfg.data]
                 print(f"warm start ({name}): supervised fine-tuning of {what}, {steps} steps, "
                       f"about {minutes:.0f} minutes on 2 CPU cores. Done once: cached in {path}",
                       flush=True)
@@ -131,6 +135,13 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
                 # step: the first update sent the reward from 0.31 to 0.07, and the run ended
                 # answering "one shape" to every picture
             return model.to(dist.device), tok
+        if task_of(cfg) == "clips":
+            model, tok = models.toy_omni(seed=cfg.seed, **TOY_OMNI)
+            if name == "toy":  # first the towers learn to see and to hear (clips.teach_towers),
+                # then the language model learns the task over them, frozen (--freeze-towers,
+                # the clips task's default), as on the shapes task
+                clips.teach_towers(model, tok, seed=cfg.seed)
+            return model.to(dist.device), tok
         tok = models.build_toy_tokenizer()
         return models.build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
     if name == "toy" and cfg.warm_start:  # an archived warm start (the study's --check)
@@ -148,8 +159,9 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
 
 
 # the shapes task's tiny Qwen3-VL has this language model (the vision tower: models.toy_vlm)
-SFT_SECONDS = {"toy": 0.25, "shapes": 0.1}  # per SFT step on 2 CPU cores (measured)
+SFT_SECONDS = {"toy": 0.25, "shapes": 0.1, "clips": 0.3}  # per SFT step on 2 CPU cores (measured)
 TOY_VLM = dict(hidden=64, layers=2, head_dim=32)  # 2 heads: 4 M-RoPE frequencies per image axis
+TOY_OMNI = dict(hidden=64, layers=2, head_dim=32)  # the clips task's tiny Qwen2.5-Omni thinker
 
 
 def overview(cfg: Config) -> str:
@@ -160,8 +172,10 @@ def overview(cfg: Config) -> str:
             f"first the one-time warm start (supervised fine-tuning, about "
             f"{cfg.warm_start_steps * SFT_SECONDS[task_of(cfg)] / 60:.0f} minutes on 2 CPU "
             f"cores, then cached)")
-    task = ("the embedded toy task (arithmetic with carries, a ~0.3M-parameter Qwen3)"
-            if task_of(cfg) == "toy" else "the embedded shapes task (count the shapes of a "
-            "colour in a picture, a tiny Qwen3-VL)")
+    task = {"toy": "the embedded toy task (arithmetic with carries, a ~0.3M-parameter Qwen3)",
+            "shapes": "the embedded shapes task (count the shapes of a colour in a picture, a "
+                      "tiny Qwen3-VL)",
+            "clips": "the embedded clips task (the seconds of a clip that show a colour while a "
+                     "tone sounds, a tiny Qwen2.5-Omni thinker)"}[task_of(cfg)]
     return (f"--algo {cfg.algo} on {task}: {warm}, then {cfg.steps} RL steps (about 1 s each "
             f"on 2 CPU cores). Outputs: {cfg.out}/.")
