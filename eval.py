@@ -302,7 +302,7 @@ def main(argv=None):
         "compare runs.")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint directory (train.py's "
                    "--out/checkpoint-NNNNNN), any Hugging Face model directory, or a hub id")
-    p.add_argument("--data", default=None, help="what to evaluate on: 'toy' or 'shapes' (their "
+    p.add_argument("--data", default=None, help="what to evaluate on: 'toy', 'shapes' or 'clips' (their "
                    "test + ood splits) or a .jsonl / .json / .csv / .parquet file (default: the "
                    "run's --eval-data, or its embedded task; 'toy' without a run)")
     p.add_argument("--n", type=int, default=500, help="problems per split of an embedded task")

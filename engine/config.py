@@ -38,8 +38,8 @@ class Config:
     algo: str = "rlsd"                # sft grpo dr_grpo dapo gspo rloo opd opsd sdpo srpo ptdpo rlsd
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
     teacher: str = ""                 # OPD's external teacher: 'toy' (SFT from a careful demonstrator) or a directory / hub id
-    data: str = "toy"                 # 'toy' (arithmetic), 'shapes' (images; a tiny Qwen3-VL) or a .jsonl / .parquet file
-    eval_data: str = "auto"           # 'auto': an embedded --data task's test + ood splits, none for a file; 'toy', 'shapes', a file, or '' for none
+    data: str = "toy"                 # 'toy' (arithmetic), 'shapes' (images; a tiny Qwen3-VL), 'clips' (video with sound; a tiny Qwen2.5-Omni thinker) or a .jsonl / .parquet file
+    eval_data: str = "auto"           # 'auto': an embedded --data task's test + ood splits, none for a file; 'toy', 'shapes', 'clips', a file, or '' for none
     prompt_key: str = "prompt"        # data column with the question (the student's prompt)
     answer_key: str = "answer"        # data column with the final answer (the verifier's target)
     solution_key: str = "solution"    # data column with a reference solution (OPSD's teacher)
@@ -137,7 +137,7 @@ class Config:
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 2400      # toy: SFT steps of the cached warm start
     warm_start: str = ""              # toy: start from this warm-start directory (a study archive) instead of the cached one
-    demo_slip: float = 0.8            # toy SFT: the demonstrator drops a carry (shapes: overlooks a shape) with this probability; OPD's toy teacher learns from a careful one (0)
+    demo_slip: float = 0.8            # toy SFT: the demonstrator drops a carry (shapes: overlooks a shape; clips: counts a silent second) with this probability; OPD's toy teacher learns from a careful one (0)
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
     dry_run: bool = False             # build the model on the meta device, print its size and memory per GPU, check --data, exit
     gpus: int = 0                     # --dry-run: GPUs to estimate for (0 = the preset's, else this run's processes)

@@ -537,6 +537,27 @@ def test_lora_adapts_the_language_model_only(tmp_path, omni):
     assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
 
 
+def test_eval_py_reproduces_the_trainers_accuracy_with_video_and_audio(tmp_path, omni, capsys):
+    """The video and audio counterpart of tests/test_eval.py's: a run with renamed media
+    columns and its own template; eval.py CHECKPOINT reads them from the run's config.json."""
+    import train
+
+    import eval as evaluation
+    data_file = clip_rows(tmp_path)
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(open(data_file).read().replace('"videos"', '"clip"').replace('"audios"', '"sound"'))
+    out = str(tmp_path / "run")
+    train.main(_args(omni[0], str(renamed), out, "grpo", ["--eval-data", str(renamed),
+                                                          "--videos-key", "clip", "--audios-key", "sound",
+                                                          "--student-template", "Q{prompt}:",
+                                                          "--reward", "signal_reward:parity",
+                                                          "--steps", "1"]))
+    want = _steps(out)[-1]["eval_acc"]
+    capsys.readouterr()
+    evaluation.main([os.path.join(out, "checkpoint-000001"), "--data", str(renamed)])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["pass@1_greedy"] == want
+
+
 def test_eval_py_on_clips(tmp_path, omni, capsys):
     import eval as evaluation
     evaluation.main([omni[0], "--data", clip_rows(tmp_path, n=3), "--max-new-tokens", "4"])

@@ -581,11 +581,14 @@ def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple
     out = tempfile.mkdtemp(prefix="study-check-")
     cmd = command(arm, int(seed), out, teacher, steps, extra + tuple(start), task)
     cmd[cmd.index("--eval-every") + 1] = "0"  # evaluation consumes no randomness: skip it
-    proc = subprocess.Popen(cmd + ["--overwrite"], stdout=subprocess.DEVNULL, env=child_env())
-    while proc.poll() is None and max((r["step"] for r in read(out)), default=0) < first:
-        time.sleep(0.2)
-    proc.terminate()
-    proc.wait()
+    # the rerun's own lines (its progress, and the resume hint it prints when stopped) go to a
+    # file: they are shown only if it fails before logging the steps to compare
+    with open(out + ".log", "w") as log:
+        proc = subprocess.Popen(cmd + ["--overwrite"], stdout=log, stderr=log, env=child_env())
+        while proc.poll() is None and max((r["step"] for r in read(out)), default=0) < first:
+            time.sleep(0.2)
+        proc.terminate()
+        proc.wait()
     fresh = {r["step"]: r for r in read(out)}
     compared = [r for r in logged if 1 <= r["step"] <= first and r["step"] in fresh]
     bad = [(r["step"], k, r[k], fresh[r["step"]].get(k)) for r in compared for k in r
@@ -593,7 +596,10 @@ def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple
            and fresh[r["step"]].get(k) != r[k]]
     steps_done = [r["step"] for r in compared]
     if not compared:
-        print(f"study: {arm} seed {seed}: nothing to compare (the rerun logged no step)")
+        with open(out + ".log") as log:
+            tail = log.read()[-2000:]
+        print(f"study: {arm} seed {seed}: nothing to compare (the rerun logged no step); its "
+              f"last output:\n{tail}")
         return 1
     if not bad:
         print(f"study: {arm} seed {seed}, steps {steps_done}: every metric identical")

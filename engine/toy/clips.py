@@ -24,7 +24,9 @@ Privileged contexts (every kind an algorithm may show its teacher):
 The warm start imitates a demonstrator that, shown only the question, does not listen: each
 second that shows the colour in silence is counted anyway with probability --demo-slip
 (`careless_solution`); shown a context, it answers carefully. A reward (or a teacher that was
-told where the tones are) corrects the habit. Train and test clips show each second's colour
+told where the tones are) is meant to correct the habit; measured at this scale, the 1000-step
+warm start does not read the clip yet (it answers 1 to every clip) and RL does not fix that
+(README, "Video and audio"). Train and test clips show each second's colour
 at random; the out-of-distribution split shows the question's colour in 3 or 4 of the seconds,
 where listening matters most. Problems go to train or test by a hash of the clip and question.
 

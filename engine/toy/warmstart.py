@@ -159,7 +159,10 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
 
 
 # the shapes task's tiny Qwen3-VL has this language model (the vision tower: models.toy_vlm)
-SFT_SECONDS = {"toy": 0.25, "shapes": 0.1, "clips": 0.3}  # per SFT step on 2 CPU cores (measured)
+# seconds per SFT step and per RL step on 2 CPU cores, measured (README "Run"): the toy with
+# torch's 2 threads; shapes and clips with one thread beside another run, as the study runs
+SFT_SECONDS = {"toy": 0.2, "shapes": 0.3, "clips": 0.7}
+RL_SECONDS = {"toy": 0.5, "shapes": 0.8, "clips": 1.5}
 TOY_VLM = dict(hidden=64, layers=2, head_dim=32)  # 2 heads: 4 M-RoPE frequencies per image axis
 TOY_OMNI = dict(hidden=64, layers=2, head_dim=32)  # the clips task's tiny Qwen2.5-Omni thinker
 
@@ -177,5 +180,5 @@ def overview(cfg: Config) -> str:
                       "tiny Qwen3-VL)",
             "clips": "the embedded clips task (the seconds of a clip that show a colour while a "
                      "tone sounds, a tiny Qwen2.5-Omni thinker)"}[task_of(cfg)]
-    return (f"--algo {cfg.algo} on {task}: {warm}, then {cfg.steps} RL steps (about 1 s each "
-            f"on 2 CPU cores). Outputs: {cfg.out}/.")
+    return (f"--algo {cfg.algo} on {task}: {warm}, then {cfg.steps} RL steps (about "
+            f"{RL_SECONDS[task_of(cfg)]:g} s each on 2 CPU cores). Outputs: {cfg.out}/.")
