@@ -441,6 +441,9 @@ def main(argv=None):
         print(overview(cfg), flush=True)
     try:
         train(cfg, dist)
+        # every rank past its last collective before any of them tears the group down: a rank
+        # that exits while a peer's gloo thread still talks to it can abort that peer
+        dist.barrier()
     # bad input ends in one line naming the file and row, never a traceback
     except (data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
