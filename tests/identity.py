@@ -30,6 +30,7 @@ CASES = [(a, ["--algo", a]) for a in ("grpo", "dr_grpo", "dapo", "gspo", "rloo",
                                       "opsd", "sdpo", "srpo", "ptdpo")] + [
     ("opd", ["--algo", "opd", "--teacher", "{teacher}"]),
     ("sft", ["--algo", "sft", "--model", "{warm}"]),
+    ("toy_warm_start", ["--algo", "grpo", "--model", "toy", "--warm-start-steps", "30"]),
     ("grpo_mini", ["--algo", "grpo", "--mini-batch-size", "2", "--kl-coef", "0.04"]),
     ("gspo_mini", ["--algo", "gspo", "--mini-batch-size", "2"]),
     ("rlsd_mini", ["--algo", "rlsd", "--mini-batch-size", "2", "--ppo-epochs", "2"]),
