@@ -307,5 +307,5 @@ def step_examples(examples: list, step: int, *, prompts_per_step: int, seed: int
     return out
 
 
-TASKS = ("toy", "shapes", "clips")  # the embedded tasks' --data names (engine/toy/)
+TASKS = ("toy", "chains", "shapes", "clips")  # the embedded tasks' --data names (engine/toy/)
 MULTIMODAL_TASKS = ("shapes", "clips")  # pictures (a tiny Qwen3-VL); clips with sound (Omni)

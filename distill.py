@@ -169,17 +169,19 @@ def sdpo_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    beta: float = 0.5,           # SDPO Table 12, no rich feedback: JSD 0.5
                    top_k: int | None = 100,     # Table 12: 100 (rich feedback: 20)
                    add_tail: bool = True, is_clip: float = 2.0,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, return_weight: bool = False):
     """SDPO per-token loss (N,T): top-k divergence x detached min(pi / pi_old, is_clip).
 
     The IS weight (SDPO App. A.3, code `is_clip`) corrects for several optimizer steps per
     rollout batch. It is a truncated weight, not a PPO clip, and carries no gradient; with one
-    optimizer step per batch logp == old_logp and it is exactly 1.
+    optimizer step per batch logp == old_logp and it is exactly 1. With return_weight,
+    (loss, IS weight), each (N,T).
     """
     div = distill_per_token(student_logits, teacher_logits, beta=beta, top_k=top_k,
                             add_tail=add_tail, temperature=temperature)
+    # clamp the log-ratio before exp (as the PPO ratio): the weight stays finite
     is_w = torch.exp((logp - old_logp).detach().clamp(-20.0, 20.0)).clamp(max=is_clip)
-    return div * is_w
+    return (div * is_w, is_w) if return_weight else div * is_w
 
 
 def trust_region_logits(ref_logits: torch.Tensor, student_logits: torch.Tensor,

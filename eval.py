@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 import data
-from engine.toy import tasks
+from engine.toy import chains, tasks
 from engine import rewards, vision
 import grpo
 from engine.distributed import gathered
@@ -75,9 +75,10 @@ def sample(model, tok, examples, encode, *, max_new_tokens, temperature=0.0, k=1
     return texts, stats
 
 
-def accuracy(model, tok, examples, encode, cfg, dist=None, leak_phrases=None):
+def accuracy(model, tok, examples, encode, cfg, dist=None, leak_phrases=None, leaked=None):
     """Greedy pass@1 over `examples`, sharded over ranks and all-reduced; with
-    `leak_phrases`, (pass@1, leakage of the same greedy responses)."""
+    `leak_phrases` (or a test `leaked(text) -> bool`), (pass@1, leakage of the same greedy
+    responses)."""
     mine = _shard(examples, dist)
     device = dist.device if dist is not None else "cpu"
     # a line on a terminal only: training logs stay one line per step
@@ -87,10 +88,11 @@ def accuracy(model, tok, examples, encode, cfg, dist=None, leak_phrases=None):
                       media_of=partial(prompts_for(cfg).media, tok)) if mine else ([], [])
     correct = sum(rewards.accuracy(cfg.reward, texts, mine))
     acc = _sum(dist, correct) / max(_sum(dist, len(mine)), 1.0)
-    if leak_phrases is None:
+    if leak_phrases is None and leaked is None:
         return acc
-    leaked = leakage(texts, leak_phrases) * len(texts)
-    return acc, _sum(dist, leaked) / max(_sum(dist, len(mine)), 1.0)
+    n_leaked = (sum(map(leaked, texts)) if leaked is not None
+                else leakage(texts, leak_phrases) * len(texts))
+    return acc, _sum(dist, n_leaked) / max(_sum(dist, len(mine)), 1.0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -184,7 +186,10 @@ def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
     out = {}
     with gathered(model):
         for name, exs in sets.items():
-            if cfg.data == "toy" and name == "test":  # does the student quote the context?
+            if cfg.data == "chains":  # the task's own leak test (chains.leaked), every split
+                out[f"{name}_acc"], out[f"{name}_leakage"] = accuracy(
+                    model, tok, exs, partial(P.student, tok), cfg, dist, leaked=chains.leaked)
+            elif cfg.data == "toy" and name == "test":  # does the student quote the context?
                 # (arithmetic responses hold no letters; the markers are the context's labels)
                 out["test_acc"], out["test_leakage"] = accuracy(
                     model, tok, exs, partial(P.student, tok), cfg, dist,
@@ -192,8 +197,13 @@ def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
             else:
                 out[f"{name}_acc"] = accuracy(model, tok, exs, partial(P.student, tok), cfg, dist)
             if cfg.data in data.TASKS and name == "test":  # does the self-teacher use the answer?
-                out["test_teacher_acc"] = accuracy(
-                    model, tok, exs, lambda e: P.teacher(tok, e, "answer")[0], cfg, dist)
+                teacher = partial(accuracy, model, tok, exs,
+                                  lambda e: P.teacher(tok, e, "answer")[0], cfg, dist)
+                if cfg.data == "chains":  # and cite it? (it was shown it: the metric's check)
+                    out["test_teacher_acc"], out["test_teacher_leakage"] = teacher(
+                        leaked=chains.leaked)
+                else:
+                    out["test_teacher_acc"] = teacher()
     return out
 
 
@@ -280,7 +290,8 @@ def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
     if cfg is None:
         spec = data_spec or "toy"
         cfg = config.Config(data=spec, student_template="", reward="verifier",
-                            max_new_tokens={"toy": 40, "shapes": 16, "clips": 12}.get(spec, 4096))
+                            max_new_tokens={"toy": 40, "chains": 64, "shapes": 16,
+                                            "clips": 12}.get(spec, 4096))
         note = (f"{checkpoint}: no run config.json beside it; the default prompts, reward and "
                 f"length for --data {spec}")
     else:

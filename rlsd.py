@@ -35,38 +35,33 @@ import torch
 from grpo import aggregate, policy_loss
 
 
-def _token_advantages(adv_N, teacher_logp, student_logp, *, lam, eps_w):
-    """(A_t, w, clip(w)), each (N,T) and detached, from (N,) A and (N,T) log-probs."""
-    with torch.no_grad():
-        delta = teacher_logp.float() - student_logp.float()  # Eq. (13): stop-gradient
-        # -inf - -inf (a padded position scored -inf by both) is NaN: treat it as "no evidence"
-        delta = torch.nan_to_num(delta, nan=0.0)
-        # clamp before exp: +-20 is far outside any clip range, and keeps w finite and > 0
-        w = torch.exp((torch.sign(adv_N.float())[:, None] * delta).clamp(-20.0, 20.0))  # Eq. (14)
-        w_clip = w.clamp(1.0 - eps_w, 1.0 + eps_w)  # Eq. (15): clip the ratio, not delta
-        # the lambda mix: 1 + lam * (w_c - 1) is (1 - lam) + lam * w_c rearranged (the fw-ai
-        # cookbook form). It is exactly 1.0 whenever lam == 0, eps_w == 0 or teacher ==
-        # student, so those cases are GRPO bit for bit; the textbook form can round to
-        # 0.99999994.
-        adv_NT = adv_N.detach().float()[:, None] * (1.0 + lam * (w_clip - 1.0))
-        return adv_NT, w, w_clip
-
-
 def rlsd_token_advantages(adv: torch.Tensor, teacher_logp: torch.Tensor,
                           student_logp: torch.Tensor, *, lam: float,
                           eps_w: float = 0.2,  # paper and code: 0.2
-                          mask: torch.Tensor | None = None) -> torch.Tensor:
+                          mask: torch.Tensor | None = None, return_weights: bool = False):
     """(N,) sequence advantages + (N,T) sampled-token log-probs -> (N,T) token advantages.
 
     A_t = A * ((1 - lam) + lam * clip(exp(sign(A) * (teacher_logp - student_logp)), 1 +- eps_w)).
     The result is detached: the teacher only scales the step, it is never differentiated.
     Sign of A_t == sign of A; A = 0 gives 0; lam = 0 gives exactly A. `mask`, if given,
-    zeroes padding positions.
+    zeroes padding positions. With return_weights, (A_t, w, clip(w)): the evidence weights
+    before and after the clip, each (N,T) (rlsd_loss logs how often the clip acts).
     """
-    adv_NT, _, _ = _token_advantages(adv, teacher_logp, student_logp, lam=lam, eps_w=eps_w)
+    with torch.no_grad():
+        delta = teacher_logp.float() - student_logp.float()  # Eq. (13): stop-gradient
+        # -inf - -inf (a padded position scored -inf by both) is NaN: treat it as "no evidence"
+        delta = torch.nan_to_num(delta, nan=0.0)
+        # clamp before exp: +-20 is far outside any clip range, and keeps w finite and > 0
+        w = torch.exp((torch.sign(adv.float())[:, None] * delta).clamp(-20.0, 20.0))  # Eq. (14)
+        w_clip = w.clamp(1.0 - eps_w, 1.0 + eps_w)  # Eq. (15): clip the ratio, not delta
+        # the lambda mix: 1 + lam * (w_c - 1) is (1 - lam) + lam * w_c rearranged (the fw-ai
+        # cookbook form). It is exactly 1.0 whenever lam == 0, eps_w == 0 or teacher ==
+        # student, so those cases are GRPO bit for bit; the textbook form can round to
+        # 0.99999994.
+        adv_NT = adv.detach().float()[:, None] * (1.0 + lam * (w_clip - 1.0))  # Eq. (15) + lambda
     if mask is not None:
         adv_NT = torch.where(mask.bool(), adv_NT, torch.zeros_like(adv_NT))
-    return adv_NT
+    return (adv_NT, w, w_clip) if return_weights else adv_NT
 
 
 def lambda_schedule(step: int, *, lam0: float = 0.5,   # paper and code: 0.5
@@ -99,8 +94,8 @@ def rlsd_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
     over the tokens of rollouts with A != 0 (the lambda is the caller's: train.py logs it).
     """
     student_logp = logp.detach()  # the code's choice: current policy, recomputed in the update
-    adv_NT, w, w_clip = _token_advantages(adv, teacher_logp, student_logp, lam=lam,
-                                          eps_w=eps_w)  # Eqs. (13)-(15) and the lambda mix
+    adv_NT, w, w_clip = rlsd_token_advantages(adv, teacher_logp, student_logp, lam=lam,
+                                              eps_w=eps_w, return_weights=True)  # Eqs. 13-15
     per_token, metrics = policy_loss(logp, old_logp, adv_NT, clip_low=clip_low,
                                      clip_high=clip_high, dual_clip=dual_clip, mask=mask)
     loss = aggregate(per_token, mask, normalizer=normalizer)  # global token-mean (code)

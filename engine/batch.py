@@ -209,20 +209,18 @@ def unrelated_contexts(examples: list, pool: list, *, group_size: int, seed: int
     return out
 
 
-def teacher_prompts(tok, b: Batch, *, context: str, prompts: Prompts, group_size: int,
-                    success_threshold: float, device, shown: list | None = None):
+def teacher_prompts(tok, b: Batch, *, context: str, prompts: Prompts, device,
+                    sibling: torch.Tensor | None = None, shown: list | None = None):
     """(ids (N, Lt), mask (N, Lt), has_context (N,) bool): each row's teacher prompt.
 
     context = answer | solution | hint | rationale: the row's own field (or its whole
-    teacher-prompt column), when it has one; sibling (SDPO, SRPO): the first correct sibling's
-    response, thinking removed; none (OPD): the student's own prompt. Rows with nothing to
-    show get the plain student prompt and has_context False (prompts.Prompts.teacher).
-    `shown`: the examples whose contexts the teacher sees instead (`unrelated_contexts`)."""
+    teacher-prompt column), when it has one; sibling (SDPO, SRPO): the response of row
+    `sibling[i]` (the first correct sibling: distill.srpo_route; -1 for none), thinking
+    removed; none (OPD): the student's own prompt. Rows with nothing to show get the plain
+    student prompt and has_context False (prompts.Prompts.teacher). `shown`: the examples
+    whose contexts the teacher sees instead (`unrelated_contexts`)."""
     siblings = [None] * len(b.examples)
     if context == "sibling":
-        # the first OTHER rollout of the group with reward >= threshold (SDPO `_get_solution`;
-        # a row is never its own teacher), or -1: the rule SRPO's routing table uses too
-        _, sibling = distill.srpo_route(b.rewards.cpu(), group_size, threshold=success_threshold)
         siblings = [strip_thinking(b.texts[s]) if s >= 0 else None for s in sibling.tolist()]
     rows = [prompts.teacher(tok, e, context, sibling=s)
             for e, s in zip(shown or b.examples, siblings)]

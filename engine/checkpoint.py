@@ -89,12 +89,29 @@ def _write_files(tmp: str, *, model_state, model_config, tokenizer, trainer_stat
         lora.save_adapter_config(lora_model, tmp)
     tokenizer.save_pretrained(tmp)
     vision.save_processors(tokenizer, tmp)  # a multimodal model's: image, audio, video settings
-    _written(torch.save, os.path.join(tmp, "trainer_state.pt"), trainer_state)
+    if trainer_state is not None:
+        _written(torch.save, os.path.join(tmp, "trainer_state.pt"), trainer_state)
     if teacher_state is not None:
         _written(save_file, os.path.join(tmp, "teacher.safetensors"), _plain(teacher_state, tied))
     for f in os.listdir(tmp):  # make the bytes durable before the rename publishes them
         with open(os.path.join(tmp, f), "rb") as fh:
             os.fsync(fh.fileno())
+
+
+def save_model(path: str, model, tokenizer):
+    """A plain Hugging Face model directory (weights, config, tokenizer, processors; no
+    trainer state) at `path`, written to `path`.tmp and renamed when complete (the toy warm
+    start: a crash leaves none, never half of one)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        _write_files(tmp, model_state=model.state_dict(), model_config=model.config,
+                     tokenizer=tokenizer, trainer_state=None, teacher_state=None, lora_model=None)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, path)
 
 
 def list_checkpoints(out_dir: str) -> list[str]:

@@ -1,8 +1,11 @@
 """Each algorithm's loss on one chunk of response positions, from grpo.py, rlsd.py, distill.py.
 
 The training step (train.update_mini_batch) runs `backward_chunked` once per micro-batch,
-which calls `chunk_loss` once per chunk of positions. Everything an algorithm does differently
-is in one `if` branch of `chunk_loss`, plus the row choice in `distilled_rows`:
+which calls `chunk_loss` once per chunk of positions: the chunk's logits, then the
+algorithm's own small function (`grpo_chunk_loss`, `rlsd_chunk_loss`, ...), a few lines each
+around the math of grpo.py, rlsd.py and distill.py. Their hyperparameters travel as one
+frozen `LossOptions`, built once per step (never the run's Config). What else an algorithm
+does differently is the row choice in `distilled_rows`:
 
   algo      teacher (default)       its context   rows distilled                  loss
   grpo      -                       -             -                               surrogate + k3 KL 0.04, seq-mean
@@ -59,14 +62,13 @@ independent of the micro-batch and process split:
 SRPO's loss is one token mean over both branches (its paper, Eq. 8) and has no such option.
 """
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 import distill
 import grpo
+import rlsd
 from engine.teachers import lm_head_logits, response_hidden, sampled_token_logprobs
-from rlsd import rlsd_loss
 
 GRPO_FAMILY = ("grpo", "dr_grpo", "dapo", "gspo", "rloo")
 SAMPLED_TOKEN_TEACHER = ("rlsd", "opd")                     # Batch.teacher_logp, (N, T)
@@ -111,13 +113,14 @@ def _as_stats(means: dict, mask: torch.Tensor) -> dict:
     return {k: (v.detach() * n, n) for k, v in means.items()}
 
 
-def distilled_rows(algo: str, b, *, group_size: int, success_threshold: float, ptd_tau: float):
+def distilled_rows(algo: str, b, *, group_size: int, ptd_tau: float, to_sdpo=None):
     """(distill (N,) bool or None, kl_off (N,) bool or None): the rows whose tokens the
-    distillation term averages over, and PTD-PO's rows without the reference KL."""
+    distillation term averages over, and PTD-PO's rows without the reference KL. `to_sdpo`:
+    SRPO's routing (distill.srpo_route), computed once with the siblings the teacher is shown."""
     if algo in ("opsd", "sdpo"):  # every row whose teacher was shown something
         return b.has_context, None
     if algo == "srpo":  # SRPO Table 7: wrong, with a correct sibling; the rest goes to GRPO
-        return b.has_context & (b.rewards < success_threshold), None
+        return b.has_context & to_sdpo.to(b.has_context.device), None
     if algo == "ptdpo":  # official compute_ptd_mask: wrong rows of groups below tau, with a hint
         acc = b.correct.float().to(b.rewards.device)
         return (distill.ptd_mask(acc, group_size, b.has_context, tau=ptd_tau),
@@ -153,115 +156,230 @@ def distill_row_weights(mode: str, b, norms) -> torch.Tensor:
     raise ValueError(f"unknown --distill-agg {mode!r}")
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The hyperparameters of the loss, one step's worth (train.loss_options builds it from
+    the run's options): what the functions below read, and nothing else. Each field is the
+    option of the same name (engine/config.py); `lam` is RLSD's lambda at this step and
+    `dual_clip` None when the dual clip is off."""
+    algo: str
+    temperature: float = 1.0          # the rollout temperature: every loss scores at it
+    lam: float = 0.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = 3.0
+    kl_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    eps_w: float = 0.2
+    opd_coef: float = 1.0
+    beta: float = 0.5
+    top_k: int = 100
+    token_clip: float = 0.0
+    is_clip: float = 2.0
+    srpo_beta: float = 1.0
+    ptd_coef: float = 0.05
+    ptd_divergence: str = "jsd"
+
+
+def chunk_loss(model, b, h_ntH, t0: int, t1: int, norms: Norms, opt: LossOptions,
+               teacher=None, teacher_hidden=None):
+    """(scalar loss, {metric: (sum, count)}) of `opt.algo` on response positions t0:t1 of the
+    micro-batch `b`: the student's logits and sampled-token log-probs from its hidden states
+    `h_ntH` (with gradient), the teacher's logits from `teacher_hidden` (the whole-distribution
+    losses), then the algorithm's own function. `backward_chunked` calls it once per chunk,
+    under activation checkpointing when there are several."""
+    logits, c = lm_head_logits(model, h_ntH), b.positions(t0, t1)
+    logp = grpo.token_logprobs(logits, c.resp_ids, temperature=opt.temperature)
+    t_logits = (teacher.logits(model, teacher_hidden, t0, t1) if teacher_hidden is not None
+                else None)
+    if opt.algo == "sft":
+        return sft_chunk_loss(c, logp, norms)
+    if opt.algo in ("grpo", "dr_grpo", "dapo", "rloo"):
+        return grpo_chunk_loss(c, logits, logp, norms, opt)
+    if opt.algo == "gspo":
+        return gspo_chunk_loss(c, logits, logp, norms, opt)
+    if opt.algo == "rlsd":
+        return rlsd_chunk_loss(c, logits, logp, norms, opt)
+    if opt.algo == "opd":
+        return opd_chunk_loss(c, logits, logp, norms, opt)
+    if opt.algo == "opsd":
+        return opsd_chunk_loss(c, logits, logp, t_logits, opt)
+    if opt.algo == "sdpo":
+        return sdpo_chunk_loss(c, logits, logp, t_logits, opt)
+    if opt.algo == "srpo":
+        return srpo_chunk_loss(c, logits, logp, t_logits, norms, opt)
+    if opt.algo == "ptdpo":
+        return ptdpo_chunk_loss(c, logits, logp, t_logits, norms, opt)
+    raise ValueError(f"no loss for --algo {opt.algo}")
+
+
+# ----------------------------------------------------------------------------------------
+# The shared pieces: the old policy, the clipped surrogate (+ KL), the statistics
+# ----------------------------------------------------------------------------------------
+
+def old_logprobs(c, logp):
+    """The PPO ratio's old policy: the rollout policy's log-probs when a batch is updated in
+    several steps (Batch.old_logp), else the current ones detached (the ratio is exactly 1)."""
+    return c.old_logp if c.old_logp is not None else logp.detach()
+
+
+def surrogate(c, logp, adv, opt: LossOptions, *, ratio=None, with_kl: bool = True):
+    """(per-token loss (n, t), stats): the PPO/DAPO clipped surrogate of advantages `adv`
+    against the old policy, or of the given (logp, old_logp) `ratio` pair (GSPO), plus the k3
+    KL to the initial model when --kl-coef > 0 (and `with_kl`)."""
+    ratio_logp, ratio_old = ratio if ratio is not None else (logp, old_logprobs(c, logp))
+    per_tok, means = grpo.policy_loss(ratio_logp, ratio_old, adv, clip_low=opt.clip_low,
+                                      clip_high=opt.clip_high, dual_clip=opt.dual_clip,
+                                      mask=c.mask)
+    stats = _as_stats(means, c.mask)
+    if opt.kl_coef > 0 and with_kl:
+        kl = grpo.kl_k3(logp, c.ref_logp)
+        stats["kl"] = mean_stat(kl, c.mask)
+        per_tok = per_tok + opt.kl_coef * kl
+    return per_tok, stats
+
+
+def entropy_stat(logits, c, opt: LossOptions) -> dict:
+    """The student's mean entropy over the loss tokens (a diagnostic: no gradient)."""
+    return {"entropy": mean_stat(grpo.entropy(logits.detach(), temperature=opt.temperature),
+                                 c.mask)}
+
+
+def teacher_kl_stat(logp, teacher_logp, mask) -> dict:
+    """The sampled-token estimate of KL(student || teacher) on the student's own tokens,
+    mean of log pS(y_t) - log pT(y_t) (RLSD Fig. 3c's curve; no gradient)."""
+    return {"teacher_kl": mean_stat(logp.detach() - teacher_logp, mask)}
+
+
 def _distill_mean(div, c, d_mask):
     """The distillation term of a chunk: its rows' weighted token sums (distill_row_weights)."""
     w = c.distill_w.to(div.dtype)[:, None]
     return grpo.aggregate(div * w, d_mask, normalizer=1.0)
 
 
-def chunk_loss(c, logits, logp, teacher_logits, norms, *, algo: str, lam: float,
-               temperature: float, clip_low: float, clip_high: float, dual_clip: float,
-               kl_coef: float, loss_agg: str, eps_w: float, opd_coef: float, beta: float,
-               top_k: int, token_clip: float, is_clip: float, srpo_beta: float,
-               ptd_coef: float, ptd_divergence: str):
-    """(scalar loss, {metric: (sum, count)}) of `algo` on one chunk of positions. c is the
-    micro-batch cut to the chunk's positions (batch.Batch); logits (n, t, V) and logp (n, t)
-    are the student's, with gradient; teacher_logits (n, t, V) the teacher's distribution (or
-    None); norms the global denominators (`Norms`); `lam` RLSD's lambda at this step. The
-    keywords are the options of the same names (config.py), each read by its algorithms."""
-    mask, T = c.mask, temperature
-    stats = {"entropy": mean_stat(grpo.entropy(logits.detach(), temperature=T), mask)}
-    # the PPO ratio's old policy: the rollout policy's log-probs when a batch is updated in
-    # several steps (Batch.old_logp), else the current ones detached (ratio exactly 1)
-    old = c.old_logp if c.old_logp is not None else logp.detach()
-    dual_clip = dual_clip if dual_clip > 0 else None  # <= 0: no dual clip
+def _top_k(opt: LossOptions, logits) -> int | None:
+    """--top-k as a support size (0: the full vocabulary, None)."""
+    return min(opt.top_k, logits.shape[-1]) if opt.top_k else None
 
-    def surrogate(adv, with_kl=True, ratio_logp=logp, ratio_old=old):
-        """The PPO/DAPO clipped surrogate per token against the old policy `old`, plus the k3
-        KL to the initial model when --kl-coef > 0 (and `with_kl`)."""
-        per_tok, means = grpo.policy_loss(ratio_logp, ratio_old, adv, clip_low=clip_low,
-                                          clip_high=clip_high, dual_clip=dual_clip, mask=mask)
-        stats.update(_as_stats(means, mask))
-        if kl_coef > 0 and with_kl:
-            kl = grpo.kl_k3(logp, c.ref_logp)
-            stats["kl"] = mean_stat(kl, mask)
-            per_tok = per_tok + kl_coef * kl
-        return per_tok
 
-    def sdpo(logits, teacher_logits, logp, old):
-        """SDPO's per-token loss: top-k (+ tail) JSD x the detached IS weight min(pi/pi_old, 2)."""
-        return distill.sdpo_per_token(logits, teacher_logits, logp, old, beta=beta,
-                                      top_k=min(top_k, logits.shape[-1]) if top_k else None,
-                                      is_clip=is_clip, temperature=T)
+# ----------------------------------------------------------------------------------------
+# One function per algorithm: (loss, stats) of one chunk
+# ----------------------------------------------------------------------------------------
 
-    if algo in GRPO_FAMILY:  # differ only in advantage scale, aggregation, clip, KL
-        normalizer = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
-                      "seq-mean-token-sum-norm": norms.rows_x_len}[loss_agg]
-        ratio = {}
-        if algo == "gspo":  # each token carries its sequence's ratio sg[s_i] (GSPO-token):
-            # log s_i of the whole row, computed before the loss (gspo_sequence_ratios;
-            # 0 with one update per batch, where s_i = 1)
-            log_s = (c.seq_log_ratio if c.seq_log_ratio is not None
-                     else torch.zeros(logp.shape[0], device=logp.device))
-            ratio = dict(ratio_logp=grpo.gspo_token_logp(logp, log_s),
-                         ratio_old=torch.zeros_like(logp))
-        loss = grpo.aggregate(surrogate(c.adv, **ratio), mask, mode=loss_agg,
-                              normalizer=normalizer, row_tokens=c.row_tokens)
+def sft_chunk_loss(c, logp, norms: Norms):
+    """The warm start's loss: the token-mean negative log-likelihood of the targets."""
+    return grpo.aggregate(-logp, c.mask, normalizer=norms.tokens), {}
 
-    elif algo == "rlsd":  # the GRPO surrogate with A_t = A * ((1-lam) + lam * clip(w_t))
-        loss, means = rlsd_loss(logp, old, c.adv, c.teacher_logp, mask, lam=lam,
-                                eps_w=eps_w, clip_low=clip_low, clip_high=clip_high,
-                                dual_clip=dual_clip, normalizer=norms.tokens)
-        active = mask & (c.adv != 0)[:, None]  # the weight statistics are over A != 0 tokens
-        stats.update(_as_stats({k: means.pop(k) for k in ("rlsd_weight_clip_frac",
-                                                          "rlsd_weight_mean")}, active))
-        stats.update(_as_stats(means, mask))
 
-    elif algo == "opd":  # a per-token advantage from the teacher: minus the reverse KL
-        adv_nt = opd_coef * distill.opd_advantages(logp, c.teacher_logp)
-        stats["opd_reverse_kl"] = mean_stat(-adv_nt / max(opd_coef, 1e-12), mask)
-        loss = grpo.aggregate(surrogate(adv_nt), mask, normalizer=norms.tokens)
+def grpo_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+    """GRPO, Dr. GRPO, DAPO, RLOO: the clipped surrogate of the sequence advantage (their
+    advantage scales differ in step 3), aggregated by --loss-agg over its global count."""
+    per_tok, stats = surrogate(c, logp, c.adv, opt)
+    normalizer = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
+                  "seq-mean-token-sum-norm": norms.rows_x_len}[opt.loss_agg]
+    loss = grpo.aggregate(per_tok, c.mask, mode=opt.loss_agg, normalizer=normalizer,
+                          row_tokens=c.row_tokens)
+    return loss, {**entropy_stat(logits, c, opt), **stats}
 
-    elif algo == "opsd":  # OPSD's top_k_loss takes the TEACHER's top-k
-        d_mask = mask & c.distill[:, None]
-        # with --top-k, the teacher's top-k renormalised, no tail bucket (audit F8)
-        div = distill.distill_per_token(logits, teacher_logits, beta=beta,
-                                        top_k=min(top_k, logits.shape[-1]) or None, add_tail=False,
-                                        token_clip=token_clip or None, temperature=T,
-                                        support="teacher")
-        stats["distill"] = mean_stat(div, d_mask)
-        loss = _distill_mean(div, c, d_mask)
 
-    elif algo == "sdpo":  # replaces the policy gradient (the released code's loss_mode)
-        d_mask = mask & c.distill[:, None]
-        sd = sdpo(logits, teacher_logits, logp, old)
-        stats["distill"] = mean_stat(sd, d_mask)
-        is_w = torch.exp((logp - old).detach().clamp(-20.0, 20.0)).clamp(max=is_clip)
-        stats["is_weight_mean"] = mean_stat(is_w, d_mask)  # 1 with one update per batch
-        loss = _distill_mean(sd, c, d_mask)
+def gspo_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+    """GSPO-token: each token carries its sequence's ratio sg[s_i], log s_i of the whole row
+    computed before the loss (gspo_sequence_ratios; 0 with one update per batch, s_i = 1)."""
+    log_s = (c.seq_log_ratio if c.seq_log_ratio is not None
+             else torch.zeros(logp.shape[0], device=logp.device))
+    ratio = (grpo.gspo_token_logp(logp, log_s), torch.zeros_like(logp))
+    per_tok, stats = surrogate(c, logp, c.adv, opt, ratio=ratio)
+    normalizer = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
+                  "seq-mean-token-sum-norm": norms.rows_x_len}[opt.loss_agg]
+    loss = grpo.aggregate(per_tok, c.mask, mode=opt.loss_agg, normalizer=normalizer,
+                          row_tokens=c.row_tokens)
+    return loss, {**entropy_stat(logits, c, opt), **stats}
 
-    elif algo == "srpo":  # failed rows with a sibling to weighted SDPO, the rest to GRPO
-        d_mask = mask & c.distill[:, None]
-        pg, sd = surrogate(c.adv), sdpo(logits, teacher_logits, logp, old)
-        h = grpo.entropy(teacher_logits, temperature=T)  # teacher entropy, full vocabulary
-        w = distill.entropy_weights(h, d_mask, beta=srpo_beta, normalizer=norms.w_mean)
-        stats["distill"] = mean_stat(sd, d_mask)
-        loss = distill.srpo_loss(pg, sd, w, c.distill, mask, normalizer=norms.tokens)
 
-    elif algo == "ptdpo":  # GRPO + k3 KL (off on PTD groups) + lambda * Top-K JSD
-        # the KL is added by ptdpo_loss, which switches it off on PTD groups
-        pg, kl = surrogate(c.adv, with_kl=False), grpo.kl_k3(logp, c.ref_logp)
-        V = logits.shape[-1]
-        ptd = distill.ptd_topk_divergence(logits.float() / T, teacher_logits.float() / T,
-                                          k=min(top_k, V), divergence=ptd_divergence)
-        stats["kl"] = mean_stat(kl, mask & ~c.kl_off[:, None])
-        stats["distill"] = mean_stat(ptd, mask & c.distill[:, None])
-        loss = distill.ptdpo_loss(pg, kl, ptd, mask, c.distill, c.kl_off, ptd_coef=ptd_coef,
-                                  kl_coef=kl_coef, normalizer=norms.tokens,
-                                  ptd_row_weights=c.distill_w)
-    else:
-        raise ValueError(f"no loss for --algo {algo}")
-    return loss, stats
+def rlsd_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+    """RLSD: the GRPO surrogate with A_t = A * ((1 - lam) + lam * clip(w_t)), its token
+    advantages from the teacher's log-probs of the sampled tokens (rlsd.rlsd_loss)."""
+    loss, means = rlsd.rlsd_loss(logp, old_logprobs(c, logp), c.adv, c.teacher_logp, c.mask,
+                                 lam=opt.lam, eps_w=opt.eps_w, clip_low=opt.clip_low,
+                                 clip_high=opt.clip_high, dual_clip=opt.dual_clip,
+                                 normalizer=norms.tokens)
+    active = c.mask & (c.adv != 0)[:, None]  # the weight statistics are over A != 0 tokens
+    weights = {k: means.pop(k) for k in ("rlsd_weight_clip_frac", "rlsd_weight_mean")}
+    return loss, {**entropy_stat(logits, c, opt), **_as_stats(weights, active),
+                  **_as_stats(means, c.mask), **teacher_kl_stat(logp, c.teacher_logp, c.mask)}
+
+
+def opd_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+    """OPD: a per-token advantage from the teacher, minus the sampled-token reverse KL."""
+    adv_nt = opt.opd_coef * distill.opd_advantages(logp, c.teacher_logp)
+    per_tok, stats = surrogate(c, logp, adv_nt, opt)
+    stats["opd_reverse_kl"] = mean_stat(-adv_nt / max(opt.opd_coef, 1e-12), c.mask)
+    loss = grpo.aggregate(per_tok, c.mask, normalizer=norms.tokens)
+    return loss, {**entropy_stat(logits, c, opt), **stats,
+                  **teacher_kl_stat(logp, c.teacher_logp, c.mask)}
+
+
+def opsd_chunk_loss(c, logits, logp, t_logits, opt: LossOptions):
+    """OPSD: the divergence to the solution-shown teacher on its distilled rows. Its
+    top_k_loss takes the TEACHER's top-k, renormalised, no tail bucket (audit F8)."""
+    d_mask = c.mask & c.distill[:, None]
+    div = distill.distill_per_token(logits, t_logits, beta=opt.beta, top_k=_top_k(opt, logits),
+                                    add_tail=False, token_clip=opt.token_clip or None,
+                                    temperature=opt.temperature, support="teacher")
+    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=opt.temperature)
+    return _distill_mean(div, c, d_mask), {**entropy_stat(logits, c, opt),
+                                           "distill": mean_stat(div, d_mask),
+                                           **teacher_kl_stat(logp, t_logp, d_mask)}
+
+
+def sdpo_chunk_loss(c, logits, logp, t_logits, opt: LossOptions):
+    """SDPO: top-k (+ tail) JSD to the sibling-shown teacher x the detached IS weight; it
+    replaces the policy gradient (the released code's loss_mode)."""
+    d_mask = c.mask & c.distill[:, None]
+    sd, is_w = distill.sdpo_per_token(logits, t_logits, logp, old_logprobs(c, logp),
+                                      beta=opt.beta, top_k=_top_k(opt, logits),
+                                      is_clip=opt.is_clip, temperature=opt.temperature,
+                                      return_weight=True)
+    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=opt.temperature)
+    return _distill_mean(sd, c, d_mask), {**entropy_stat(logits, c, opt),
+                                          "distill": mean_stat(sd, d_mask),
+                                          "is_weight_mean": mean_stat(is_w, d_mask),
+                                          **teacher_kl_stat(logp, t_logp, d_mask)}
+
+
+def srpo_chunk_loss(c, logits, logp, t_logits, norms: Norms, opt: LossOptions):
+    """SRPO: failed rows with a correct sibling to SDPO weighted by exp(-beta H_teacher), the
+    rest to GRPO, one token mean over both (distill.srpo_loss)."""
+    d_mask = c.mask & c.distill[:, None]
+    pg, stats = surrogate(c, logp, c.adv, opt)
+    sd = distill.sdpo_per_token(logits, t_logits, logp, old_logprobs(c, logp), beta=opt.beta,
+                                top_k=_top_k(opt, logits), is_clip=opt.is_clip,
+                                temperature=opt.temperature)
+    h = grpo.entropy(t_logits, temperature=opt.temperature)  # teacher entropy, full vocabulary
+    w = distill.entropy_weights(h, d_mask, beta=opt.srpo_beta, normalizer=norms.w_mean)
+    loss = distill.srpo_loss(pg, sd, w, c.distill, c.mask, normalizer=norms.tokens)
+    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=opt.temperature)
+    return loss, {**entropy_stat(logits, c, opt), **stats, "distill": mean_stat(sd, d_mask),
+                  **teacher_kl_stat(logp, t_logp, d_mask)}
+
+
+def ptdpo_chunk_loss(c, logits, logp, t_logits, norms: Norms, opt: LossOptions):
+    """PTD-PO: GRPO + k3 KL (off on PTD groups, so ptdpo_loss adds it) + lambda * Top-K JSD to
+    the hint-shown reference (as released, a term with zero gradient: distill.py)."""
+    pg, stats = surrogate(c, logp, c.adv, opt, with_kl=False)
+    kl = grpo.kl_k3(logp, c.ref_logp)
+    T = opt.temperature
+    ptd = distill.ptd_topk_divergence(logits.float() / T, t_logits.float() / T,
+                                      k=min(opt.top_k, logits.shape[-1]),
+                                      divergence=opt.ptd_divergence)
+    d_mask = c.mask & c.distill[:, None]
+    loss = distill.ptdpo_loss(pg, kl, ptd, c.mask, c.distill, c.kl_off, ptd_coef=opt.ptd_coef,
+                              kl_coef=opt.kl_coef, normalizer=norms.tokens,
+                              ptd_row_weights=c.distill_w)
+    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=T)
+    return loss, {**entropy_stat(logits, c, opt), **stats,
+                  "kl": mean_stat(kl, c.mask & ~c.kl_off[:, None]),
+                  "distill": mean_stat(ptd, d_mask), **teacher_kl_stat(logp, t_logp, d_mask)}
 
 
 @torch.no_grad()
@@ -277,34 +395,26 @@ def srpo_weight_sum(teacher_logits, c, *, srpo_beta: float, temperature: float):
 # The chunked backward of one micro-batch, and the two losses that need a pass before it
 # ----------------------------------------------------------------------------------------
 
-def backward_chunked(model, b, chunks: list, loss, *, world: int, metrics,
-                     temperature: float = 1.0, teacher=None, teacher_hidden=None) -> float:
-    """One micro-batch `b`: the student's hidden states (one forward), then per chunk of
-    positions (t0, t1) its logits and sampled-token log-probs, the teacher's logits if
-    `teacher_hidden` is given (Teacher.hidden), and `loss(c, logits, logp, teacher_logits)`
-    -> (loss, stats) on the micro-batch cut to the chunk; then one backward. Returns the loss
-    (a float) and adds the stats to `metrics`.
+def backward_chunked(model, b, chunks: list, *, norms: Norms, opt: LossOptions, world: int,
+                     metrics, teacher=None, teacher_hidden=None) -> float:
+    """One micro-batch `b`: the student's hidden states (one forward), then `chunk_loss` on
+    each chunk of positions (t0, t1) of `chunks`, then one backward. Returns the loss (a
+    float) and adds the chunks' statistics to `metrics`. `teacher_hidden`: the teacher's
+    hidden states of this micro-batch (Teacher.hidden), for the whole-distribution losses.
 
     With several chunks, each runs under activation checkpointing: its (n, t, V) logits, and
     the teacher's, are recomputed in backward instead of stored, so memory holds one chunk's
-    logits, never the whole (n, T, V)."""
+    logits, never the whole (n, T, V). One chunk (a small vocabulary) has nothing to save."""
     h_nTH = response_hidden(model, b.prompt_ids, b.prompt_mask, b.resp_ids, b.resp_mask,
                             **b.student_inputs(model))
-
-    def one_chunk(h_ntH, t0, t1):
-        logits_ntV = lm_head_logits(model, h_ntH)
-        c = b.positions(t0, t1)
-        logp_nt = grpo.token_logprobs(logits_ntV, c.resp_ids, temperature=temperature)
-        t_ntV = (teacher.logits(model, teacher_hidden, t0, t1) if teacher_hidden is not None
-                 else None)
-        return loss(c, logits_ntV, logp_nt, t_ntV)
-
-    # one chunk (a small vocabulary): nothing to save by recomputing it in backward
-    run = one_chunk if len(chunks) == 1 else partial(torch.utils.checkpoint.checkpoint,
-                                                     one_chunk, use_reentrant=False)
     total = 0.0
     for t0, t1 in chunks:
-        value, stats = run(h_nTH[:, t0:t1], t0, t1)
+        args = (model, b, h_nTH[:, t0:t1], t0, t1, norms, opt, teacher, teacher_hidden)
+        if len(chunks) == 1:
+            value, stats = chunk_loss(*args)
+        else:
+            value, stats = torch.utils.checkpoint.checkpoint(chunk_loss, *args,
+                                                             use_reentrant=False)
         total = total + value
         metrics.add(stats)  # returned by the forward call only, never by the recompute
     # FSDP averages gradients over ranks; our normalisers are already global: undo it

@@ -83,7 +83,7 @@ TOY_LEAK_MARKERS = ("Q", "A", "S", "H", "R")  # toy privileged-context markers
 
 def templates(data_spec: str) -> dict:
     """The embedded tasks' compact templates, or the papers' wording for real data."""
-    return TOY_TEMPLATES if data_spec in ("toy", "shapes", "clips") else PAPER_TEMPLATES
+    return TOY_TEMPLATES if data_spec in ("toy", "chains", "shapes", "clips") else PAPER_TEMPLATES
 
 
 def render(template: str, ex, sibling: str = "") -> str:

@@ -8,6 +8,8 @@
     writing         a failed write is one message naming the directory and its free space
     StopSignals     SIGTERM / Ctrl-C end the run after the step in progress, not in the middle
                     of it; evaluation and the warm start they end at once (`Stopped`)
+    RunGuard        the checks between two steps: too many non-finite steps, most responses
+                    cut off, a checkpoint due, a stop signal on any rank
 """
 import contextlib
 import dataclasses
@@ -93,6 +95,54 @@ class RunLog:
         if self.main:
             print(f"{self.label}{when}: " + " | ".join(f"{k}={v:.3f}" for k, v in values.items()),
                   flush=True)
+
+
+class RunGuard:
+    """What the loop decides between two steps, on every rank alike: stop after --max-skips
+    consecutive non-finite steps (the weights were not updated: the last checkpoint is good),
+    warn once when most responses hit --max-new-tokens, checkpoint on the --save-every
+    schedule, after the last step and (--save-on-signal) when stopped, and stop after this
+    step when a signal reached any rank (all-reduced: a rank that carried on alone would hang
+    in its next collective). A signal that arrives while a checkpoint is written is acted on
+    after that write, not one step later."""
+
+    def __init__(self, cfg, stop: "StopSignals", dist, start: int):
+        self.cfg, self.stop, self.dist = cfg, stop, dist
+        self.skips, self.warned, self.last_saved, self.signalled = 0, False, start, False
+
+    def check(self, step: int, m: dict):
+        cfg = self.cfg
+        if self.dist.rank == 0 and not self.warned and m.get("truncated_frac", 0) > 0.5:
+            self.warned = True  # rewards are ~0 without a final answer: nothing is learned
+            print(f"warning: {m['truncated_frac']:.0%} of the responses hit --max-new-tokens "
+                  f"{cfg.max_new_tokens} (reward 0 without a final answer); raise it",
+                  flush=True)
+        self.skips = self.skips + 1 if m["skipped"] else 0
+        if self.skips >= cfg.max_skips:  # going on would only burn compute
+            raise SystemExit(f"stopping at step {step}: {self.skips} consecutive steps with a "
+                             f"non-finite loss or gradient norm (loss={m['loss']}, "
+                             f"grad_norm={m['grad_norm']}); weights were not updated, the "
+                             f"last checkpoint in {cfg.out} is intact. Lower --lr or check "
+                             f"the data.")
+
+    def _any_rank_signalled(self) -> bool:
+        return self.dist.sum(float(self.stop.name is not None)).item() > 0
+
+    def save_due(self, step: int) -> bool:
+        cfg = self.cfg
+        self.signalled = self._any_rank_signalled()
+        return bool((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
+                    or (self.signalled and cfg.save_on_signal))
+
+    def saved(self, step: int):
+        self.last_saved = step
+        if not self.signalled:  # a signal during the write: stop now, not after one more step
+            self.signalled = self._any_rank_signalled()
+
+    def stop_if_signalled(self, step: int, argv: list):
+        if self.signalled and step < self.cfg.steps:
+            name = self.stop.name or "SIGTERM"  # the signal reached another rank
+            raise Stopped(name, stopped_after(step, self.last_saved, self.cfg.out, name, argv))
 
 
 def stopped_after(step: int, saved: int, out: str, name: str, argv: list) -> str:

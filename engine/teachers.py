@@ -35,7 +35,7 @@ import grpo
 from engine import vision
 from engine.distributed import reshard, shard
 from engine.lora import BaseView, is_lora
-from engine.rollout import cache_argument, distinct_prompts, positions
+from engine.rollout import cache_argument, distinct_prompts, load_model, positions
 
 TEACHER_MODES = ("none", "live", "frozen", "sync", "ema", "trust", "external")
 
@@ -328,3 +328,14 @@ def teacher_and_reference(model, *, mode: str, kl_coef: float, sync_every: int,
     for m in {id(x): x for x in modules}.values():  # each once
         shard(m, dist, dtype)
     return Teacher(mode, initial, sync_every=sync_every, ema_rate=ema_rate), ref
+
+
+def external_teacher(path: str, tok, *, flag: str, device):
+    """OPD's external teacher: the model at `path`, checked like the student (`check_logits`)
+    and refused unless it shares the student's vocabulary (`flag`: how the user named it)."""
+    model, t_tok = load_model(path, device=device)
+    check_logits(model, flag)
+    if len(t_tok) != len(tok):
+        raise SystemExit(f"{flag}: vocabulary of {len(t_tok)} tokens, the student has "
+                         f"{len(tok)}; OPD needs a shared tokenizer")
+    return model

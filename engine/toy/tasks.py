@@ -9,7 +9,7 @@
 """
 from data import TASKS, Example, load_examples
 from engine import vision
-from engine.toy import arithmetic, clips, shapes
+from engine.toy import arithmetic, chains, clips, shapes
 
 
 def make_task(spec: str, split: str, n: int, *, seed: int = 0) -> list[Example]:
@@ -18,6 +18,8 @@ def make_task(spec: str, split: str, n: int, *, seed: int = 0) -> list[Example]:
         return shapes.make_shapes(split, n, seed=seed)
     if spec == "clips":
         return clips.make_clips(split, n, seed=seed)
+    if spec == "chains":
+        return chains.make_chains(split, n, seed=seed)
     return arithmetic.make_toy(split, n, seed=seed)
 
 

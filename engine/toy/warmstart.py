@@ -2,40 +2,39 @@
 
     load_policy     (model, tokenizer): 'toy' (the cached warm start, or --warm-start DIR),
                     'toy-init' (random weights), or a Hugging Face directory / hub id
-    toy_checkpoint  the warm start, trained once with `--algo sft` and cached under a file
-                    lock, keyed by a hash of its settings and of the code that builds it
+    toy_checkpoint  the warm start, trained once and cached under a file lock, keyed by a
+                    hash of its settings and of the code that builds it
+    build_warm_start  the supervised fine-tuning that makes it: the steps of `--algo sft`
+                    (engine/sft.py, on the task's demonstrations: demos.py) in one process
     overview        what `python train.py` is about to do, and for how long
-
-The warm start is a run of the training loop (`--algo sft`, engine/sft.py), which the trainer
-hands down as `build`: nothing here imports train.py.
 """
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
+import time
 
 import torch
 
 import data
 from engine import checkpoint as ckpt, media, vision
 from engine.losses import backward_chunked
-from engine.sft import TOY_SFT_MIX, sft_batch, sft_step
+from engine.sft import sft_batch, sft_step
 from engine.update import clip_and_step, lr_at
 from engine.config import Config, resolve_config
 from engine.distributed import Dist
-from engine.prompts import TOY_TEMPLATES, render
+from engine.prompts import TOY_TEMPLATES, prompts_for, render
 from engine.rollout import load_model
-from engine.rundir import file_lock
-from engine.toy import arithmetic, clips, models, shapes
+from engine.rundir import file_lock, log_line
+from engine.toy import arithmetic, chains, clips, demos, models, shapes, tasks
 
 TOY_VERSION = "v3"  # part of the warm-start cache key (with the settings and the code)
 # the code that makes the warm start's weights: its source is part of the cache key (the
 # functions as imported here, so that a test wrapping one at run time changes no key)
 _BUILDS_IT = (arithmetic.toy_example, arithmetic.toy_chain, arithmetic.sloppy_solution,
               arithmetic.make_toy, data.step_examples, models.build_toy_model,
-              models.build_toy_tokenizer, sft_batch, render, sft_step, backward_chunked, lr_at,
-              clip_and_step)
+              models.build_toy_tokenizer, demos.step_demonstrations, sft_batch, render, sft_step,
+              backward_chunked, lr_at, clip_and_step)
 
 
 def cache_dir(cfg: Config) -> str:
@@ -54,10 +53,12 @@ def warm_start_key(sft_cfg: Config) -> str:
                              "gpus", "preset", "warm_start")}
     parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
              torch.__version__, transformers.__version__, arithmetic.TOY_CHARS, repr(TOY_TEMPLATES),
-             repr(TOY_SFT_MIX), repr(arithmetic.MAX_OPERAND)]
+             repr(demos.TOY_SFT_MIX), repr(arithmetic.MAX_OPERAND)]
     if sft_cfg.data == "shapes":  # the image task: its pictures and the tiny Qwen3-VL
         parts += [inspect.getsource(shapes), inspect.getsource(models.toy_vlm), repr(TOY_VLM),
                   inspect.getsource(vision.freeze_vision_tower)]
+    if sft_cfg.data == "chains":  # the worded task: its responses and its demonstrator
+        parts += [inspect.getsource(chains)]
     if sft_cfg.data == "clips":  # the omni task: its clips, the tiny thinker, the media path
         parts += [inspect.getsource(m) for m in (clips, media, vision)] + [
             inspect.getsource(models.toy_omni), repr(TOY_OMNI)]
@@ -76,7 +77,8 @@ def _sft_config(cfg: Config, steps: int, slip: float) -> Config:
                                demo_slip=slip,
                                cache_dir=cfg.cache_dir, eval_every=0, save_every=0,
                                keep_checkpoints=1, eval_data=task, eval_n=cfg.eval_n,
-                               log_every=max(1, steps // 20), overwrite=True, out="-"))
+                               log_every=max(1, steps // 20), overwrite=True, out="-"),
+                          paths=False)  # it reads and writes only the cache (toy_checkpoint)
 
 
 def warm_start_path(cfg: Config, *, steps: int, name: str, slip: float = None) -> str:
@@ -88,12 +90,10 @@ def warm_start_path(cfg: Config, *, steps: int, name: str, slip: float = None) -
                                         f"{warm_start_key(_sft_config(cfg, steps, slip))}")
 
 
-def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: float = None,
-                   build=None) -> str:
-    """The warm-started toy model, trained once (`--algo sft` on the toy task) and cached. Built
-    under a file lock: a second process waits for the first one's instead of racing it.
-    `build(cfg, dist, label)` is the training loop that runs the SFT (train.train, handed down
-    by the trainer: the warm start is a run of the same loop, and never imports it)."""
+def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str,
+                   slip: float = None) -> str:
+    """The warm-started toy model, trained once (`build_warm_start`) and cached. Built under a
+    file lock: a second process waits for the first one's instead of racing it."""
     slip = cfg.demo_slip if slip is None else slip
     sft_cfg = _sft_config(cfg, steps, slip)
     path = warm_start_path(cfg, steps=steps, name=name, slip=slip)
@@ -101,24 +101,48 @@ def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str, slip: floa
         with file_lock(path + ".lock", waiting=f"waiting for another process that is building "
                                                   f"the warm start {path}"):
             if not os.path.exists(path):
-                sft_cfg.out = path + ".run"  # a crashed attempt's files are overwritten
                 minutes = steps * SFT_SECONDS[sft_cfg.data] / 60
                 what = {"toy": "the ~0.3M-parameter toy Qwen3 on the arithmetic task",
+                        "chains": "the ~0.3M-parameter toy Qwen3 on the worded chains task",
                         "shapes": "the tiny Qwen3-VL on the shapes task",
                         "clips": "the tiny Qwen2.5-Omni thinker on the clips task"}[sft_cfg.data]
                 print(f"warm start ({name}): supervised fine-tuning of {what}, {steps} steps, "
                       f"about {minutes:.0f} minutes on 2 CPU cores. Done once: cached in {path}",
                       flush=True)
-                build(sft_cfg, Dist(device=dist.device), label="warm start: ")  # one local process
-                os.replace(ckpt.latest_checkpoint(sft_cfg.out), path)
-                shutil.rmtree(sft_cfg.out, ignore_errors=True)
+                build_warm_start(sft_cfg, Dist(device=dist.device), path)  # one local process
     dist.barrier()
     return path
 
 
-def load_policy(cfg: Config, dist: Dist, name: str, build=None):
-    """(model, tokenizer) for 'toy-init' (random), 'toy' (cached warm start, trained by
-    `build` if it is not cached: see toy_checkpoint) or a path/hub id."""
+def build_warm_start(cfg: Config, dist: Dist, path: str, label: str = "warm start: "):
+    """The supervised fine-tuning that makes a warm start (`cfg`: its --algo sft settings),
+    the same steps as `python train.py --algo sft` on the task, written to `path` as a Hugging
+    Face model directory (atomically: a crash leaves no half-written warm start)."""
+    torch.manual_seed(cfg.seed)
+    examples = tasks.make_task(cfg.data, "train", 20000, seed=cfg.seed)
+    model, tok = load_policy(cfg, dist, "toy")  # random weights (and towers taught)
+    if cfg.freeze_vision or cfg.freeze_towers:  # as the trainer freezes them
+        vision.freeze_towers(model, "the toy model", audio=cfg.freeze_towers)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    prompts, t_start = prompts_for(cfg), time.time()
+    for step in range(1, cfg.steps + 1):
+        exs, texts, targets = demos.step_demonstrations(
+            examples, step, data_spec=cfg.data, per_step=cfg.prompts_per_step, seed=cfg.seed,
+            slip=cfg.demo_slip, rank=0, world=1)
+        m = sft_step(model, opt, sft_batch(exs, texts, targets, tok, prompts=prompts, dist=dist),
+                     rows=cfg.micro_batch_size, logit_chunk=cfg.logit_chunk,
+                     max_grad_norm=cfg.max_grad_norm, dist=dist,
+                     lr=lr_at(step, lr=cfg.lr, warmup=cfg.lr_warmup_steps,
+                              schedule=cfg.lr_schedule, steps=cfg.steps))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log_line(step, cfg.steps, m, t_start, label)
+    ckpt.save_model(path, model, tok)
+
+
+def load_policy(cfg: Config, dist: Dist, name: str):
+    """(model, tokenizer) for 'toy-init' (random), 'toy' (the cached warm start, built if it
+    is not cached: see toy_checkpoint) or a path/hub id."""
     dtype = torch.float32  # master weights; bf16 compute comes from FSDP's policy or autocast
     if name == "toy-init" or (name == "toy" and cfg.algo == "sft"):  # --algo sft IS the warm start
         if task_of(cfg) == "shapes":
@@ -142,7 +166,7 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
                 # the clips task's default), as on the shapes task
                 clips.teach_towers(model, tok, seed=cfg.seed)
             return model.to(dist.device), tok
-        tok = models.build_toy_tokenizer()
+        tok = models.build_toy_tokenizer(chains.CHARS if task_of(cfg) == "chains" else "")
         return models.build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
     if name == "toy" and cfg.warm_start:  # an archived warm start (the study's --check)
         return load_model(cfg.warm_start, dtype=dtype, device=dist.device)
@@ -154,15 +178,15 @@ def load_policy(cfg: Config, dist: Dist, name: str, build=None):
         # `--algo sft --seed S --steps 2600 --eval-every 325 --eval-n 300`: still 4.7% / 90%
         # and 4.3% / 98% at 1300, then 31% / 89% and 25% / 82% at 1950, 31% / 93% and
         # 32% / 92% at 2600)
-        name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="student", build=build)
+        name = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="student")
     return load_model(name, dtype=dtype, device=dist.device)  # the same path as a real model
 
 
 # the shapes task's tiny Qwen3-VL has this language model (the vision tower: models.toy_vlm)
 # seconds per SFT step and per RL step on 2 CPU cores, measured (README "Run"): the toy with
 # torch's 2 threads; shapes and clips with one thread beside another run, as the study runs
-SFT_SECONDS = {"toy": 0.2, "shapes": 0.3, "clips": 0.7}
-RL_SECONDS = {"toy": 0.5, "shapes": 0.8, "clips": 1.5}
+SFT_SECONDS = {"toy": 0.2, "chains": 0.3, "shapes": 0.3, "clips": 0.7}
+RL_SECONDS = {"toy": 0.5, "chains": 1.0, "shapes": 0.8, "clips": 1.5}
 TOY_VLM = dict(hidden=64, layers=2, head_dim=32)  # 2 heads: 4 M-RoPE frequencies per image axis
 TOY_OMNI = dict(hidden=64, layers=2, head_dim=32)  # the clips task's tiny Qwen2.5-Omni thinker
 
@@ -176,6 +200,8 @@ def overview(cfg: Config) -> str:
             f"{cfg.warm_start_steps * SFT_SECONDS[task_of(cfg)] / 60:.0f} minutes on 2 CPU "
             f"cores, then cached)")
     task = {"toy": "the embedded toy task (arithmetic with carries, a ~0.3M-parameter Qwen3)",
+            "chains": "the embedded chains task (arithmetic worked in words, on which a "
+                      "shown reference can leak; a ~0.3M-parameter Qwen3)",
             "shapes": "the embedded shapes task (count the shapes of a colour in a picture, a "
                       "tiny Qwen3-VL)",
             "clips": "the embedded clips task (the seconds of a clip that show a colour while a "
