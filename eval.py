@@ -158,6 +158,13 @@ def eval_sets(cfg, columns) -> dict:
                                     fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video)}
 
 
+def eval_due(step: int, cfg) -> bool:
+    """Is there an evaluation after `step`? Every --eval-every steps, at the --eval-at steps,
+    and after the last one."""
+    at = {int(s) for s in cfg.eval_at.split(",") if s.strip()}
+    return step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0) or step in at
+
+
 def evaluation_plan(sets: dict, cfg, start: int = 0) -> str:
     """One line: what the run will evaluate, when, and how many greedy generations that is."""
     if not sets:
@@ -165,8 +172,7 @@ def evaluation_plan(sets: dict, cfg, start: int = 0) -> str:
         return f"evaluation: none{hint}"
     teacher = len(sets["test"]) if cfg.data in data.TASKS and "test" in sets else 0
     each = sum(len(x) for x in sets.values()) + teacher
-    steps = [s for s in range(start + 1, cfg.steps + 1)
-             if s == cfg.steps or (cfg.eval_every and s % cfg.eval_every == 0)]
+    steps = [s for s in range(start + 1, cfg.steps + 1) if eval_due(s, cfg)]
     times = len(steps) + (start == 0)
     what = ", ".join(f"{name} {len(x)}" for name, x in sets.items())
     return (f"evaluation: {what}" + (f" and the answer-shown teacher on test {teacher}" if teacher
@@ -174,6 +180,7 @@ def evaluation_plan(sets: dict, cfg, start: int = 0) -> str:
             + f": {each} greedy generations of up to {cfg.max_new_tokens} tokens, "
             + ("before training, " if start == 0 else "")
             + (f"every {cfg.eval_every} steps and " if 0 < cfg.eval_every < cfg.steps else "")
+            + (f"after steps {cfg.eval_at} and " if cfg.eval_at else "")
             + f"after the last step: {times * each} in all")
 
 

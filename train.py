@@ -10,7 +10,8 @@ How to read it: `train_step` is one optimizer step of every algorithm, as number
     3 advantages  group-relative, (r - mean) / std or r - mean        grpo.group_advantages
     4 teacher     each row's privileged prompt, the distilled rows    `privileged` (below)
     5 score       no-grad log-probs of the sampled tokens under the teacher (RLSD, OPD), the
-                  KL reference and, with several updates, the rollout policy      `score`
+                  KL reference and, with several updates, the rollout policy
+                                                             engine/teachers.py score_batch
     6 loss        per micro-batch, per chunk of positions: `update_mini_batch` (below), then
                   engine/losses.py backward_chunked -> chunk_loss -> the algorithm's function
     7 update      clip the global gradient norm, AdamW (6-7 once per mini-batch of prompts,
@@ -42,16 +43,15 @@ from engine.lora import add_lora, is_lora
 from engine.prompts import prompt_limit, prompts_for
 from engine.rollout import checkpoint_layers
 from engine.rundir import RunGuard, RunLog, StopSignals, Stopped, claim_run_dir, log_line, writing
-from engine.sft import sft_batch, sft_step
-from engine.teachers import (Teacher, check_logits, column_chunks, external_teacher,
-                             sampled_token_logprobs, teacher_and_reference)
+from engine.teachers import (Teacher, check_student, column_chunks, external_teacher,
+                             score_batch, teacher_and_reference)
 from engine.toy import demos
 from engine.toy.tasks import load_data
 from engine.toy.warmstart import load_policy, overview, toy_checkpoint
 from engine.trackers import Trackers
-from engine.update import (Metrics, clip_and_step, lr_at, micro_batches, rollout_mini_batches,
-                           updates_per_batch)
-from eval import eval_sets, evaluate, evaluation_plan
+from engine.update import (Displacement, Metrics, clip_and_step, lr_at, micro_batches,
+                           rollout_mini_batches, step_metrics, updates_per_batch)
+from eval import eval_due, eval_sets, evaluate, evaluation_plan
 from rlsd import lambda_schedule
 
 
@@ -77,7 +77,11 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
             privileged(b, tok, examples, step=step, cfg=cfg, dist=dist)
     model.train()
     with sw("teacher"):  # 5. no-grad log-probs of the sampled tokens, once per step
-        score(b, model, teacher, ref, cfg)
+        score_batch(b, model, teacher, ref, teacher_logp=cfg.algo in losses.SAMPLED_TOKEN_TEACHER,
+                    ref_logp=cfg.kl_coef > 0, old_logp=updates_per_batch(
+                        cfg.prompts_per_step, cfg.mini_batch_size, cfg.ppo_epochs) > 1,
+                    temperature=cfg.temperature, rows=cfg.micro_batch_size,
+                    logit_chunk=cfg.logit_chunk)
 
     # 6-7. loss, backward and update, once per mini-batch of prompts (--mini-batch-size,
     # verl's ppo_mini_batch_size) and per pass over the batch (--ppo-epochs); one mini-batch
@@ -95,7 +99,8 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # its updates, and only if one of them was taken (SDPO's update_policy, then the EMA)
     skipped = all(r["skipped"] for r in results)
     teacher.update(model, step, skipped=skipped)
-    return step_metrics(b, results, metrics.means(dist), opts, dist, skipped=skipped), b
+    return step_metrics(b, results, metrics.means(dist), dist, skipped=skipped,
+                        lam=opts.lam if opts.algo == "rlsd" else None), b
 
 
 def sample_batch(model, tok, exs: list, *, cfg: Config, gen, dist: Dist) -> rollouts.Batch:
@@ -124,39 +129,15 @@ def privileged(b, tok, examples: list, *, step: int, cfg: Config, dist: Dist):
     shown = (rollouts.unrelated_contexts(b.examples, examples, group_size=G,
                                          seed=cfg.seed * 1_000_003 + step)
              if cfg.context_source == "other" else None)  # the study's control arm
-    # SDPO's demonstration and SRPO's routing: the first correct sibling, computed once
-    to_sdpo, sibling = (distill_route(b, cfg) if cfg.context == "sibling" else (None, None))
+    # SDPO's demonstration and SRPO's routing: a row's first correct sibling (SDPO
+    # `_get_solution`; a row is never its own teacher), computed once
+    to_sdpo, sibling = (distill.srpo_route(b.rewards.cpu(), G, threshold=cfg.success_threshold)
+                        if cfg.context == "sibling" else (None, None))
     b.teacher_ids, b.teacher_mask, b.has_context = rollouts.teacher_prompts(
         tok, b, context=cfg.context, prompts=prompts_for(cfg), device=dist.device,
         sibling=sibling, shown=shown)
     b.distill, b.kl_off = losses.distilled_rows(cfg.algo, b, group_size=G, ptd_tau=cfg.ptd_tau,
                                                 to_sdpo=to_sdpo)
-
-
-def distill_route(b, cfg: Config):
-    """(to_sdpo, sibling) of distill.srpo_route: a row's first correct sibling (SDPO
-    `_get_solution`; a row is never its own teacher), and the failed rows that have one."""
-    return distill.srpo_route(b.rewards.cpu(), cfg.group_size, threshold=cfg.success_threshold)
-
-
-def score(b, model, teacher: Teacher, ref, cfg: Config):
-    """Step 5, without gradient: the log-probs of the sampled tokens under the teacher (RLSD's
-    evidence, OPD's advantage), under the KL reference and, when the batch is updated in
-    several steps, under the rollout policy (the PPO ratio's "old" policy). With one update per
-    batch the old policy IS the current one: the loss uses its own log-probs, detached, and
-    this pass is not needed. (N, T) tensors, one forward per micro-batch (--micro-batch-size
-    rows), the loss's own LM-head chunks, and each row's media in every forward."""
-    kw = dict(temperature=cfg.temperature, rows=cfg.micro_batch_size,
-              logit_chunk=cfg.logit_chunk, media=b.media)
-    if cfg.algo in losses.SAMPLED_TOKEN_TEACHER:  # the teacher's prompt, the same tokens
-        b.teacher_logp = sampled_token_logprobs(teacher.scorer(model), b.teacher_ids,
-                                                b.teacher_mask, b.resp_ids, b.resp_mask, **kw)
-    if cfg.kl_coef > 0:
-        b.ref_logp = sampled_token_logprobs(ref, b.prompt_ids, b.prompt_mask, b.resp_ids,
-                                            b.resp_mask, **kw)
-    if updates_per_batch(cfg.prompts_per_step, cfg.mini_batch_size, cfg.ppo_epochs) > 1:
-        b.old_logp = sampled_token_logprobs(model, b.prompt_ids, b.prompt_mask, b.resp_ids,
-                                            b.resp_mask, **kw)  # before the first update
 
 
 def loss_options(cfg: Config, step: int) -> losses.LossOptions:
@@ -215,24 +196,6 @@ def update_mini_batch(model, opt, b, *, cfg: Config, opts: losses.LossOptions,
     return dict(loss=loss, grad_norm=grad_norm, skipped=skipped)
 
 
-def step_metrics(b, results: list, means: dict, opts, dist: Dist, *, skipped: bool) -> dict:
-    """The step's metrics: each a mean over its own tokens or rows, over all ranks."""
-    n = dist.sum(len(b.examples)).item()  # rows over all ranks
-    out = dict(means, loss=sum(r["loss"] for r in results) / len(results),
-               grad_norm=sum(r["grad_norm"] for r in results) / len(results),
-               skipped=float(skipped), tokens=dist.sum(b.mask.sum()).item(),
-               updates=float(len(results)),
-               reward_mean=dist.sum(b.rewards.sum()).item() / n,
-               correct_frac=dist.sum(b.correct.float().sum()).item() / n,
-               response_len_mean=dist.sum(b.resp_mask.sum()).item() / n,
-               truncated_frac=dist.sum(b.truncated.sum()).item() / n)
-    if opts.algo == "rlsd":
-        out["rlsd_lambda"] = opts.lam
-    if b.distill is not None:  # the share of rows the distillation term acted on
-        out["distilled_frac"] = dist.sum(b.distill.float().sum()).item() / n
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # Setup and the loop
 # ----------------------------------------------------------------------------------------
@@ -250,6 +213,7 @@ class Run:
     examples: list
     sets: dict
     start: int
+    displacement: Displacement  # the param_displacement metric
 
 
 def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
@@ -267,7 +231,8 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
     sets = eval_sets(cfg, columns)  # loaded now: a bad eval file fails before any training
     with stop.now("the warm start"):  # minutes, once; a signal stops it at once
         model, tok = load_policy(cfg, dist, cfg.model)
-    check_model(model, tok, examples + [e for s in sets.values() for e in s], cfg)
+    check_student(model, tok, examples + [e for s in sets.values() for e in s],
+                  audio_in_video=cfg.use_audio_in_video, source=f"--model {cfg.model}")
     release_large_blocks(model, dist.device)  # CPU + wide vocabulary: chunks returned to the OS
     limit = prompt_limit(cfg, model)  # prompts longer than the model can answer fail now,
     if limit and cfg.data not in data.TASKS:  # naming the row (the embedded ones are short)
@@ -302,42 +267,25 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
                             weight_decay=cfg.weight_decay)
     # one sampling stream per rank (1_000_003 is a prime: ranks and seeds never share one)
     gen = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank)
+    moved = Displacement(model)  # from the weights the run starts at, before a resume
     # resume restores what is not a function of (seed, step): weights, AdamW's moments, the
     # sampling RNG, the teacher's own weights (data order and schedules follow the step)
     start = ckpt.restore(model, opt, teacher, gen, cfg, dist) if cfg.resume else 0
-    return Run(model, tok, opt, teacher, ref, gen, examples, sets, start)
-
-
-def check_model(model, tok, examples: list, cfg: Config):
-    """The student's logits are lm_head(hidden states) (losses and samples then agree), and
-    it reads the rows' media (audio needs an audio tower, images a vision one)."""
-    check_logits(model, f"--model {cfg.model}")
-    try:
-        vision.check_model(tok, examples, audio_in_video=cfg.use_audio_in_video,
-                           source=f"--model {cfg.model}")
-    except ValueError as e:
-        raise SystemExit(f"config error: {e}") from None
+    return Run(model, tok, opt, teacher, ref, gen, examples, sets, start, moved)
 
 
 def one_step(r: Run, step: int, cfg: Config, dist: Dist) -> dict:
     """One optimizer step (RL, or SFT with --algo sft) and its wall times per phase."""
     t0, sw = time.time(), Stopwatch(dist.device)
     with autocast(cfg.dtype, dist):
-        if cfg.algo == "sft":
-            exs, texts, targets = demos.step_demonstrations(
-                r.examples, step, data_spec=cfg.data, per_step=cfg.prompts_per_step,
-                seed=cfg.seed, slip=cfg.demo_slip, rank=dist.rank, world=dist.world)
-            b = sft_batch(exs, texts, targets, r.tok, prompts=prompts_for(cfg), dist=dist)
-            m = sft_step(r.model, r.opt, b, rows=cfg.micro_batch_size,
-                         logit_chunk=cfg.logit_chunk, max_grad_norm=cfg.max_grad_norm,
-                         lr=lr_at(step, lr=cfg.lr, warmup=cfg.lr_warmup_steps,
-                                  schedule=cfg.lr_schedule, steps=cfg.steps), dist=dist)
+        if cfg.algo == "sft":  # the toy warm start's step, on the data's demonstrations
+            m = demos.sft_step_on(r.model, r.opt, r.examples, step, r.tok, cfg, dist)
         else:
             m, _ = train_step(r.model, r.opt, tok=r.tok, teacher=r.teacher, ref=r.ref,
                               examples=r.examples, step=step, cfg=cfg, dist=dist, gen=r.gen,
                               sw=sw)
     # wall time per phase (rollout, teacher, fwd_bwd, optimizer): tools/bench.py reads these
-    return {**m, "step_time_s": time.time() - t0,
+    return {**m, "param_displacement": r.displacement(dist), "step_time_s": time.time() - t0,
             **{f"time_{k}_s": v for k, v in sw.times.items()}}
 
 
@@ -351,7 +299,7 @@ def loop(r: Run, cfg: Config, dist: Dist, stop: StopSignals, run: RunLog) -> dic
         with stop.now(f"the evaluation {when}") if dist.world == 1 else contextlib.nullcontext():
             return evaluate(r.model, r.tok, r.sets, cfg, dist)
 
-    if dist.rank == 0 and not run.label:
+    if dist.rank == 0:
         print(evaluation_plan(r.sets, cfg, r.start), flush=True)
     first, last = {}, {}
     if r.start == 0 and r.sets:
@@ -361,7 +309,7 @@ def loop(r: Run, cfg: Config, dist: Dist, stop: StopSignals, run: RunLog) -> dic
     guard, t_start = RunGuard(cfg, stop, dist, r.start), time.time()
     for step in range(r.start + 1, cfg.steps + 1):  # steps count from 1, as in every paper
         m = one_step(r, step, cfg, dist)
-        if r.sets and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if r.sets and eval_due(step, cfg):
             try:
                 m.update(evaluated(f"after step {step}"))
             except Stopped:  # the step itself is done: log it, save it if asked, stop
@@ -369,7 +317,7 @@ def loop(r: Run, cfg: Config, dist: Dist, stop: StopSignals, run: RunLog) -> dic
         last = {"step": step, **m}
         run.log(last)
         if dist.rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            log_line(step, cfg.steps, m, t_start, run.label)
+            log_line(step, cfg.steps, m, t_start)
         guard.check(step, m)  # many non-finite steps in a row stop the run
         if guard.save_due(step):
             ckpt.save(r.model, r.opt, r.teacher, r.tok, r.gen, cfg, dist, step)
@@ -395,12 +343,8 @@ def train(cfg: Config, dist: Dist) -> dict:
             run = RunLog(cfg, r.start, tracker=tracker, main=dist.rank == 0)
             dist.barrier()
             result = loop(r, cfg, dist, stop, run)
-        ck = ckpt.latest_checkpoint(cfg.out)
-        if dist.rank == 0 and ck:
-            kind = "PEFT adapter" if is_lora(r.model) else "Hugging Face model"
-            print(f"outputs in {cfg.out}: metrics.jsonl (one line per step), config.json, {ck} "
-                  f"(a {kind} directory).\nnext: python eval.py {ck}   |   python eval.py "
-                  f"--compare {cfg.out} OTHER_RUN --plot cmp.png", flush=True)
+        if dist.rank == 0:
+            run.outputs(ckpt.latest_checkpoint(cfg.out), is_lora(r.model))
         return result
     finally:
         if tracker is not None:
@@ -413,21 +357,17 @@ def train(cfg: Config, dist: Dist) -> dict:
 def main(argv=None):
     # every flag is checked here, before anything is loaded: a typo costs a second, not the
     # minutes of a warm start followed by a traceback
-    cfg = parse_config(argv)
-    if cfg.dry_run:  # the model's size and memory per GPU from its config.json alone
-        from engine import dryrun
-        try:
-            return dryrun.main(cfg)
-        except (data.DataError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2)
-    dist = setup_distributed()  # one process under python, one per GPU (or core) under torchrun
-    if cfg.generation == "compiled" and dist.world > 1:  # FSDP hooks in a CUDA graph: untested
-        raise SystemExit("config error: --generation compiled runs in one process; under "
-                         "torchrun use --generation static or dynamic")
-    if dist.rank == 0 and cfg.model == "toy" and cfg.algo != "sft" and not cfg.resume:
-        print(overview(cfg), flush=True)
+    cfg, dist = parse_config(argv), None
     try:
+        if cfg.dry_run:  # the model's size and memory per GPU from its config.json alone
+            from engine import dryrun
+            return dryrun.main(cfg)
+        dist = setup_distributed()  # one process under python, one per GPU (or core) under torchrun
+        if cfg.generation == "compiled" and dist.world > 1:  # FSDP hooks in a CUDA graph
+            raise SystemExit("config error: --generation compiled runs in one process; under "
+                             "torchrun use --generation static or dynamic")
+        if dist.rank == 0 and cfg.model == "toy" and cfg.algo != "sft" and not cfg.resume:
+            print(overview(cfg), flush=True)
         train(cfg, dist)
         # every rank past its last collective before any of them tears the group down: a rank
         # that exits while a peer's gloo thread still talks to it can abort that peer
@@ -446,7 +386,8 @@ def main(argv=None):
               file=sys.stderr)
         raise SystemExit(130)
     finally:
-        teardown(dist)
+        if dist is not None:
+            teardown(dist)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ class Config:
     save_every: int = 0               # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 3         # newest checkpoints kept on disk
     eval_every: int = 0               # evaluate every N steps (0 = only before and after)
+    eval_at: str = ""                 # also evaluate after these steps, comma-separated (e.g. 10,20,30,40: a denser start)
     eval_n: int = 500                 # toy evaluation problems per split
     log_every: int = 1                # console line every N steps (metrics.jsonl gets every step)
     report_to: str = ""               # also send the metrics to: tensorboard, wandb, trackio (comma-separated; trackers.py)
@@ -420,6 +421,12 @@ def check_config(cfg: Config, given: dict = (), *, paths: bool = True):
             hint = (" (greedy rollouts would make every rollout of a group the same, and the "
                     "losses score the samples at this temperature)") if name == "temperature" else ""
             bad(f"--{name.replace('_', '-')} must be {span}, got {v}{hint}")
+    try:
+        eval_at = [int(s) for s in cfg.eval_at.split(",") if s.strip()]
+    except ValueError:
+        eval_at = [0]
+    if any(s < 1 for s in eval_at):
+        bad(f"--eval-at must be steps (positive integers) separated by commas, got {cfg.eval_at!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         bad(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.preset and not cfg.dry_run:

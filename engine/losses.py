@@ -184,33 +184,44 @@ class LossOptions:
 def chunk_loss(model, b, h_ntH, t0: int, t1: int, norms: Norms, opt: LossOptions,
                teacher=None, teacher_hidden=None):
     """(scalar loss, {metric: (sum, count)}) of `opt.algo` on response positions t0:t1 of the
-    micro-batch `b`: the student's logits and sampled-token log-probs from its hidden states
-    `h_ntH` (with gradient), the teacher's logits from `teacher_hidden` (the whole-distribution
-    losses), then the algorithm's own function. `backward_chunked` calls it once per chunk,
-    under activation checkpointing when there are several."""
+    micro-batch `b`, from the student's hidden states `h_ntH` there and the teacher's
+    `teacher_hidden` (the whole-distribution losses): the algorithm's own function, and the
+    diagnostics every algorithm logs. `backward_chunked` calls it once per chunk, under
+    activation checkpointing when there are several."""
+    c, logits, logp, t_logits = chunk_inputs(model, b, h_ntH, t0, t1, opt, teacher,
+                                             teacher_hidden)
+    if opt.algo == "sft":
+        return sft_chunk_loss(c, logp, norms)
+    if opt.algo in ("grpo", "dr_grpo", "dapo", "rloo"):
+        loss, stats = grpo_chunk_loss(c, logp, norms, opt)
+    elif opt.algo == "gspo":
+        loss, stats = gspo_chunk_loss(c, logp, norms, opt)
+    elif opt.algo == "rlsd":
+        loss, stats = rlsd_chunk_loss(c, logp, norms, opt)
+    elif opt.algo == "opd":
+        loss, stats = opd_chunk_loss(c, logp, norms, opt)
+    elif opt.algo == "opsd":
+        loss, stats = opsd_chunk_loss(c, logits, t_logits, opt)
+    elif opt.algo == "sdpo":
+        loss, stats = sdpo_chunk_loss(c, logits, logp, t_logits, opt)
+    elif opt.algo == "srpo":
+        loss, stats = srpo_chunk_loss(c, logits, logp, t_logits, norms, opt)
+    elif opt.algo == "ptdpo":
+        loss, stats = ptdpo_chunk_loss(c, logits, logp, t_logits, norms, opt)
+    else:
+        raise ValueError(f"no loss for --algo {opt.algo}")
+    return loss, {**stats, **diagnostics(c, logits, logp, t_logits, opt)}
+
+
+def chunk_inputs(model, b, h_ntH, t0: int, t1: int, opt: LossOptions, teacher, teacher_hidden):
+    """(c, logits, logp, teacher_logits) of one chunk: the micro-batch cut to positions t0:t1
+    (Batch.positions), the student's (n, t, V) logits and (n, t) sampled-token log-probs, with
+    gradient, and the teacher's (n, t, V) logits (None without `teacher_hidden`)."""
     logits, c = lm_head_logits(model, h_ntH), b.positions(t0, t1)
     logp = grpo.token_logprobs(logits, c.resp_ids, temperature=opt.temperature)
     t_logits = (teacher.logits(model, teacher_hidden, t0, t1) if teacher_hidden is not None
                 else None)
-    if opt.algo == "sft":
-        return sft_chunk_loss(c, logp, norms)
-    if opt.algo in ("grpo", "dr_grpo", "dapo", "rloo"):
-        return grpo_chunk_loss(c, logits, logp, norms, opt)
-    if opt.algo == "gspo":
-        return gspo_chunk_loss(c, logits, logp, norms, opt)
-    if opt.algo == "rlsd":
-        return rlsd_chunk_loss(c, logits, logp, norms, opt)
-    if opt.algo == "opd":
-        return opd_chunk_loss(c, logits, logp, norms, opt)
-    if opt.algo == "opsd":
-        return opsd_chunk_loss(c, logits, logp, t_logits, opt)
-    if opt.algo == "sdpo":
-        return sdpo_chunk_loss(c, logits, logp, t_logits, opt)
-    if opt.algo == "srpo":
-        return srpo_chunk_loss(c, logits, logp, t_logits, norms, opt)
-    if opt.algo == "ptdpo":
-        return ptdpo_chunk_loss(c, logits, logp, t_logits, norms, opt)
-    raise ValueError(f"no loss for --algo {opt.algo}")
+    return c, logits, logp, t_logits
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,16 +250,29 @@ def surrogate(c, logp, adv, opt: LossOptions, *, ratio=None, with_kl: bool = Tru
     return per_tok, stats
 
 
-def entropy_stat(logits, c, opt: LossOptions) -> dict:
-    """The student's mean entropy over the loss tokens (a diagnostic: no gradient)."""
-    return {"entropy": mean_stat(grpo.entropy(logits.detach(), temperature=opt.temperature),
-                                 c.mask)}
+def aggregate_rows(per_tok, c, norms: Norms, opt: LossOptions):
+    """--loss-agg over its global count: token-mean / loss tokens, the per-sequence mean /
+    rows (each row's mean over its WHOLE length, Batch.row_tokens), Dr. GRPO's sum / (rows x
+    max length)."""
+    normalizer = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
+                  "seq-mean-token-sum-norm": norms.rows_x_len}[opt.loss_agg]
+    return grpo.aggregate(per_tok, c.mask, mode=opt.loss_agg, normalizer=normalizer,
+                          row_tokens=c.row_tokens)
 
 
-def teacher_kl_stat(logp, teacher_logp, mask) -> dict:
-    """The sampled-token estimate of KL(student || teacher) on the student's own tokens,
-    mean of log pS(y_t) - log pT(y_t) (RLSD Fig. 3c's curve; no gradient)."""
-    return {"teacher_kl": mean_stat(logp.detach() - teacher_logp, mask)}
+def diagnostics(c, logits, logp, t_logits, opt: LossOptions) -> dict:
+    """What every algorithm logs beside its loss, without gradient: the student's entropy over
+    the loss tokens, and with a teacher the sampled-token estimate of KL(student || teacher)
+    on the student's own tokens, mean of log pS(y_t) - log pT(y_t) over the distilled rows
+    (every row for RLSD and OPD): the curve of RLSD's Fig. 3c."""
+    T = opt.temperature
+    out = {"entropy": mean_stat(grpo.entropy(logits.detach(), temperature=T), c.mask)}
+    t_logp = (c.teacher_logp if t_logits is None else
+              grpo.token_logprobs(t_logits, c.resp_ids, temperature=T))
+    if t_logp is not None:
+        rows = c.mask & c.distill[:, None] if c.distill is not None else c.mask
+        out["teacher_kl"] = mean_stat(logp.detach() - t_logp, rows)
+    return out
 
 
 def _distill_mean(div, c, d_mask):
@@ -271,32 +295,24 @@ def sft_chunk_loss(c, logp, norms: Norms):
     return grpo.aggregate(-logp, c.mask, normalizer=norms.tokens), {}
 
 
-def grpo_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+def grpo_chunk_loss(c, logp, norms: Norms, opt: LossOptions):
     """GRPO, Dr. GRPO, DAPO, RLOO: the clipped surrogate of the sequence advantage (their
     advantage scales differ in step 3), aggregated by --loss-agg over its global count."""
     per_tok, stats = surrogate(c, logp, c.adv, opt)
-    normalizer = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
-                  "seq-mean-token-sum-norm": norms.rows_x_len}[opt.loss_agg]
-    loss = grpo.aggregate(per_tok, c.mask, mode=opt.loss_agg, normalizer=normalizer,
-                          row_tokens=c.row_tokens)
-    return loss, {**entropy_stat(logits, c, opt), **stats}
+    return aggregate_rows(per_tok, c, norms, opt), stats
 
 
-def gspo_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+def gspo_chunk_loss(c, logp, norms: Norms, opt: LossOptions):
     """GSPO-token: each token carries its sequence's ratio sg[s_i], log s_i of the whole row
     computed before the loss (gspo_sequence_ratios; 0 with one update per batch, s_i = 1)."""
     log_s = (c.seq_log_ratio if c.seq_log_ratio is not None
              else torch.zeros(logp.shape[0], device=logp.device))
     ratio = (grpo.gspo_token_logp(logp, log_s), torch.zeros_like(logp))
     per_tok, stats = surrogate(c, logp, c.adv, opt, ratio=ratio)
-    normalizer = {"token-mean": norms.tokens, "seq-mean-token-mean": norms.rows,
-                  "seq-mean-token-sum-norm": norms.rows_x_len}[opt.loss_agg]
-    loss = grpo.aggregate(per_tok, c.mask, mode=opt.loss_agg, normalizer=normalizer,
-                          row_tokens=c.row_tokens)
-    return loss, {**entropy_stat(logits, c, opt), **stats}
+    return aggregate_rows(per_tok, c, norms, opt), stats
 
 
-def rlsd_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+def rlsd_chunk_loss(c, logp, norms: Norms, opt: LossOptions):
     """RLSD: the GRPO surrogate with A_t = A * ((1 - lam) + lam * clip(w_t)), its token
     advantages from the teacher's log-probs of the sampled tokens (rlsd.rlsd_loss)."""
     loss, means = rlsd.rlsd_loss(logp, old_logprobs(c, logp), c.adv, c.teacher_logp, c.mask,
@@ -305,31 +321,26 @@ def rlsd_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
                                  normalizer=norms.tokens)
     active = c.mask & (c.adv != 0)[:, None]  # the weight statistics are over A != 0 tokens
     weights = {k: means.pop(k) for k in ("rlsd_weight_clip_frac", "rlsd_weight_mean")}
-    return loss, {**entropy_stat(logits, c, opt), **_as_stats(weights, active),
-                  **_as_stats(means, c.mask), **teacher_kl_stat(logp, c.teacher_logp, c.mask)}
+    return loss, {**_as_stats(weights, active), **_as_stats(means, c.mask)}
 
 
-def opd_chunk_loss(c, logits, logp, norms: Norms, opt: LossOptions):
+def opd_chunk_loss(c, logp, norms: Norms, opt: LossOptions):
     """OPD: a per-token advantage from the teacher, minus the sampled-token reverse KL."""
     adv_nt = opt.opd_coef * distill.opd_advantages(logp, c.teacher_logp)
     per_tok, stats = surrogate(c, logp, adv_nt, opt)
     stats["opd_reverse_kl"] = mean_stat(-adv_nt / max(opt.opd_coef, 1e-12), c.mask)
     loss = grpo.aggregate(per_tok, c.mask, normalizer=norms.tokens)
-    return loss, {**entropy_stat(logits, c, opt), **stats,
-                  **teacher_kl_stat(logp, c.teacher_logp, c.mask)}
+    return loss, stats
 
 
-def opsd_chunk_loss(c, logits, logp, t_logits, opt: LossOptions):
+def opsd_chunk_loss(c, logits, t_logits, opt: LossOptions):
     """OPSD: the divergence to the solution-shown teacher on its distilled rows. Its
     top_k_loss takes the TEACHER's top-k, renormalised, no tail bucket (audit F8)."""
     d_mask = c.mask & c.distill[:, None]
     div = distill.distill_per_token(logits, t_logits, beta=opt.beta, top_k=_top_k(opt, logits),
                                     add_tail=False, token_clip=opt.token_clip or None,
                                     temperature=opt.temperature, support="teacher")
-    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=opt.temperature)
-    return _distill_mean(div, c, d_mask), {**entropy_stat(logits, c, opt),
-                                           "distill": mean_stat(div, d_mask),
-                                           **teacher_kl_stat(logp, t_logp, d_mask)}
+    return _distill_mean(div, c, d_mask), {"distill": mean_stat(div, d_mask)}
 
 
 def sdpo_chunk_loss(c, logits, logp, t_logits, opt: LossOptions):
@@ -340,11 +351,8 @@ def sdpo_chunk_loss(c, logits, logp, t_logits, opt: LossOptions):
                                       beta=opt.beta, top_k=_top_k(opt, logits),
                                       is_clip=opt.is_clip, temperature=opt.temperature,
                                       return_weight=True)
-    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=opt.temperature)
-    return _distill_mean(sd, c, d_mask), {**entropy_stat(logits, c, opt),
-                                          "distill": mean_stat(sd, d_mask),
-                                          "is_weight_mean": mean_stat(is_w, d_mask),
-                                          **teacher_kl_stat(logp, t_logp, d_mask)}
+    return _distill_mean(sd, c, d_mask), {"distill": mean_stat(sd, d_mask),
+                                          "is_weight_mean": mean_stat(is_w, d_mask)}
 
 
 def srpo_chunk_loss(c, logits, logp, t_logits, norms: Norms, opt: LossOptions):
@@ -358,9 +366,7 @@ def srpo_chunk_loss(c, logits, logp, t_logits, norms: Norms, opt: LossOptions):
     h = grpo.entropy(t_logits, temperature=opt.temperature)  # teacher entropy, full vocabulary
     w = distill.entropy_weights(h, d_mask, beta=opt.srpo_beta, normalizer=norms.w_mean)
     loss = distill.srpo_loss(pg, sd, w, c.distill, c.mask, normalizer=norms.tokens)
-    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=opt.temperature)
-    return loss, {**entropy_stat(logits, c, opt), **stats, "distill": mean_stat(sd, d_mask),
-                  **teacher_kl_stat(logp, t_logp, d_mask)}
+    return loss, {**stats, "distill": mean_stat(sd, d_mask)}
 
 
 def ptdpo_chunk_loss(c, logits, logp, t_logits, norms: Norms, opt: LossOptions):
@@ -376,10 +382,8 @@ def ptdpo_chunk_loss(c, logits, logp, t_logits, norms: Norms, opt: LossOptions):
     loss = distill.ptdpo_loss(pg, kl, ptd, c.mask, c.distill, c.kl_off, ptd_coef=opt.ptd_coef,
                               kl_coef=opt.kl_coef, normalizer=norms.tokens,
                               ptd_row_weights=c.distill_w)
-    t_logp = grpo.token_logprobs(t_logits, c.resp_ids, temperature=T)
-    return loss, {**entropy_stat(logits, c, opt), **stats,
-                  "kl": mean_stat(kl, c.mask & ~c.kl_off[:, None]),
-                  "distill": mean_stat(ptd, d_mask), **teacher_kl_stat(logp, t_logp, d_mask)}
+    return loss, {**stats, "kl": mean_stat(kl, c.mask & ~c.kl_off[:, None]),
+                  "distill": mean_stat(ptd, d_mask)}
 
 
 @torch.no_grad()

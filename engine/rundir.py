@@ -71,8 +71,8 @@ class RunLog:
     crash loses no step; on resume the lines after the checkpoint are dropped, they will be
     redone), the trackers (--report-to) and the console. A failed write is one message."""
 
-    def __init__(self, cfg, start: int, *, tracker=None, main: bool = True, label: str = ""):
-        self.out, self.tracker, self.main, self.label = cfg.out, tracker, main, label
+    def __init__(self, cfg, start: int, *, tracker=None, main: bool = True):
+        self.out, self.tracker, self.main = cfg.out, tracker, main
         self.path = os.path.join(cfg.out, "metrics.jsonl")
         if main:
             with writing(cfg.out, "config.json and metrics.jsonl"):
@@ -91,9 +91,17 @@ class RunLog:
                 if self.tracker is not None:
                     self.tracker.log(record)
 
+    def outputs(self, checkpoint: str | None, lora: bool):
+        """The run's last console line: where its outputs are, and what to run next."""
+        if self.main and checkpoint:
+            kind = "PEFT adapter" if lora else "Hugging Face model"
+            print(f"outputs in {self.out}: metrics.jsonl (one line per step), config.json, "
+                  f"{checkpoint} (a {kind} directory).\nnext: python eval.py {checkpoint}   |   "
+                  f"python eval.py --compare {self.out} OTHER_RUN --plot cmp.png", flush=True)
+
     def show(self, when: str, values: dict):
         if self.main:
-            print(f"{self.label}{when}: " + " | ".join(f"{k}={v:.3f}" for k, v in values.items()),
+            print(f"{when}: " + " | ".join(f"{k}={v:.3f}" for k, v in values.items()),
                   flush=True)
 
 
@@ -275,8 +283,9 @@ def log_line(step, total, metrics, t_start, label=""):
     """The console line of a step: a progress bar, the main metrics, the step time and ETA."""
     done = int(20 * step / max(total, 1))
     eta = (time.time() - t_start) / max(step, 1) * (total - step)
-    keys = ("reward_mean", "loss", "entropy", "response_len_mean", "rlsd_lambda",
-            "rlsd_weight_clip_frac", "distilled_frac", "kl", "test_acc", "ood_acc")
+    keys = ("reward_mean", "loss", "grad_norm", "param_displacement", "entropy",
+            "response_len_mean", "rlsd_lambda", "rlsd_weight_clip_frac", "distilled_frac", "kl",
+            "teacher_kl", "test_acc", "ood_acc")
     parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
     print(f"{label}[{'#' * done}{'.' * (20 - done)}] {step}/{total} | " + " | ".join(parts)
           + f" | {metrics.get('step_time_s', 0):.2f}s/step eta {eta / 60:.1f}m", flush=True)

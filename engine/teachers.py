@@ -203,6 +203,27 @@ def sampled_token_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, 
     return torch.cat(parts)
 
 
+def score_batch(b, model, teacher, ref, *, teacher_logp: bool, ref_logp: bool, old_logp: bool,
+                temperature: float, rows: int, logit_chunk: int):
+    """Step 5 of a training step, without gradient: the log-probs of the sampled tokens of
+    batch `b` under the teacher's privileged prompt (RLSD's evidence, OPD's advantage), under
+    the KL reference and, when the batch is updated in several steps, under the rollout policy
+    (the PPO ratio's "old" policy), as b.teacher_logp, b.ref_logp, b.old_logp (N, T). With one
+    update per batch the old policy IS the current one: the loss uses its own log-probs,
+    detached, and that pass is not needed. One forward per micro-batch of `rows` rows, the
+    loss's own LM-head chunks, each row's media in every forward."""
+    kw = dict(temperature=temperature, rows=rows, logit_chunk=logit_chunk, media=b.media)
+    if teacher_logp:  # the teacher's prompt, the same tokens
+        b.teacher_logp = sampled_token_logprobs(teacher.scorer(model), b.teacher_ids,
+                                                b.teacher_mask, b.resp_ids, b.resp_mask, **kw)
+    if ref_logp:
+        b.ref_logp = sampled_token_logprobs(ref, b.prompt_ids, b.prompt_mask, b.resp_ids,
+                                            b.resp_mask, **kw)
+    if old_logp:  # before the first update
+        b.old_logp = sampled_token_logprobs(model, b.prompt_ids, b.prompt_mask, b.resp_ids,
+                                            b.resp_mask, **kw)
+
+
 @torch.no_grad()
 def check_logits(model, name: str):
     """Refuse a model whose forward computes logits some other way than `lm_head_logits` (a
@@ -328,6 +349,17 @@ def teacher_and_reference(model, *, mode: str, kl_coef: float, sync_every: int,
     for m in {id(x): x for x in modules}.values():  # each once
         shard(m, dist, dtype)
     return Teacher(mode, initial, sync_every=sync_every, ema_rate=ema_rate), ref
+
+
+def check_student(model, tok, examples: list, *, audio_in_video: bool, source: str):
+    """The student's logits are lm_head(hidden states), so its losses and samples agree
+    (`check_logits`), and it reads the rows' media (audio needs an audio tower, images a vision
+    one: vision.check_model). One message naming `source` otherwise."""
+    check_logits(model, source)
+    try:
+        vision.check_model(tok, examples, audio_in_video=audio_in_video, source=source)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
 
 
 def external_teacher(path: str, tok, *, flag: str, device):

@@ -54,6 +54,33 @@ class Metrics:
         return {k: s / max(n, 1.0) for k, (s, n) in zip(keys, totals)}
 
 
+class Displacement:
+    """How far training has moved the weights: ||theta - theta_0|| / ||theta_0|| over the
+    trainable parameters (with LoRA: the adapters), theta_0 as the run started (before a
+    resume's checkpoint is loaded, so a resumed run measures from the same start). A run whose
+    value stays near 0 learns nothing, whatever its loss does (arXiv 2610.11247 measures
+    0.025-0.098% for OPD with large teachers). The copy of theta_0 costs one more copy of the
+    trainable weights (each rank: its shard), on their device."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            self.start = [_local(p).detach().clone() for p in self.params]
+        self.start_sq = sum(float(s.double().pow(2).sum()) for s in self.start)
+
+    @torch.no_grad()
+    def __call__(self, dist) -> float:
+        moved = sum(float((_local(p).double() - s.double()).pow(2).sum())
+                    for p, s in zip(self.params, self.start))
+        moved, start = dist.sum(moved).item(), dist.sum(self.start_sq).item()
+        return math.sqrt(moved) / max(math.sqrt(start), 1e-30)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (FSDP2's DTensor), or the parameter itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def lr_at(step: int, *, lr: float, warmup: int, schedule: str, steps: int) -> float:
     """The learning rate of optimizer step `step` (from 1): linear warm-up to `lr` over
     `warmup` steps, then constant, linear decay or cosine decay toward 0 at `steps`. A
@@ -83,3 +110,23 @@ def clip_and_step(model, opt, *, loss: float, lr: float, max_grad_norm: float):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return norm, skipped
+
+
+def step_metrics(b, results: list, means: dict, dist, *, skipped: bool, lam=None) -> dict:
+    """An RL step's metrics from its Batch `b`, its updates' `results` (loss, grad_norm) and
+    the losses' `means` (Metrics.means): each a mean over its own tokens or rows, over all
+    ranks. `lam`: RLSD's lambda at this step."""
+    n = dist.sum(len(b.examples)).item()  # rows over all ranks
+    out = dict(means, loss=sum(r["loss"] for r in results) / len(results),
+               grad_norm=sum(r["grad_norm"] for r in results) / len(results),
+               skipped=float(skipped), tokens=dist.sum(b.mask.sum()).item(),
+               updates=float(len(results)),
+               reward_mean=dist.sum(b.rewards.sum()).item() / n,
+               correct_frac=dist.sum(b.correct.float().sum()).item() / n,
+               response_len_mean=dist.sum(b.resp_mask.sum()).item() / n,
+               truncated_frac=dist.sum(b.truncated.sum()).item() / n)
+    if lam is not None:
+        out["rlsd_lambda"] = lam
+    if b.distill is not None:  # the share of rows the distillation term acted on
+        out["distilled_frac"] = dist.sum(b.distill.float().sum()).item() / n
+    return out

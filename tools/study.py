@@ -63,25 +63,28 @@ ARMS = {
 STEPS = 150
 SHARED = ["--prompts-per-step", "16", "--group-size", "8", "--save-every", "50",
           "--keep-checkpoints", "1"]
-# the embedded tasks a study runs on: train.py's --data, the response length, where it goes
+# the embedded tasks a study runs on: train.py's --data, the response length, the steps and
+# evaluations of every run, where it goes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 RESULTS = os.path.join(ROOT, "tools", "results")  # committed: tables, plots, the archive
+EVERY_25 = ["--eval-every", "25"]
 TASKS = {"toy": dict(flags=["--max-new-tokens", "40"], out=RESULTS, runs="study_runs",
-                     block="study"),
+                     block="study", steps=STEPS, evals=EVERY_25),
          "shapes": dict(flags=["--data", "shapes", "--max-new-tokens", "16"],
-                        out=os.path.join(RESULTS, "shapes"),
-                        runs=os.path.join("study_runs", "shapes"), block="study-shapes")}
+                        out=os.path.join(RESULTS, "shapes"), steps=STEPS, evals=EVERY_25,
+                        runs=os.path.join("study_runs", "shapes"), block="study-shapes"),
+         # the leak task: 200 steps, long enough to see a late decline, and evaluations every
+         # 10 steps over the first 50, where OPSD's peak is expected (RLSD Fig. 3b, 5a)
+         "chains": dict(flags=["--data", "chains", "--max-new-tokens", "64"],
+                        out=os.path.join(RESULTS, "chains"), steps=200,
+                        evals=EVERY_25 + ["--eval-at", "10,20,30,40"],
+                        runs=os.path.join("study_runs", "chains"), block="study-chains")}
 PTD_ARMS = ("grpo", "ptdpo", "ptdpo_exact", "ptdpo_forward")  # the PTD-PO table, both tasks
 EARLY = 50  # the "learns faster early" column: test accuracy at this step (RLSD's lambda is 0 after it)
 TIMING = ("step_time_s", "time_rollout_s", "time_teacher_s", "time_fwd_bwd_s",
           "time_optimizer_s")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262}  # two-sided 95% Student-t quantiles by degrees of freedom
-
-
-def algo_of(arm: str) -> str:
-    flags = ARMS[arm][0]
-    return flags[flags.index("--algo") + 1] if "--algo" in flags else arm
 
 
 def run_dir(runs: str, arm: str, seed: int) -> str:
@@ -101,15 +104,18 @@ def finished(path: str, steps: int) -> bool:
 
 
 def command(arm: str, seed: int, out: str, teacher: str, steps: int = STEPS,
-            extra: tuple = (), task: str = "toy") -> list[str]:
+            extra: tuple = (), task: str = "toy", warm: str = "") -> list[str]:
+    """train.py's command line of one run; `warm`: the seed's warm-start directory (the
+    study's own copy: every run of a seed starts from the same weights whatever the cache)."""
     flags = list(ARMS[arm][0])
-    if arm == "opd":  # every seed distils from the same external teacher (seed 0's)
+    if "--teacher" in flags:  # every seed distils from the same external teacher (seed 0's)
         flags[flags.index("--teacher") + 1] = teacher
     if "--algo" not in flags:
         flags = ["--algo", arm] + flags
-    return [sys.executable, os.path.join(ROOT, "train.py"), *flags, *SHARED, *TASKS[task]["flags"], "--steps",
-            str(steps), "--eval-every", str(min(25, steps)), "--seed", str(seed), "--out", out,
-            *extra]
+    evals = [min(25, steps) if f == "25" else f for f in TASKS[task]["evals"]]
+    return [sys.executable, os.path.join(ROOT, "train.py"), *flags, *SHARED,
+            *TASKS[task]["flags"], "--steps", str(steps), *map(str, evals), "--seed", str(seed),
+            "--out", out, *(["--warm-start", warm] if warm else []), *extra]
 
 
 def opd_teacher_path(extra: tuple = (), task: str = "toy") -> str:
@@ -219,7 +225,12 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1
                       lambda c=cmd, k=kind, s=seed: timed(c, runs, f"warm start ({k})", s,
                                                           f"warm-{k}{s}.log")))
     pool(tasks, jobs, "warm start")
-    teacher = opd_teacher_path(extra, task)
+    # the study's own copies: every run of a seed starts from these weights, whatever later
+    # happens to the cache (its key follows the code), and the archive keeps them
+    for src, name in [(student_warm_start(s, extra, task), f"seed{s}") for s in seeds] + (
+            [(opd_teacher_path(extra, task), "opd-teacher")] if "opd" in arms else []):
+        copy_warm(src, os.path.join(runs, "warm", name))
+    teacher = os.path.join(runs, "warm", "opd-teacher")
     tasks = []
     for seed in seeds:  # seed-major: a partial study has whole seeds
         for arm in arms:
@@ -229,7 +240,8 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1
             ckpts = os.listdir(out) if os.path.isdir(out) else []
             resume = (["--resume"] if any(n.startswith("checkpoint-") for n in ckpts)
                       else ["--overwrite"])
-            cmd = command(arm, seed, out, teacher, steps, extra, task) + resume
+            cmd = command(arm, seed, out, teacher, steps, extra, task,
+                          warm=os.path.join(runs, "warm", f"seed{seed}")) + resume
             tasks.append((f"{arm} seed {seed}",
                           lambda c=cmd, a=arm, s=seed: timed(c, runs, a, s, f"{a}-seed{s}.log")))
     pool(tasks, jobs, "run")
@@ -360,15 +372,18 @@ def archive(data, runs: str, dest: str, task: str = "toy", extra: tuple = ()):
         if os.path.exists(os.path.join(runs, name)):
             shutil.copyfile(os.path.join(runs, name), os.path.join(dest, name))
     seeds = sorted({s for per in data.values() for s in per})
-    warm = [(student_warm_start(s, extra, task), f"seed{s}") for s in seeds]
-    if "opd" in data:
-        warm.append((opd_teacher_path(extra, task), "opd-teacher"))
-    for src, name in warm:
-        if os.path.isdir(src):
-            os.makedirs(os.path.join(dest, "warm", name), exist_ok=True)
-            for f in WARM_FILES:
-                if os.path.exists(os.path.join(src, f)):
-                    shutil.copyfile(os.path.join(src, f), os.path.join(dest, "warm", name, f))
+    for name in [f"seed{s}" for s in seeds] + (["opd-teacher"] if "opd" in data else []):
+        copy_warm(os.path.join(runs, "warm", name), os.path.join(dest, "warm", name))
+
+
+def copy_warm(src: str, dst: str):
+    """A warm start's WARM_FILES from `src` to `dst` (kept if `dst` already holds one)."""
+    if not os.path.isdir(src) or os.path.exists(os.path.join(dst, "model.safetensors")):
+        return
+    os.makedirs(dst, exist_ok=True)
+    for f in WARM_FILES:
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
 def read_environment(runs: str) -> dict:
@@ -517,8 +532,8 @@ def forest(summ: dict, out_dir: str, task: str = "toy"):
 def ptd_table() -> str:
     """The PTD-PO table of both tasks, from the committed archives: each direction's final
     test accuracy and its paired difference to GRPO (same seeds, 95% t interval)."""
-    cells, seeds_of = {}, {}
-    for task in TASKS:
+    cells, seeds_of, tasks = {}, {}, ("toy", "shapes")
+    for task in tasks:
         runs = os.path.join(TASKS[task]["out"], "runs")
         finals = {a: {s: read(run_dir(runs, a, s)) for s in range(10)} for a in PTD_ARMS}
         finals = {a: {s: [r for r in rows if "test_acc" in r][-1]["test_acc"]
@@ -544,7 +559,7 @@ def ptd_table() -> str:
              "| - GRPO's, paired (95% CI) |", "|---|---|---|---|---|"]
     for a in PTD_ARMS:
         lines.append(f"| {what[a]} | " + " | ".join(
-            cells[a, t] if a != "grpo" else cells[a, t] + " |" for t in TASKS).replace("| |", "|")
+            cells[a, t] if a != "grpo" else cells[a, t] + " |" for t in tasks).replace("| |", "|")
             + " |")
     return "\n".join(lines) + (f"\n\nSeeds: {seeds_of.get('toy', 0)} (arithmetic), "
                                f"{seeds_of.get('shapes', 0)} (shapes); every setting the study's "
@@ -563,11 +578,10 @@ def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple
     if not logged:
         raise SystemExit(f"study: no logged run {arm} seed {seed} in {runs}")
     warm, teacher = (os.path.join(runs, "warm", n) for n in (f"seed{seed}", "opd-teacher"))
-    start = []
     if os.path.isdir(warm):
-        start = ["--warm-start", warm]
         print(f"study: starting from the archived warm start {warm}")
     else:
+        warm = ""
         print(f"study: no archived warm start in {runs}: the cached or a rebuilt one")
     if not os.path.isdir(teacher):
         teacher = opd_teacher_path(extra, task)
@@ -579,8 +593,10 @@ def check(spec: str, runs: str, steps: int = STEPS, first: int = 3, extra: tuple
                                    if differ else "the same as the archive's" if then
                                    else "of the archive not recorded"))
     out = tempfile.mkdtemp(prefix="study-check-")
-    cmd = command(arm, int(seed), out, teacher, steps, extra + tuple(start), task)
+    cmd = command(arm, int(seed), out, teacher, steps, extra, task, warm=warm)
     cmd[cmd.index("--eval-every") + 1] = "0"  # evaluation consumes no randomness: skip it
+    if "--eval-at" in cmd:
+        cmd[cmd.index("--eval-at") + 1] = ""
     # the rerun's own lines (its progress, and the resume hint it prints when stopped) go to a
     # file: they are shown only if it fails before logging the steps to compare
     with open(out + ".log", "w") as log:
@@ -618,12 +634,14 @@ def main(argv=None):
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from: " + ", ".join(ARMS))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each its own warm start)")
     p.add_argument("--data", default="toy", choices=sorted(TASKS),
-                   help="the embedded task: toy (arithmetic) or shapes (pictures, a tiny Qwen3-VL)")
+                   help="the embedded task: toy (arithmetic), chains (worded arithmetic, on "
+                        "which a reference can leak) or shapes (pictures, a tiny Qwen3-VL)")
     p.add_argument("--runs", default=None,
                    help="where the runs go (default study_runs, study_runs/shapes; not committed: "
                         "the report copies their metrics and warm starts to OUT/runs, which is, "
                         "so `--report --runs tools/results/runs` works on a fresh clone)")
-    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (default: the task's, 150; chains 200)")
     p.add_argument("--out", default=None, help="where RESULTS.md, the plots and the archive go "
                    "(default tools/results, tools/results/shapes)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -638,6 +656,7 @@ def main(argv=None):
     task = TASKS[a.data]
     runs, out_dir = a.runs or task["runs"], a.out or task["out"]
     arms, seeds = a.arms.split(","), [int(s) for s in a.seeds.split(",")]
+    a.steps = a.steps or task["steps"]
     extra = tuple(a.train_flags.split())
     unknown = [x for x in arms if x not in ARMS]
     if unknown:

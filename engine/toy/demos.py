@@ -12,8 +12,10 @@ context it is shown.
 import random
 
 import data
-from engine.prompts import render, templates
+from engine.prompts import prompts_for, render, templates
+from engine.sft import sft_batch, sft_step
 from engine.toy import arithmetic, chains, clips, shapes
+from engine.update import lr_at
 
 # 30% of the toy's prompts carry the answer, so that the same network later acts as a teacher
 # that USES a privileged context (30%, not 20%: measured). Without a context the
@@ -46,3 +48,16 @@ def step_demonstrations(examples: list, step: int, *, data_spec: str, per_step: 
             target = CARELESS[data_spec](e, rng, slip)
         targets.append(target)
     return exs, texts, targets
+
+
+def sft_step_on(model, opt, examples: list, step: int, tok, cfg, dist) -> dict:
+    """One SFT step of a run (`cfg`: its --algo sft settings) on this step's demonstrations:
+    what `python train.py --algo sft` and the toy warm start (warmstart.py) both run."""
+    exs, texts, targets = step_demonstrations(
+        examples, step, data_spec=cfg.data, per_step=cfg.prompts_per_step, seed=cfg.seed,
+        slip=cfg.demo_slip, rank=dist.rank, world=dist.world)
+    b = sft_batch(exs, texts, targets, tok, prompts=prompts_for(cfg), dist=dist)
+    return sft_step(model, opt, b, rows=cfg.micro_batch_size, logit_chunk=cfg.logit_chunk,
+                    max_grad_norm=cfg.max_grad_norm, dist=dist,
+                    lr=lr_at(step, lr=cfg.lr, warmup=cfg.lr_warmup_steps,
+                             schedule=cfg.lr_schedule, steps=cfg.steps))

@@ -23,7 +23,7 @@ from engine.sft import sft_batch, sft_step
 from engine.update import clip_and_step, lr_at
 from engine.config import Config, resolve_config
 from engine.distributed import Dist
-from engine.prompts import TOY_TEMPLATES, prompts_for, render
+from engine.prompts import TOY_TEMPLATES, render
 from engine.rollout import load_model
 from engine.rundir import file_lock, log_line
 from engine.toy import arithmetic, chains, clips, demos, models, shapes, tasks
@@ -33,8 +33,8 @@ TOY_VERSION = "v3"  # part of the warm-start cache key (with the settings and th
 # functions as imported here, so that a test wrapping one at run time changes no key)
 _BUILDS_IT = (arithmetic.toy_example, arithmetic.toy_chain, arithmetic.sloppy_solution,
               arithmetic.make_toy, data.step_examples, models.build_toy_model,
-              models.build_toy_tokenizer, demos.step_demonstrations, sft_batch, render, sft_step,
-              backward_chunked, lr_at, clip_and_step)
+              models.build_toy_tokenizer, demos.step_demonstrations, demos.sft_step_on, sft_batch,
+              render, sft_step, backward_chunked, lr_at, clip_and_step)
 
 
 def cache_dir(cfg: Config) -> str:
@@ -125,16 +125,9 @@ def build_warm_start(cfg: Config, dist: Dist, path: str, label: str = "warm star
         vision.freeze_towers(model, "the toy model", audio=cfg.freeze_towers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    prompts, t_start = prompts_for(cfg), time.time()
+    t_start = time.time()
     for step in range(1, cfg.steps + 1):
-        exs, texts, targets = demos.step_demonstrations(
-            examples, step, data_spec=cfg.data, per_step=cfg.prompts_per_step, seed=cfg.seed,
-            slip=cfg.demo_slip, rank=0, world=1)
-        m = sft_step(model, opt, sft_batch(exs, texts, targets, tok, prompts=prompts, dist=dist),
-                     rows=cfg.micro_batch_size, logit_chunk=cfg.logit_chunk,
-                     max_grad_norm=cfg.max_grad_norm, dist=dist,
-                     lr=lr_at(step, lr=cfg.lr, warmup=cfg.lr_warmup_steps,
-                              schedule=cfg.lr_schedule, steps=cfg.steps))
+        m = demos.sft_step_on(model, opt, examples, step, tok, cfg, dist)
         if step % cfg.log_every == 0 or step == cfg.steps:
             log_line(step, cfg.steps, m, t_start, label)
     ckpt.save_model(path, model, tok)
