@@ -30,6 +30,7 @@ import grpo
 from engine.distributed import gathered
 from engine.progress import Progress
 from engine.prompts import LEAK_PHRASES, TOY_LEAK_MARKERS, prompts_for
+from engine.rundir import read_jsonl
 from engine.rollout import generate, left_pad, load_model, stop_ids
 from engine.teachers import response_logits
 
@@ -120,7 +121,7 @@ def response_entropy(model, ro, temperature=1.0) -> float:
 
 
 def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperature, phrases,
-                        seed=0, reward="verifier") -> dict:
+                        seed=0, reward="verifier", leaked=None) -> dict:
     model, tok = load_model(path)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -140,7 +141,8 @@ def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperatu
         correct = [sum(acc[i * k:(i + 1) * k]) for i in range(len(examples))]
         res[f"avg@{k}"] = sum(correct) / (k * len(examples))
         res[f"pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / len(examples)
-    res["leakage"] = leakage(texts, phrases)
+    res["leakage"] = (sum(map(leaked, texts)) / max(len(texts), 1) if leaked is not None
+                      else leakage(texts, phrases))  # the chains task's own leak test
     n_tok = sum(r.resp_mask.sum().item() for r in ro)
     res["response_len_mean"] = n_tok / len(texts)
     res["entropy"] = sum(response_entropy(model, r) * r.resp_mask.sum().item() for r in ro) / max(n_tok, 1)
@@ -219,11 +221,15 @@ def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
 # ----------------------------------------------------------------------------------------
 
 def read_metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl; a torn last line is dropped with a warning (rundir.read_jsonl),
+    a bad line elsewhere is a DataError naming it."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        return read_jsonl(path, warn=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise data.DataError(str(e)) from None
 
 
 def compare_table(run_dirs, keys=("test_acc", "ood_acc", "reward_mean", "entropy",
@@ -274,17 +280,30 @@ PROMPT_FIELDS = ("student_template", "system_prompt", "chat_template_kwargs", "r
 
 def run_config(checkpoint: str):
     """(Config of the run that wrote `checkpoint`, its path), from the config.json train.py
-    writes into --out, the checkpoint's parent; (None, None) for a plain model or hub id."""
+    writes into --out, the checkpoint's parent; (None, None) for a plain model or hub id. The
+    file is data: each value must have its field's type (else one DataError naming it), and
+    nothing it names is imported here (eval_config: its reward)."""
     from engine import config
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint.rstrip("/"))), "config.json")
     if not os.path.isfile(path):
         return None, None
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"{path}: not a readable JSON file ({str(e)[:80]})") from None
     if not isinstance(saved, dict) or "algo" not in saved:  # a model's own config.json
         return None, None
-    fields = {f.name for f in dataclasses.fields(config.Config)}
-    return config.Config(**{k: v for k, v in saved.items() if k in fields}), path
+    values = {}
+    for k, default in config.DEFAULTS.items():
+        if k in saved:
+            v, want = saved[k], type(default)
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise data.DataError(f"{path}: {k} = {saved[k]!r} should be {want.__name__}")
+            values[k] = v
+    return config.Config(**values), path
 
 
 def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
@@ -292,8 +311,16 @@ def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
     a line saying where they came from). The run's own settings where its config.json is
     found, else the defaults (the embedded tasks' compact prompts, the papers' for a file)."""
     from engine import config
+    from engine.checks import check_templates
     cfg, path = run_config(checkpoint)
     given = {k: v for k, v in overrides.items() if v is not None}
+    if cfg is not None and cfg.reward not in rewards.REWARDS and "reward" not in given:
+        # a run directory is data: the code its config.json names runs only when typed
+        raise data.DataError(f"{path}: its run used the reward {cfg.reward!r}, a module:function "
+                             f"that eval.py imports only when you type it: --reward "
+                             f"{cfg.reward} (if you trust it), or another --reward")
+    if cfg is not None:
+        check_templates(dataclasses.replace(cfg, **given))  # shows the model no answer
     if cfg is None:
         spec = data_spec or "toy"
         cfg = config.Config(data=spec, student_template="", reward="verifier",
@@ -312,7 +339,7 @@ def eval_config(checkpoint: str, data_spec: str | None, overrides: dict):
     return dataclasses.replace(cfg, **given), spec, note
 
 
-def main(argv=None):
+def parse_args(argv=None):
     from engine import config
     p = argparse.ArgumentParser(
         description="Evaluate a checkpoint the way its run was trained (its config.json: "
@@ -320,9 +347,10 @@ def main(argv=None):
         "compare runs.")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint directory (train.py's "
                    "--out/checkpoint-NNNNNN), any Hugging Face model directory, or a hub id")
-    p.add_argument("--data", default=None, help="what to evaluate on: 'toy', 'shapes' or 'clips' (their "
-                   "test + ood splits) or a .jsonl / .json / .csv / .parquet file (default: the "
-                   "run's --eval-data, or its embedded task; 'toy' without a run)")
+    p.add_argument("--data", default=None, help="what to evaluate on: an embedded task (" +
+                   ", ".join(data.TASKS) + ": its test + ood splits) or a .jsonl / .json / "
+                   ".csv / .parquet file (default: the run's --eval-data, or its embedded task; "
+                   "'toy' without a run)")
     p.add_argument("--n", type=int, default=500, help="problems per split of an embedded task")
     p.add_argument("--k", type=int, default=1, help="samples per problem for avg@k / pass@k")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the "
@@ -340,6 +368,45 @@ def main(argv=None):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"{docs[name][1]} (default: the run's)")
     a = p.parse_args(argv)
+    for name, ok, what in (("n", a.n >= 1, "at least 1"), ("k", a.k >= 1, "at least 1"),
+                           ("temperature", math.isfinite(a.temperature) and a.temperature >= 0,
+                            "a finite number >= 0")):
+        if not ok:
+            p.error(f"--{name} must be {what}, got {getattr(a, name)}")
+    if not a.compare and not a.checkpoint:
+        p.error("give a checkpoint, or --compare RUN_DIR...")
+    return a
+
+
+def evaluate_main(a) -> list[str]:
+    """Evaluate `a.checkpoint` on each split; returns the JSON lines it printed."""
+    from engine.checks import model_path_problem
+    problem = model_path_problem(a.checkpoint)
+    if problem:
+        raise FileNotFoundError(f"{a.checkpoint}: {problem}")
+    cfg, spec, note = eval_config(a.checkpoint, a.data, {k: getattr(a, k) for k in PROMPT_FIELDS})
+    print(note + f"; reward: {cfg.reward}", file=sys.stderr)
+    columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
+    sets = ({s: tasks.make_task(spec, s, a.n) for s in ("test", "ood")} if spec in data.TASKS
+            else {"eval": tasks.load_data(spec, "eval", n_toy=0, columns=columns,
+                                          fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video)})
+    phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
+    if spec in ("toy", "shapes", "clips"):
+        phrases += list(TOY_LEAK_MARKERS)
+    leaked = chains.leaked if spec == "chains" else None
+    lines = []
+    for name, exs in sets.items():
+        res = evaluate_checkpoint(a.checkpoint, exs, prompts=prompts_for(cfg), k=a.k,
+                                  temperature=a.temperature, phrases=phrases, leaked=leaked,
+                                  reward=cfg.reward, max_new_tokens=cfg.max_new_tokens,
+                                  seed=a.seed)
+        lines.append(json.dumps({"split": name, **res}))
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None):
+    a = parse_args(argv)
     try:
         if a.compare:
             print(compare_table(a.compare))
@@ -347,31 +414,7 @@ def main(argv=None):
                 plot_runs(a.compare, a.plot)
                 print(f"wrote {a.plot}")
             return
-        if not a.checkpoint:
-            p.error("give a checkpoint, or --compare RUN_DIR...")
-        problem = config.model_path_problem(a.checkpoint)
-        if problem:
-            raise FileNotFoundError(f"{a.checkpoint}: {problem}")
-        cfg, spec, note = eval_config(a.checkpoint, a.data,
-                                      {k: getattr(a, k) for k in PROMPT_FIELDS})
-        print(note, file=sys.stderr)
-        toy = spec in data.TASKS
-        columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
-        sets = ({s: tasks.make_task(spec, s, a.n) for s in ("test", "ood")} if toy
-                else {"eval": tasks.load_data(spec, "eval", n_toy=0, columns=columns,
-                                              fps=cfg.video_fps,
-                                              audio_in_video=cfg.use_audio_in_video)})
-        phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
-        if toy:
-            phrases += list(TOY_LEAK_MARKERS)
-        lines = []
-        for name, exs in sets.items():
-            res = evaluate_checkpoint(a.checkpoint, exs, prompts=prompts_for(cfg), k=a.k,
-                                      temperature=a.temperature, phrases=phrases,
-                                      reward=cfg.reward, max_new_tokens=cfg.max_new_tokens,
-                                      seed=a.seed)
-            lines.append(json.dumps({"split": name, **res}))
-            print(lines[-1], flush=True)
+        lines = evaluate_main(a)
         if a.out:
             with open(a.out + ".tmp", "w") as f:
                 f.write("\n".join(lines) + "\n")

@@ -30,6 +30,14 @@ _POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp", "old_lo
 
 @dataclass
 class Batch:
+    """One step's rows, filled in as the step goes (train.train_step's numbers):
+        1-2 sample           examples .. in_loss, media: the rollouts and their rewards
+        3   advantages       adv
+        4   teacher prompts  teacher_ids, teacher_mask, has_context; distill, kl_off
+        5   scores           teacher_logp, ref_logp, old_logp (teachers.score_batch)
+        6   per mini-batch   distill_w (losses.distill_row_weights), seq_log_ratio (GSPO)
+            per chunk        row_tokens (Batch.positions keeps each row's whole count)
+    A field is None until its stage (or when the algorithm has no use for it)."""
     examples: list                 # (N,) the Example behind each row (each prompt G times)
     prompt_ids: torch.Tensor       # (N, Lp) left-padded student prompts
     prompt_mask: torch.Tensor      # (N, Lp)

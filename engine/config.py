@@ -16,16 +16,13 @@ import re
 import sys
 from dataclasses import dataclass
 
-import torch
 
 import data
-import distill
-from engine import losses, presets, prompts, rewards, trackers
+from engine import presets
+from engine.checks import check_config, model_path_problem  # noqa: F401 (config.model_path_problem)
 from engine.lora import LORA_TARGETS
-from engine.rollout import GENERATION_MODES
 from engine.defaults import (PAPER_DEFAULTS, TOY_ALGO_DEFAULTS, TOY_DEFAULTS,  # noqa: F401
                              USED_BY, NO_THINKING, THINKING)
-from engine.teachers import TEACHER_MODES
 
 ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "opd", "opsd", "sdpo", "srpo",
          "ptdpo", "rlsd")
@@ -216,6 +213,9 @@ def resolve_config(given: dict, notes: list | None = None, *, paths: bool = True
     preset = presets.load(given["preset"], DEFAULTS)[1] if given.get("preset") else {}
     chosen = {**preset, **given}
     algo, model = chosen.get("algo", Config.algo), chosen.get("model", Config.model)
+    if algo not in ALGOS:  # a recipe's algo (the command line's is checked by argparse)
+        raise SystemExit(f"config error: recipe {given.get('preset')}: algo {algo!r} is not "
+                         f"one of {', '.join(ALGOS)}")
     values = dict(PAPER_DEFAULTS[algo])
     if model == "toy":
         values.update(TOY_DEFAULTS, **TOY_ALGO_DEFAULTS.get(algo, {}))
@@ -257,7 +257,7 @@ def resolve_config(given: dict, notes: list | None = None, *, paths: bool = True
                         world=int(os.environ.get("WORLD_SIZE", "1")))
     if notes is not None:
         notes.extend(adapted)
-    check_config(cfg, chosen, paths=paths)
+    check_config(cfg, chosen, paths=paths, typed=given)
     return cfg
 
 
@@ -332,173 +332,3 @@ def _context_length(model: str) -> int:
         return 0  # check_paths and the loader report a bad model directory
     c = c.get("text_config") or c.get("thinker_config", {}).get("text_config") or c
     return int(c.get("max_position_embeddings") or 0)
-
-
-def check_config(cfg: Config, given: dict = (), *, paths: bool = True):
-    """Impossible combinations, and flags given for an algorithm that ignores them, fail here."""
-    def bad(msg):
-        raise SystemExit(f"config error: {msg}")
-    for name in given:
-        if name in USED_BY and cfg.algo not in USED_BY[name]:
-            bad(f"--{name.replace('_', '-')} has no effect with --algo {cfg.algo} "
-                f"(used by {', '.join(USED_BY[name])})")
-    if cfg.warm_start and (cfg.model != "toy" or cfg.algo == "sft"):
-        bad("--warm-start replaces the toy model's cached warm start: it needs --model toy "
-            "(and an RL algorithm; --algo sft builds a warm start)")
-    if cfg.warm_start and model_path_problem(cfg.warm_start):
-        bad(f"--warm-start {cfg.warm_start}: {model_path_problem(cfg.warm_start)}")
-    if (cfg.freeze_vision or cfg.freeze_towers) and cfg.model in ("toy", "toy-init") \
-            and cfg.data not in data.MULTIMODAL_TASKS:
-        bad("--freeze-vision freezes a vision-language model's tower; the toy model of "
-            f"--data {cfg.data} is a text model")
-    if cfg.teacher_mode == "external" and not cfg.teacher:
-        bad(f"--algo {cfg.algo} with an external teacher needs --teacher (a model directory, "
-            f"hub id, or 'toy'); --teacher-mode frozen makes the student its own teacher")
-    if cfg.teacher and cfg.teacher_mode != "external":
-        bad(f"--teacher is the external teacher; --teacher-mode {cfg.teacher_mode} scores with "
-            f"the student's own weights (use --teacher-mode external)")
-    if cfg.algo in ("sdpo", "srpo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "rlsd",
-                    "ptdpo") and cfg.group_size < 2:
-        bad(f"--algo {cfg.algo} compares rollouts within a group: --group-size must be >= 2")
-    if cfg.teacher_mode not in TEACHER_MODES:
-        bad(f"unknown --teacher-mode {cfg.teacher_mode!r}")
-    if cfg.teacher_mode == "trust" and cfg.algo in losses.SAMPLED_TOKEN_TEACHER:
-        bad(f"--teacher-mode trust mixes two models' logits (SDPO's trust region), which only "
-            f"the whole-distribution losses read; --algo {cfg.algo} reads the teacher's "
-            f"sampled-token log-probs: use sync, frozen, ema or live")
-    if cfg.context not in ("none", "sibling") + data.CONTEXTS:
-        bad(f"unknown --context {cfg.context!r}")
-    if cfg.context_source not in ("own", "other"):
-        bad(f"--context-source must be 'own' or 'other', not {cfg.context_source!r}")
-    if cfg.context_source == "other" and cfg.context not in data.CONTEXTS:
-        bad(f"--context-source other swaps a row's {'/'.join(data.CONTEXTS)} for another "
-            f"problem's; --context {cfg.context} has none to swap")
-    if cfg.adv_scale not in ("group", "none", "loo"):
-        bad("--adv-scale must be 'group', 'none' or 'loo'")
-    if cfg.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        bad(f"unknown --loss-agg {cfg.loss_agg!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # every process runs the same passes
-    for flag in ("prompts_per_step", "mini_batch_size"):
-        if getattr(cfg, flag) % world:
-            bad(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is not divisible by the "
-                f"{world} processes")
-    if cfg.mini_batch_size and cfg.prompts_per_step % cfg.mini_batch_size:
-        bad(f"--mini-batch-size {cfg.mini_batch_size} must divide --prompts-per-step "
-            f"{cfg.prompts_per_step} (whole mini-batches of prompts per optimizer step)")
-    if cfg.distill_agg not in losses.DISTILL_AGG:
-        bad(f"--distill-agg must be one of {', '.join(losses.DISTILL_AGG)}")
-    if cfg.ptd_divergence not in distill.PTD_DIVERGENCES:
-        bad(f"--ptd-divergence must be one of {', '.join(distill.PTD_DIVERGENCES)}")
-    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
-        bad("--lr-schedule must be constant, linear or cosine")
-    ranges = {  # field: (lowest allowed, highest allowed, strictly above the lowest?)
-        "steps": (0, None, False), "prompts_per_step": (1, None, False),
-        "group_size": (1, None, False), "max_new_tokens": (1, None, False),
-        "temperature": (0.0, None, True), "max_prompt_tokens": (0, None, False),
-        "rollout_top_p": (0.0, 1.0, True), "rollout_top_k": (0, None, False),
-        "lr": (0.0, None, True), "lr_warmup_steps": (0, None, False),
-        "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, True),
-        "micro_batch_size": (0, None, False), "mini_batch_size": (0, None, False),
-        "ppo_epochs": (1, None, False), "clip_low": (0.0, 1.0, False),
-        "clip_high": (0.0, None, False), "kl_coef": (0.0, None, False),
-        "overlong_cache": (0, None, False), "dapo_max_gen_batches": (1, None, False),
-        "teacher_sync": (0, None, False), "teacher_ema": (0.0, 1.0, False),
-        "lam0": (0.0, 1.0, False), "lam_decay": (0, None, False), "lam_warmup": (0, None, False),
-        "eps_w": (0.0, 1.0, False), "top_k": (0, None, False), "token_clip": (0.0, None, False),
-        "is_clip": (0.0, None, True), "srpo_beta": (0.0, None, False),
-        "ptd_coef": (0.0, None, False), "ptd_tau": (0.0, 1.0, False), "opd_coef": (0.0, None, False),
-        "save_every": (0, None, False), "keep_checkpoints": (1, None, False),
-        "eval_every": (0, None, False), "eval_n": (1, None, False), "log_every": (1, None, False),
-        "max_skips": (1, None, False), "warm_start_steps": (1, None, False),
-        "demo_slip": (0.0, 1.0, False), "video_fps": (0.0, None, True),
-        "max_teacher_prompt_tokens": (0, None, False), "lora_rank": (0, None, False), "rollout_micro_batch": (0, None, False),
-        "lora_alpha": (0.0, None, False), "lora_dropout": (0.0, 1.0, False), "gpus": (0, None, False),
-    }
-    for name, (lo, hi, strict) in ranges.items():
-        v = getattr(cfg, name)
-        if v != v or (v <= lo if strict else v < lo) or (hi is not None and v > hi):
-            span = (f"> {lo}" if strict else f">= {lo}") + (f" and <= {hi}" if hi is not None else "")
-            hint = (" (greedy rollouts would make every rollout of a group the same, and the "
-                    "losses score the samples at this temperature)") if name == "temperature" else ""
-            bad(f"--{name.replace('_', '-')} must be {span}, got {v}{hint}")
-    try:
-        eval_at = [int(s) for s in cfg.eval_at.split(",") if s.strip()]
-    except ValueError:
-        eval_at = [0]
-    if any(s < 1 for s in eval_at):
-        bad(f"--eval-at must be steps (positive integers) separated by commas, got {cfg.eval_at!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        bad(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.preset and not cfg.dry_run:
-        about = presets.load(cfg.preset, DEFAULTS)[0]
-        if cfg.model != "toy" and cfg.data in data.TASKS:
-            bad(f"--preset {cfg.preset} trains {cfg.model} on {about.get('data', 'its dataset')}: "
-                f"give --data FILE (README, Recipes), or --model toy to try the recipe here")
-    if paths and not cfg.dry_run:
-        check_paths(cfg, bad)
-    try:
-        trackers.names(cfg.report_to)
-    except ValueError as e:
-        bad(str(e))
-    rewards.load_reward(cfg.reward)  # a bad name or module:function path fails now
-    prompts.prompts_for(cfg)  # chat-template options that are not JSON objects fail now
-    if cfg.student_template:
-        try:
-            cfg.student_template.format(prompt="", answer="", solution="", hint="", rationale="")
-        except (KeyError, IndexError, ValueError) as e:
-            bad(f"--student-template {cfg.student_template!r}: not a template over the fields "
-                f"prompt, answer, solution, hint, rationale ({e!r}; write a literal brace as {{{{ }}}})")
-        if "{prompt}" not in cfg.student_template:
-            bad("--student-template must contain {prompt}")
-        leaks = [c for c in data.CONTEXTS if "{" + c + "}" in cfg.student_template]
-        if leaks:  # the student must never see a privileged context
-            bad(f"--student-template shows the student {{{leaks[0]}}}, a teacher-only field")
-    if not 0.0 <= cfg.beta <= 1.0:
-        bad("--beta must be in [0, 1]")
-    if cfg.long_prompts not in ("fail", "skip"):
-        bad("--long-prompts must be 'fail' or 'skip'")
-    if cfg.generation not in GENERATION_MODES:
-        bad(f"--generation must be one of {', '.join(GENERATION_MODES)}")
-    if cfg.generation == "compiled" and not torch.cuda.is_available():
-        bad("--generation compiled replays CUDA graphs and needs a GPU (use 'dynamic' on CPU)")
-
-
-def model_path_problem(value: str) -> str | None:
-    """Why `value` cannot be a model (a directory with config.json, or a hub id), or None."""
-    if os.path.exists(value):
-        if not os.path.isdir(value):
-            return "is a file; expected a model directory (config.json, weights, tokenizer) or a hub id"
-        if not os.path.exists(os.path.join(value, "config.json")):
-            return "directory has no config.json (not a Hugging Face model)"
-        try:
-            with open(os.path.join(value, "config.json")) as f:
-                kind = str(json.load(f).get("model_type", ""))
-        except (OSError, ValueError, AttributeError):
-            return None  # transformers' loader says what is wrong with it
-        if kind.startswith("qwen3_omni"):  # engine/vision.py: Qwen2.5-Omni's thinker only
-            return ("is a Qwen3-Omni (mixture-of-experts) checkpoint, whose thinker takes other "
-                    "inputs and positions; Qwen2.5-Omni's thinker is supported")
-        return None
-    if value.startswith((".", "/", "~")) or value.count("/") != 1:
-        return "no such directory (and not a hub id of the form org/name)"
-    return None
-
-
-def check_paths(cfg: Config, bad):
-    """--model, --teacher, --data, --eval-data and --out name things that can be used."""
-    for flag, value in (("--model", cfg.model), ("--teacher", cfg.teacher)):
-        problem = model_path_problem(value) if value not in ("", "toy", "toy-init") else None
-        if problem:
-            bad(f"{flag} {value}: {problem}")
-    for flag, value in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if value not in ("", *data.TASKS) and not os.path.isfile(value):
-            bad(f"{flag} {value}: no such file" + (" (a directory)" if os.path.isdir(value) else ""))
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        bad(f"--out {cfg.out}: is a file; expected a run directory")
-    parent = cfg.out
-    while parent and not os.path.exists(parent):  # the nearest existing ancestor
-        parent = os.path.dirname(parent)
-    if not os.access(parent or ".", os.W_OK | os.X_OK):
-        bad(f"--out {cfg.out}: {os.path.abspath(parent or '.')} is not writable")
-    if cfg.resume and cfg.overwrite:
-        bad("--resume continues the run in --out, --overwrite deletes it: choose one")

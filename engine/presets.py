@@ -30,15 +30,19 @@ def load(name: str, fields: dict) -> tuple[dict, dict]:
     """(about, config values) of recipes/NAME.toml. `fields`: Config's {name: default}, to
     check every key and type; a bad recipe fails naming the file and the key."""
     path = os.path.join(RECIPES, name + ".toml")
-    if not os.path.isfile(path):
-        raise SystemExit(f"config error: --preset {name}: no such recipe (python train.py "
-                         f"--list-presets lists them: {', '.join(names())})")
+    if name not in names():  # a name in recipes/, never a path to a file elsewhere
+        raise SystemExit(f"config error: --preset {name}: no such recipe in recipes/ (python "
+                         f"train.py --list-presets lists them: {', '.join(names())})")
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise SystemExit(f"config error: {path}: {e}") from None
     about, values = doc.get("about", {}), doc.get("config", {})
+    for table, value in (("about", about), ("config", values)):
+        if not isinstance(value, dict):
+            raise SystemExit(f"config error: {path}: {table} = {value!r} should be a table "
+                             f"[{table}]")
     tables, keys = sorted(set(doc) - {"about", "config"}), sorted(set(about) - set(ABOUT))
     if tables:
         raise SystemExit(f"config error: {path}: unknown table [{tables[0]}] (expected [about], "
@@ -68,7 +72,11 @@ def listing(fields: dict) -> str:
     """The --list-presets table: name, algorithm, model, dataset, GPUs assumed."""
     rows = [("preset", "algo", "model", "GPUs", "data")]
     for name in names():
-        about, values = load(name, fields)
+        try:
+            about, values = load(name, fields)
+        except SystemExit as e:  # one bad recipe is named, the others still listed
+            rows.append((name, "-", "-", "-", f"(not loadable: {e})"))
+            continue
         rows.append((name, values.get("algo", ""), about.get("model", ""),
                      str(about.get("gpus", "")), about.get("data", "")))
     width = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -165,15 +165,40 @@ def stopped_after(step: int, saved: int, out: str, name: str, argv: list) -> str
                "--save-on-signal checkpoints the last one)"))
 
 
+def read_jsonl(path: str, warn=print) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl). A torn LAST line (what a full disk or
+    a killed process leaves) is dropped with one warning; a bad line anywhere else is an
+    error naming the file and line (ValueError)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    rows, numbered = [], [(i + 1, s) for i, s in enumerate(lines) if s.strip()]
+    for k, (n, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if k == len(numbered) - 1:  # torn by a crash or a full disk: that step is redone
+                warn(f"warning: {path}: line {n} is incomplete ({str(e)[:60]}); ignored")
+                break
+            raise ValueError(f"{path}: line {n} is not a JSON object ({str(e)[:80]})") from None
+        rows.append(row)
+    return rows
+
+
 def start_metrics_log(path: str, start: int):
     """metrics.jsonl for a run starting after step `start`: on resume, the lines of steps after
-    the checkpoint are dropped (they will be redone). Replaced atomically: never half-written."""
+    the checkpoint are dropped (they will be redone), and so is a torn last line. Replaced
+    atomically: never half-written."""
     keep = []
     if start and os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line).get("step", 0) <= start]
+        try:
+            keep = [r for r in read_jsonl(path) if r.get("step", 0) <= start]
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}; the checkpoints are intact: move the file away "
+                             f"to resume without it") from None
     with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
+        f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(path + ".tmp", path)
 
 

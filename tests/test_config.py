@@ -11,7 +11,7 @@ import torch
 
 from engine import config
 import train
-from engine import update
+from engine import teachers, update
 from engine.distributed import Dist
 from engine.toy.models import build_toy_model, build_toy_tokenizer
 
@@ -58,6 +58,13 @@ def test_lr_schedule_hand_values():
         [1.0, 0.5 * (1 + math.cos(math.pi * 0.4)), 0.5 * (1 + math.cos(math.pi * 0.8))])
 
 
+def _teachers(cfg, model, dist):
+    """The run's (Teacher, reference), as train.setup builds them for a self-teacher."""
+    return teachers.teacher_and_reference(model, mode=cfg.teacher_mode, kl_coef=cfg.kl_coef,
+                                          sync_every=cfg.teacher_sync, ema_rate=cfg.teacher_ema,
+                                          dist=dist, dtype=torch.float32)
+
+
 def test_kl_reference_is_never_the_moving_teacher():
     """Audit F10: with an EMA or synced teacher and --kl-coef > 0, the reference is its own
     frozen copy, unchanged by teacher updates; a frozen teacher may share its weights."""
@@ -67,7 +74,7 @@ def test_kl_reference_is_never_the_moving_teacher():
         model = build_toy_model(tok, seed=0)
         cfg = config.resolve_config(dict(algo=algo, model="org/x", teacher_mode=mode, kl_coef=0.1,
                                          teacher_sync=1))
-        teacher, ref = train.teachers_for(cfg, model, tok, dist)
+        teacher, ref = _teachers(cfg, model, dist)
         assert ref is not teacher.model and ref is not model
         before = [p.detach().clone() for p in ref.parameters()]
         with torch.no_grad():
@@ -77,7 +84,7 @@ def test_kl_reference_is_never_the_moving_teacher():
         assert not torch.equal(next(teacher.model.parameters()), before[0])  # the teacher moved
         assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), before))
     cfg = config.resolve_config(dict(algo="ptdpo", model="org/x"))
-    teacher, ref = train.teachers_for(cfg, build_toy_model(tok), tok, dist)
+    teacher, ref = _teachers(cfg, build_toy_model(tok), dist)
     assert ref is teacher.model  # frozen: one copy serves both
 
 

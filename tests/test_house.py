@@ -1,10 +1,12 @@
 """The house: no import cycles, no import from a floor above, and what pip installs.
 
 Floors, from the ground up: the math (grpo, rlsd, distill) and what data is (data); the
-machinery that runs them (engine/, its toy world engine/toy/ included); the two entry points
-(eval, then train, which uses eval's evaluation); the tools (tools/). Every import of every
-module, function-level ones included, is read from the source (ast) and must go to the same
-floor or one below, and the graph must have no cycle."""
+machinery that runs them (engine/); the embedded toy world (engine/toy/: tasks, tiny models,
+warm start), which uses the machinery and is used by none of it, but for `--dry-run`'s report
+(engine/dryrun.py, which sizes the toy model too); the two entry points (eval, then train,
+which uses eval's evaluation); the tools (tools/). Every import of every module,
+function-level ones included, is read from the source (ast) and must go to the same floor or
+one below, and the graph must have no cycle."""
 import ast
 import os
 
@@ -17,8 +19,8 @@ except ImportError:  # Python 3.10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCEPTS = ("grpo", "rlsd", "distill", "data", "train", "eval")  # the design card's files
-FLOOR = {"grpo": 0, "rlsd": 0, "distill": 0, "data": 0, "engine": 1, "eval": 2, "train": 3,
-         "tools": 4}
+FLOOR = {"grpo": 0, "rlsd": 0, "distill": 0, "data": 0, "engine": 1, "engine.toy": 2,
+         "engine.dryrun": 3, "eval": 4, "train": 5, "tools": 6}
 
 
 def modules(root: str = ROOT) -> dict:
@@ -88,7 +90,10 @@ def cycles(g: dict) -> list:
 
 
 def floor(module: str) -> int:
-    return FLOOR[module.split(".")[0]]
+    """The floor of a module: its own entry, else its package's (engine.toy.tasks: engine.toy)."""
+    parts = module.split(".")
+    return next(FLOOR[".".join(parts[:k])] for k in range(len(parts), 0, -1)
+                if ".".join(parts[:k]) in FLOOR)
 
 
 def test_no_import_cycles():
@@ -116,6 +121,16 @@ def test_a_function_level_import_is_read(tmp_path):
 def test_nothing_imports_from_a_floor_above():
     up = [(m, d) for m, deps in graph().items() for d in deps if floor(d) > floor(m)]
     assert up == []
+
+
+def test_the_machinery_never_imports_the_toy_world():
+    """engine/ runs any model on any data; only engine/toy/ (and --dry-run's sizing) knows the
+    embedded tasks. A planted import from the machinery into the toy world is caught."""
+    g = graph()
+    assert floor("engine.sft") < floor("engine.toy.tasks") < floor("engine.dryrun")
+    g["engine.sft"] = g["engine.sft"] | {"engine.toy.tasks"}
+    up = [(m, d) for m, deps in g.items() for d in deps if floor(d) > floor(m)]
+    assert up == [("engine.sft", "engine.toy.tasks")]
 
 
 def test_pip_installs_the_concept_modules_and_one_package():

@@ -17,7 +17,8 @@ import hashlib
 import random
 import re
 
-from data import DataError, Example
+from data import Example
+from engine.toy.splits import draw_split
 
 
 TOY_CHARS = "0123456789+-=;\nQASHR:adsubt,"
@@ -71,16 +72,6 @@ def sloppy_solution(ex: Example, rng: random.Random, p: float) -> str:
 
 def make_toy(split: str, n: int, *, seed: int = 0) -> list[Example]:
     """n toy problems of a split: 'train', 'test' (2-3 operations) or 'ood' (4 operations)."""
-    if split not in ("train", "test", "ood"):
-        raise DataError(f"toy split must be train, test or ood, got {split!r}")
-    rng = random.Random(f"toy-{split}-{seed}")
-    out, seen = [], set()
-    while len(out) < n:
-        ex = toy_example(rng, 4 if split == "ood" else rng.choice((2, 3)))
-        if split != "ood" and _toy_split_of(ex.prompt) != split:
-            continue
-        if split == "test" and ex.prompt in seen:  # a fixed test set of distinct questions
-            continue
-        seen.add(ex.prompt)
-        out.append(ex)
-    return out
+    return draw_split("toy", split, n, seed, key=lambda ex: ex.prompt,
+                      make=lambda rng, ood: toy_example(rng, 4 if ood else rng.choice((2, 3))),
+                      split_of=lambda ex: _toy_split_of(ex.prompt))

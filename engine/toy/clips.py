@@ -44,9 +44,10 @@ import wave
 import numpy as np
 import torch
 
-from data import DataError, Example
+from data import Example
 from engine import media
 from engine.toy import shapes
+from engine.toy.splits import draw_split, probe_heads, train_probes
 
 SECONDS, FPS, SIZE = 4, 2, 32
 TONES = (330.0, 523.0, 784.0)  # Hz
@@ -125,20 +126,9 @@ def _split_of(ex: Example) -> str:
 @functools.lru_cache(maxsize=8)
 def make_clips(split: str, n: int, *, seed: int = 0) -> list[Example]:
     """n problems of a split: 'train', 'test' or 'ood' (the colour in 3 or 4 seconds)."""
-    if split not in ("train", "test", "ood"):
-        raise DataError(f"clips split must be train, test or ood, got {split!r}")
-    rng = random.Random(f"clips-{split}-{seed}")
-    out, seen = [], set()
-    while len(out) < n:
-        ex, _, _ = clips_example(rng, ood=split == "ood")
-        if split != "ood" and _split_of(ex) != split:
-            continue
-        key = (tuple(ex.videos[0]["frames"]), ex.audios[0], ex.prompt)
-        if split == "test" and key in seen:  # a fixed test set of distinct problems
-            continue
-        seen.add(key)
-        out.append(ex)
-    return out
+    return draw_split("clips", split, n, seed, split_of=_split_of,
+                      make=lambda rng, ood: clips_example(rng, ood=ood)[0],
+                      key=lambda ex: (tuple(ex.videos[0]["frames"]), ex.audios[0], ex.prompt))
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,16 +145,9 @@ def teach_towers(model, tok, *, steps: int = 600, seed: int = 0, batch: int = 16
     from engine import vision
     inner = model.model
     hidden = model.config.get_text_config().hidden_size
-    g = torch.Generator().manual_seed(seed)
-    see = torch.nn.Linear(hidden, len(CHARS) + SECONDS)    # colour logits, then second logits
-    hear = torch.nn.Linear(hidden, 2 + SECONDS)            # tone or silence, then second
-    for head in (see, hear):
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * hidden ** -0.5)
-            head.bias.zero_()
+    # colour logits then second logits; tone or silence, then second
+    see, hear = probe_heads(hidden, (len(CHARS) + SECONDS, 2 + SECONDS), seed)
     params = [p for m in (inner.visual, inner.audio_tower, see, hear) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
     rng = random.Random(f"hear-{seed}")
     per_second = 25  # audio tokens a second (media.audio_tokens)
 
@@ -187,9 +170,9 @@ def teach_towers(model, tok, *, steps: int = 600, seed: int = 0, batch: int = 16
                                      kw["feature_attention_mask"]).last_hidden_state
         return v, a
 
-    acc = {}
     ce = torch.nn.functional.cross_entropy
-    for _ in range(steps):
+
+    def batch_loss():
         kw, colours, tones = clips()
         v, a = features(kw)
         sv, sa = see(v), hear(a)
@@ -203,15 +186,13 @@ def teach_towers(model, tok, *, steps: int = 600, seed: int = 0, batch: int = 16
                   * sounding.long())
         loss = (ce(sv[:, :len(CHARS)], colours) + ce(sv[:, len(CHARS):], second_v)
                 + ce(sa[:, :2], tone_a) + ce(sa[:, 2:], second_a))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay.step()
-        acc = dict(colour=(sv[:, :len(CHARS)].argmax(1) == colours).float().mean().item(),
-                   video_second=(sv[:, len(CHARS):].argmax(1) == second_v).float().mean().item(),
-                   tone=(sa[:, :2].argmax(1) == tone_a).float().mean().item(),
-                   audio_second=(sa[:, 2:].argmax(1) == second_a).float().mean().item())
+        return loss, dict(
+            colour=(sv[:, :len(CHARS)].argmax(1) == colours).float().mean().item(),
+            video_second=(sv[:, len(CHARS):].argmax(1) == second_v).float().mean().item(),
+            tone=(sa[:, :2].argmax(1) == tone_a).float().mean().item(),
+            audio_second=(sa[:, 2:].argmax(1) == second_a).float().mean().item())
+
+    acc = train_probes(params, steps, batch_loss) or {}
     with torch.no_grad():  # centre both projectors: no common vector on every media token
         v, a = features(clips()[0])
         inner.visual.merger.mlp[-1].bias -= v.mean(0)

@@ -29,7 +29,8 @@ import random
 
 import torch
 
-from data import DataError, Example
+from data import Example
+from engine.toy.splits import draw_split, probe_heads, train_probes
 
 COLOURS = {"r": (215, 40, 40), "g": (30, 160, 60), "b": (40, 70, 215), "y": (225, 190, 30)}
 KINDS = ("square", "disc", "triangle")
@@ -104,20 +105,10 @@ def _split_of(ex: Example) -> str:
 @functools.lru_cache(maxsize=8)  # drawn once per process (20,000 pictures: ~10 s)
 def make_shapes(split: str, n: int, *, seed: int = 0) -> list[Example]:
     """n problems of a split: 'train', 'test' (2-6 shapes) or 'ood' (7-9 shapes)."""
-    if split not in ("train", "test", "ood"):
-        raise DataError(f"shapes split must be train, test or ood, got {split!r}")
-    rng = random.Random(f"shapes-{split}-{seed}")
-    out, seen = [], set()
-    while len(out) < n:
-        ex, _ = shapes_example(rng, rng.randint(7, 9) if split == "ood" else rng.randint(2, 6))
-        if split != "ood" and _split_of(ex) != split:
-            continue
-        key = ex.images[0] + ex.prompt.encode()
-        if split == "test" and key in seen:  # a fixed test set of distinct problems
-            continue
-        seen.add(key)
-        out.append(ex)
-    return out
+    return draw_split("shapes", split, n, seed, split_of=_split_of,
+                      make=lambda rng, ood: shapes_example(
+                          rng, rng.randint(7, 9) if ood else rng.randint(2, 6))[0],
+                      key=lambda ex: ex.images[0] + ex.prompt.encode())
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,15 +139,10 @@ def teach_to_see(model, tok, *, steps: int = 800, seed: int = 0,
     from PIL import Image
     inner = model.model
     hidden = model.config.get_text_config().hidden_size
-    g = torch.Generator().manual_seed(seed)
     n_cells = GRID * GRID
-    head = torch.nn.Linear(hidden, len(CHARS) + 1 + n_cells)  # content logits, then cell logits
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * hidden ** -0.5)
-        head.bias.zero_()
+    # content logits, then cell logits
+    head, = probe_heads(hidden, (len(CHARS) + 1 + n_cells,), seed)
     params = list(inner.visual.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
     rng = random.Random(f"see-{seed}")
 
     def pictures():
@@ -170,21 +156,17 @@ def teach_to_see(model, tok, *, steps: int = 800, seed: int = 0,
         out = inner.visual(pv, grid_thw=grid, return_dict=True)
         return out.pooler_output, list(out.deepstack_features or [])
 
-    acc = (0.0, 0.0)
-    for _ in range(steps):
+    def batch_loss():
         pv, grid, labels = pictures()
         logits = head(features(pv, grid)[0])
         content, cell = logits[:, :len(CHARS) + 1], logits[:, len(CHARS) + 1:]
         where = torch.arange(len(labels)) % n_cells  # each picture's tokens in reading order
         loss = (torch.nn.functional.cross_entropy(content, labels)
                 + torch.nn.functional.cross_entropy(cell, where))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay.step()
-        acc = ((content.argmax(1) == labels).float().mean().item(),
-               (cell.argmax(1) == where).float().mean().item())
+        return loss, ((content.argmax(1) == labels).float().mean().item(),
+                      (cell.argmax(1) == where).float().mean().item())
+
+    acc = train_probes(params, steps, batch_loss) or (0.0, 0.0)
     with torch.no_grad():  # centre the projector and the deepstack projectors
         pv, grid, _ = pictures()
         main, deep = features(pv, grid)

@@ -127,7 +127,9 @@ def build_warm_start(cfg: Config, dist: Dist, path: str, label: str = "warm star
                             weight_decay=cfg.weight_decay)
     t_start = time.time()
     for step in range(1, cfg.steps + 1):
+        t0 = time.time()
         m = demos.sft_step_on(model, opt, examples, step, tok, cfg, dist)
+        m["step_time_s"] = time.time() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
             log_line(step, cfg.steps, m, t_start, label)
     ckpt.save_model(path, model, tok)
