@@ -160,6 +160,78 @@ def opd_advantages(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> to
     return (_f32(teacher_logp) - _f32(student_logp)).detach()
 
 
+def merge_equivalent_ends(logits: torch.Tensor, end_ids) -> torch.Tensor:
+    """(..., V) logits with the equivalent end tokens `end_ids` summed into ONE stopping action
+    (arXiv 2609.20511): the first id's logit becomes logsumexp of theirs, the others get no
+    mass (a logit 1e4 below every other, whose exp is 0 in any float). Student and teacher may
+    put their stop mass on different ids of the same stop set (Qwen: <|im_end|> and
+    <|endoftext|>); merged, every divergence (top-k and tail included) and every softmax sees
+    the same action. With fewer than two ids the logits are returned as they are."""
+    ids = list(dict.fromkeys(end_ids))
+    if len(ids) < 2:
+        return logits
+    z = _f32(logits)
+    merged = torch.logsumexp(z[..., ids], dim=-1)
+    floor = z.detach().amin(dim=-1) + _LOG_FLOOR
+    out = z.clone()
+    out[..., ids[1:]] = floor[..., None].expand(*floor.shape, len(ids) - 1)
+    out[..., ids[0]] = merged
+    return out
+
+
+def merge_end_tokens(tokens: torch.Tensor, end_ids) -> torch.Tensor:
+    """(N, T) token ids with every equivalent end id replaced by the first: the sampled token
+    as the merged stopping action of `merge_equivalent_ends` (for sampled-token log-probs)."""
+    ids = list(dict.fromkeys(end_ids))
+    if len(ids) < 2:
+        return tokens
+    return torch.where(torch.isin(tokens, torch.tensor(ids[1:], device=tokens.device)),
+                       torch.full_like(tokens, ids[0]), tokens)
+
+
+# ----------------------------------------------------------------------------------------
+# Contrastive self-distillation: an attractive and a repulsive teacher
+# ----------------------------------------------------------------------------------------
+
+def csd_advantages(student_logp: torch.Tensor, pos_logp: torch.Tensor, neg_logp: torch.Tensor,
+                   *, attract: float = 0.5, repel: float = 0.5) -> torch.Tensor:
+    """(N,T) sampled-token log-probs -> (N,T) detached CSD advantages (arXiv 2609.21561).
+
+    T+ is the model shown a correct solution, T- the model shown a wrong one, both on the
+    student's prefix. The loss L = attract * KL(S || T+) - repel * KL(S || T-) has, per sampled
+    token, the policy-gradient advantage
+        A_t = attract * log T+(y_t) - repel * log T-(y_t) - (attract - repel) * log S(y_t)
+    (its expectation under S is -grad L: `csd_divergence`'s gradient); the balanced default
+    (1/2, 1/2) cancels the student term: A_t = 1/2 [log T+(y_t) - log T-(y_t)]. Attraction
+    alone is OPD toward T+; repulsion alone pushes away from T-."""
+    s, p, n = _f32(student_logp), _f32(pos_logp), _f32(neg_logp)
+    return (attract * p - repel * n - (attract - repel) * s).detach()
+
+
+def csd_divergence(student_logits: torch.Tensor, pos_logits: torch.Tensor,
+                   neg_logits: torch.Tensor, *, attract: float = 0.5, repel: float = 0.5,
+                   top_k: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """(N,T,V) -> (N,T): the full-distribution CSD loss attract * KL(S || sg T+) -
+    repel * KL(S || sg T-), on the full vocabulary or the student's top-k + tail (the same
+    support for both teachers: the student chooses it). Gradient flows into the student only."""
+    s = _f32(student_logits) / temperature
+    p, n = _f32(pos_logits.detach()) / temperature, _f32(neg_logits.detach()) / temperature
+    if top_k is None:
+        ls, lp, ln = (torch.log_softmax(x, -1) for x in (s, p, n))
+    else:
+        ls, lp = topk_with_tail(s, p, top_k)
+        _, ln = topk_with_tail(s, n, top_k)
+    return (attract * divergence(ls, lp, beta=1.0) - repel * divergence(ls, ln, beta=1.0))
+
+
+def csd_route(rewards: torch.Tensor, group_size: int, *, threshold: float = 0.5):
+    """(N,) rewards -> (pos (N,) long, neg (N,) long): each rollout's first correct sibling
+    and first wrong sibling (never itself; -1 for none), picked as SDPO picks its
+    demonstration (`srpo_route`). A rollout is distilled only when it has both."""
+    correct = rewards >= threshold
+    return first_sibling(correct, group_size), first_sibling(~correct, group_size)
+
+
 # ----------------------------------------------------------------------------------------
 # SDPO: the self-teacher sees a successful sibling
 # ----------------------------------------------------------------------------------------
@@ -207,6 +279,18 @@ def ema_update(teacher_params, student_params, rate: float) -> None:
 # SRPO: route failed rollouts with a correct sibling to weighted SDPO, the rest to GRPO
 # ----------------------------------------------------------------------------------------
 
+def first_sibling(flag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) bool -> (N,) long: for each rollout, the first OTHER rollout of its group (in batch
+    order) whose flag is set, or -1 (SDPO `_get_solution`: a row is never its own teacher)."""
+    flag_PG = flag.bool().view(-1, group_size)
+    P, G = flag_PG.shape
+    not_self = ~torch.eye(G, dtype=torch.bool, device=flag.device)
+    cand_PGG = flag_PG[:, None, :] & not_self  # [p, i, j]: j is a flagged sibling of i
+    first = cand_PGG.int().argmax(-1)  # argmax returns the FIRST maximal index
+    base = torch.arange(P, device=flag.device)[:, None] * G
+    return torch.where(cand_PGG.any(-1), base + first, torch.full_like(first, -1)).view(-1)
+
+
 def srpo_route(rewards: torch.Tensor, group_size: int, *, threshold: float = 0.5):
     """(N,) rewards -> (to_sdpo (N,) bool, sibling (N,) long). SRPO Sec. 3.1, Table 7.
 
@@ -215,16 +299,9 @@ def srpo_route(rewards: torch.Tensor, group_size: int, *, threshold: float = 0.5
     else -1. to_sdpo = wrong and has a teacher; everything else (right, or wrong with no right
     sibling) falls back to GRPO. SDPO alone distils every rollout with sibling >= 0.
     """
-    correct_PG = (rewards >= threshold).view(-1, group_size)
-    P, G = correct_PG.shape
-    not_self = ~torch.eye(G, dtype=torch.bool, device=rewards.device)
-    cand_PGG = correct_PG[:, None, :] & not_self  # [p, i, j]: j is a correct sibling of i
-    has = cand_PGG.any(-1)
-    first = cand_PGG.int().argmax(-1)  # argmax returns the FIRST maximal index
-    base = torch.arange(P, device=rewards.device)[:, None] * G
-    sibling = torch.where(has, base + first, torch.full_like(first, -1)).view(-1)
-    to_sdpo = (~correct_PG & has).view(-1)
-    return to_sdpo, sibling
+    correct = rewards >= threshold
+    sibling = first_sibling(correct, group_size)
+    return ~correct & (sibling >= 0), sibling
 
 
 def entropy_weights(teacher_entropy: torch.Tensor, mask: torch.Tensor, *, beta: float = 1.0,

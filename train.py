@@ -40,11 +40,13 @@ from engine.config import Config, parse_config
 from engine.distributed import (Dist, Stopwatch, autocast, release_large_blocks,
                                 setup_distributed, teardown)
 from engine.lora import add_lora, is_lora
-from engine.prompts import prompt_limit, prompts_for
-from engine.rollout import checkpoint_layers
-from engine.rundir import RunGuard, RunLog, StopSignals, Stopped, claim_run_dir, log_line, writing
-from engine.teachers import (Teacher, check_student, column_chunks, external_teacher,
-                             score_batch, teacher_and_reference)
+from engine.prompts import fit_to_context, prompts_for
+from engine.replay import Replay
+from engine.rollout import checkpoint_layers, end_ids
+from engine.rundir import (RunGuard, RunLog, StopSignals, Stopped, claim_run_dir, exits,
+                           log_line, writing)
+from engine.teachers import (Teacher, check_row_teachers, check_student, column_chunks,
+                             external_teacher, score_batch, teacher_and_reference, teacher_specs)
 from engine.toy import demos
 from engine.toy.tasks import load_data
 from engine.toy.warmstart import load_policy, overview, toy_checkpoint
@@ -60,33 +62,35 @@ from rlsd import lambda_schedule
 # ----------------------------------------------------------------------------------------
 
 def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, cfg: Config,
-               dist: Dist, gen: torch.Generator, sw: Stopwatch):
+               dist: Dist, gen: torch.Generator, sw: Stopwatch, replay: Replay | None = None):
     """One optimizer step of `cfg.algo`, steps 1-8 of the module docstring. Returns the step's
-    metrics (means over all ranks) and its Batch."""
+    metrics (means over all ranks) and its Batch. `replay`: --rollout-refresh's rollouts."""
     # this rank's prompts: a function of (seed, step), so a resumed run sees the same data;
     # rows p*G .. p*G+G-1 are prompt p's group: every group statistic assumes this layout
     prompts = data.step_examples(examples, step, prompts_per_step=cfg.prompts_per_step,
                                  seed=cfg.seed, rank=dist.rank, world=dist.world)
     exs = [e for e in prompts for _ in range(cfg.group_size)]
     with sw("rollout"):
-        b = sample_batch(model, tok, exs, cfg=cfg, gen=gen, dist=dist)  # 1-2. sample, reward
+        b = sample_batch(model, tok, exs, cfg=cfg, gen=gen, dist=dist, step=step,
+                         replay=replay)  # 1-2. sample, reward
         # 3. advantages: within each group, so a group of equal rewards gets exactly 0 (it
         # says nothing about which response is better). Groups never straddle ranks.
         b.adv = grpo.group_advantages(b.rewards, cfg.group_size, scale=cfg.adv_scale)  # (N,)
         if teacher.mode != "none":  # 4. the teachers' prompts, and the rows they distil
             privileged(b, tok, examples, step=step, cfg=cfg, dist=dist)
     model.train()
+    ends = end_ids(cfg.eos_ids, model, tok)  # equivalent end tokens: one stopping action
     with sw("teacher"):  # 5. no-grad log-probs of the sampled tokens, once per step
         score_batch(b, model, teacher, ref, teacher_logp=cfg.algo in losses.SAMPLED_TOKEN_TEACHER,
                     ref_logp=cfg.kl_coef > 0, old_logp=updates_per_batch(
                         cfg.prompts_per_step, cfg.mini_batch_size, cfg.ppo_epochs) > 1,
                     temperature=cfg.temperature, rows=cfg.micro_batch_size,
-                    logit_chunk=cfg.logit_chunk)
+                    logit_chunk=cfg.logit_chunk, eos_ids=ends)
 
     # 6-7. loss, backward and update, once per mini-batch of prompts (--mini-batch-size,
     # verl's ppo_mini_batch_size) and per pass over the batch (--ppo-epochs); one mini-batch
     # and one pass, the default, is one optimizer step per rollout batch
-    opts, metrics, results = loss_options(cfg, step), Metrics(), []
+    opts, metrics, results = loss_options(cfg, step, ends), Metrics(), []
     lr = lr_at(step, lr=cfg.lr, warmup=cfg.lr_warmup_steps, schedule=cfg.lr_schedule,
                steps=cfg.steps)
     for _ in range(cfg.ppo_epochs):
@@ -103,18 +107,27 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
                         lam=opts.lam if opts.algo == "rlsd" else None), b
 
 
-def sample_batch(model, tok, exs: list, *, cfg: Config, gen, dist: Dist) -> rollouts.Batch:
+def sample_batch(model, tok, exs: list, *, cfg: Config, gen, dist: Dist, step: int = 0,
+                 replay: Replay | None = None) -> rollouts.Batch:
     """Steps 1-2: one response per row (each prompt G times), rewarded; DAPO re-rolls the
-    groups that carry no signal. Our own KV-cache loop, exactly softmax(z / T) over the full
-    vocabulary with our own generator: a run is reproducible and resumable to the bit on CPU."""
+    groups that carry no signal; with `replay` (--rollout-refresh), an earlier student's
+    rollouts, cached (engine/replay.py). Our own KV-cache loop, exactly softmax(z / T) over
+    the full vocabulary with our own generator: a run is reproducible and resumable to the
+    bit on CPU."""
     model.eval()  # sampling is no-grad; eval() only matters for models with dropout
-    sample = partial(rollouts.sample, model, tok, prompts=prompts_for(cfg),
-                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                     ignore_eos=cfg.ignore_eos, generation=cfg.generation,
-                     overlong_cache=cfg.overlong_cache, generator=gen, device=dist.device,
-                     top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p,
-                     reward=rewards.load_reward(cfg.reward), rows_per_pass=cfg.rollout_micro_batch)
-    b = sample(exs)
+    kw = dict(prompts=prompts_for(cfg),
+              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+              ignore_eos=cfg.ignore_eos, generation=cfg.generation,
+              overlong_cache=cfg.overlong_cache, generator=gen, device=dist.device,
+              top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p,
+              reward=rewards.load_reward(cfg.reward), rows_per_pass=cfg.rollout_micro_batch)
+    sample = partial(rollouts.sample, model, tok, **kw)
+    if replay is not None:  # the rollout policy's, cached per prompt
+        replay.before_step(step, model)
+        b = replay.sample(partial(rollouts.sample, replay.policy, tok, **kw), exs,
+                          cfg.group_size, tok=tok, prompts=kw["prompts"], device=dist.device)
+    else:
+        b = sample(exs)
     if cfg.algo == "dapo":  # dynamic sampling
         b = rollouts.dapo_resample(b, sample, group_size=cfg.group_size,
                                    rounds=cfg.dapo_max_gen_batches, pad_id=tok.pad_token_id)
@@ -133,22 +146,30 @@ def privileged(b, tok, examples: list, *, step: int, cfg: Config, dist: Dist):
     # `_get_solution`; a row is never its own teacher), computed once
     to_sdpo, sibling = (distill.srpo_route(b.rewards.cpu(), G, threshold=cfg.success_threshold)
                         if cfg.context == "sibling" else (None, None))
-    b.teacher_ids, b.teacher_mask, b.has_context = rollouts.teacher_prompts(
-        tok, b, context=cfg.context, prompts=prompts_for(cfg), device=dist.device,
-        sibling=sibling, shown=shown)
+    prompt = partial(rollouts.teacher_prompts, tok, b, context=cfg.context,
+                     prompts=prompts_for(cfg), device=dist.device, shown=shown)
+    if cfg.algo == "csd":  # T+ shown the first correct sibling, T- the first wrong one
+        pos, neg = distill.csd_route(b.rewards.cpu(), G, threshold=cfg.success_threshold)
+        b.teacher_ids, b.teacher_mask, has_pos = prompt(sibling=pos)
+        b.neg_ids, b.neg_mask, has_neg = prompt(sibling=neg)
+        b.has_context = b.distill = has_pos & has_neg  # rows with both teachers
+        return
+    b.teacher_ids, b.teacher_mask, b.has_context = prompt(sibling=sibling)
     b.distill, b.kl_off = losses.distilled_rows(cfg.algo, b, group_size=G, ptd_tau=cfg.ptd_tau,
                                                 to_sdpo=to_sdpo)
 
 
-def loss_options(cfg: Config, step: int) -> losses.LossOptions:
+def loss_options(cfg: Config, step: int, eos_ids: tuple = ()) -> losses.LossOptions:
     """The loss's hyperparameters at `step`. RLSD's lambda: 0.5 decaying linearly to 0 over 50
     steps, after which RLSD is GRPO; like the teacher's sync and the learning rate it counts
-    rollout batches (verl's global step)."""
+    rollout batches (verl's global step). `eos_ids`: the run's equivalent end ids."""
     lam = (lambda_schedule(step, lam0=cfg.lam0, warmup=cfg.lam_warmup, decay=cfg.lam_decay)
            if cfg.algo == "rlsd" else 0.0)
+    own = ("lam", "dual_clip", "attract", "repel", "eos_ids")  # set here, not copied
     same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(losses.LossOptions)
-            if f.name not in ("lam", "dual_clip")}
-    return losses.LossOptions(**same, lam=lam,
+            if f.name not in own}
+    attract, repel = (float(x) for x in cfg.csd_balance.split(","))
+    return losses.LossOptions(**same, lam=lam, attract=attract, repel=repel, eos_ids=eos_ids,
                               dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None)
 
 
@@ -214,6 +235,7 @@ class Run:
     sets: dict
     start: int
     displacement: Displacement  # the param_displacement metric
+    replay: Replay | None = None  # --rollout-refresh != 1: the rollout policy and its cache
 
 
 def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
@@ -228,19 +250,17 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
     if cfg.context == "hint" and not any(e.hint for e in examples):
         raise data.DataError(f"{cfg.data}: no row has a '{cfg.hint_key}' value, and "
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")
+    if cfg.teacher_mode == "external":  # each row's teacher is one of --teacher's
+        check_row_teachers(examples, [n for n, _ in teacher_specs(cfg.teacher)], cfg.teacher_key)
     sets = eval_sets(cfg, columns)  # loaded now: a bad eval file fails before any training
     with stop.now("the warm start"):  # minutes, once; a signal stops it at once
         model, tok = load_policy(cfg, dist, cfg.model)
     check_student(model, tok, examples + [e for s in sets.values() for e in s],
                   audio_in_video=cfg.use_audio_in_video, source=f"--model {cfg.model}")
     release_large_blocks(model, dist.device)  # CPU + wide vocabulary: chunks returned to the OS
-    limit = prompt_limit(cfg, model)  # prompts longer than the model can answer fail now,
-    if limit and cfg.data not in data.TASKS:  # naming the row (the embedded ones are short)
-        name = ("--max-prompt-tokens" if cfg.max_prompt_tokens else
-                "the model's context minus --max-new-tokens =")
-        examples = data.drop_long_prompts(examples, partial(prompts_for(cfg).student, tok),
-                                          limit, cfg.long_prompts, source=cfg.data,
-                                          verbose=dist.rank == 0, limit_name=name)
+    # prompts longer than the model can answer fail now, naming the row, not after minutes
+    # of training with a traceback about a 30 GB allocation
+    examples = fit_to_context(examples, cfg, model, tok, verbose=dist.rank == 0)
     if cfg.freeze_vision or cfg.freeze_towers:  # before the teachers copy it and sharding
         try:
             vision.freeze_towers(model, f"--model {cfg.model}", audio=cfg.freeze_towers)
@@ -251,17 +271,10 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
     if cfg.lora_rank:  # adapters on the loaded weights; a resumed run loads its own below
         model = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                          dropout=cfg.lora_dropout, targets=cfg.lora_targets)
-    external = None
-    if cfg.teacher_mode == "external":  # OPD's teacher; 'toy': SFT from a careful demonstrator
-        with stop.now("the warm start of the toy teacher"):
-            path = (toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="teacher",
-                                   slip=0.0) if cfg.teacher == "toy" else cfg.teacher)
-        external = external_teacher(path, tok, flag=f"--teacher {cfg.teacher}",
-                                    device=dist.device)
-    teacher, ref = teacher_and_reference(
-        model, mode=cfg.teacher_mode, kl_coef=cfg.kl_coef, sync_every=cfg.teacher_sync,
-        ema_rate=cfg.teacher_ema, external=external, dist=dist,
-        dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    replay = (Replay(model, examples, refresh=cfg.rollout_refresh)  # Semi-OPD's rollouts
+              if cfg.rollout_refresh != 1 else None)
+    with stop.now("the warm start of the toy teacher"):  # OPD --teacher toy: a warm start too
+        teacher, ref = teachers_for(cfg, model, tok, dist, also=replay and replay.policy)
     # AdamW over the (sharded) student's trainable weights only (with LoRA: the adapters)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
@@ -271,7 +284,24 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
     # resume restores what is not a function of (seed, step): weights, AdamW's moments, the
     # sampling RNG, the teacher's own weights (data order and schedules follow the step)
     start = ckpt.restore(model, opt, teacher, gen, cfg, dist) if cfg.resume else 0
-    return Run(model, tok, opt, teacher, ref, gen, examples, sets, start, moved)
+    if replay is not None and cfg.resume:
+        ckpt.restore_replay(replay, cfg, dist, start)
+    return Run(model, tok, opt, teacher, ref, gen, examples, sets, start, moved, replay)
+
+
+def teachers_for(cfg: Config, model, tok, dist: Dist, also=None):
+    """(Teacher, KL reference or None) of this run, the student (and `also`, a model sharded
+    like it) sharded with them under torchrun. OPD's external teacher --teacher: a model
+    directory, or 'toy', the stronger toy teacher (SFT from a careful demonstrator, cached)."""
+    external = {}  # name -> model, each teacher loaded once; the first scores unnamed rows
+    for name, path in teacher_specs(cfg.teacher) if cfg.teacher_mode == "external" else ():
+        if path == "toy":
+            path = toy_checkpoint(cfg, dist, steps=cfg.warm_start_steps, name="teacher", slip=0.0)
+        external[name] = external_teacher(path, tok, flag=f"--teacher {name}", device=dist.device)
+    return teacher_and_reference(
+        model, mode=cfg.teacher_mode, kl_coef=cfg.kl_coef, sync_every=cfg.teacher_sync,
+        ema_rate=cfg.teacher_ema, external=external or None, dist=dist, also=also,
+        dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
 
 
 def one_step(r: Run, step: int, cfg: Config, dist: Dist) -> dict:
@@ -283,7 +313,7 @@ def one_step(r: Run, step: int, cfg: Config, dist: Dist) -> dict:
         else:
             m, _ = train_step(r.model, r.opt, tok=r.tok, teacher=r.teacher, ref=r.ref,
                               examples=r.examples, step=step, cfg=cfg, dist=dist, gen=r.gen,
-                              sw=sw)
+                              sw=sw, replay=r.replay)
     # wall time per phase (rollout, teacher, fwd_bwd, optimizer): tools/bench.py reads these
     return {**m, "param_displacement": r.displacement(dist), "step_time_s": time.time() - t0,
             **{f"time_{k}_s": v for k, v in sw.times.items()}}
@@ -320,7 +350,7 @@ def loop(r: Run, cfg: Config, dist: Dist, stop: StopSignals, run: RunLog) -> dic
             log_line(step, cfg.steps, m, t_start)
         guard.check(step, m)  # many non-finite steps in a row stop the run
         if guard.save_due(step):
-            ckpt.save(r.model, r.opt, r.teacher, r.tok, r.gen, cfg, dist, step)
+            ckpt.save(r.model, r.opt, r.teacher, r.tok, r.gen, cfg, dist, step, r.replay)
             guard.saved(step)
         guard.stop_if_signalled(step, sys.argv)
     if first and last:
@@ -359,32 +389,20 @@ def main(argv=None):
     # minutes of a warm start followed by a traceback
     cfg, dist = parse_config(argv), None
     try:
-        if cfg.dry_run:  # the model's size and memory per GPU from its config.json alone
-            from engine import dryrun
-            return dryrun.main(cfg)
-        dist = setup_distributed()  # one process under python, one per GPU (or core) under torchrun
-        if cfg.generation == "compiled" and dist.world > 1:  # FSDP hooks in a CUDA graph
-            raise SystemExit("config error: --generation compiled runs in one process; under "
-                             "torchrun use --generation static or dynamic")
-        if dist.rank == 0 and cfg.model == "toy" and cfg.algo != "sft" and not cfg.resume:
-            print(overview(cfg), flush=True)
-        train(cfg, dist)
-        # every rank past its last collective before any of them tears the group down: a rank
-        # that exits while a peer's gloo thread still talks to it can abort that peer
-        dist.barrier()
-    # bad input ends in one line naming the file and row, never a traceback
-    except (data.DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except Stopped as e:  # preempted: 128 + the signal (143 SIGTERM, 130 Ctrl-C), not 1
-        print(e.message if "after step" in e.message else
-              f"{e.message}; no training step was cut short: run the same command again"
-              + (" with --resume" if ckpt.latest_checkpoint(cfg.out) else ""), file=sys.stderr)
-        raise SystemExit(e.status)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, mid-step
-        print(f"\ninterrupted; the checkpoints in {cfg.out} are intact: continue with --resume",
-              file=sys.stderr)
-        raise SystemExit(130)
+        with exits(cfg.out):  # bad input: one line and exit 2; a signal: 128 + its number
+            if cfg.dry_run:  # the model's size and memory per GPU from its config.json alone
+                from engine import dryrun
+                return dryrun.main(cfg)
+            dist = setup_distributed()  # one process under python, one per GPU under torchrun
+            if cfg.generation == "compiled" and dist.world > 1:  # FSDP hooks in a CUDA graph
+                raise SystemExit("config error: --generation compiled runs in one process; "
+                                 "under torchrun use --generation static or dynamic")
+            if dist.rank == 0 and cfg.model == "toy" and cfg.algo != "sft" and not cfg.resume:
+                print(overview(cfg), flush=True)
+            train(cfg, dist)
+            # every rank past its last collective before any of them tears the group down: a
+            # rank that exits while a peer's gloo thread still talks to it can abort that peer
+            dist.barrier()
     finally:
         if dist is not None:
             teardown(dist)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-import distill
 import grpo
 from engine import rewards as reward_fns, vision
 from engine.distributed import gathered
@@ -25,7 +24,8 @@ from engine.prompts import Prompts
 from engine.rollout import Rollouts, concat_rollouts, generate, left_pad, stop_ids
 
 # The (N, T) fields: cut along T by `positions`; every tensor and list field is cut along N.
-_POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp", "old_logp")
+_POSITION_FIELDS = ("resp_ids", "resp_mask", "teacher_logp", "ref_logp", "old_logp",
+                    "neg_logp")
 
 
 @dataclass
@@ -33,8 +33,9 @@ class Batch:
     """One step's rows, filled in as the step goes (train.train_step's numbers):
         1-2 sample           examples .. in_loss, media: the rollouts and their rewards
         3   advantages       adv
-        4   teacher prompts  teacher_ids, teacher_mask, has_context; distill, kl_off
-        5   scores           teacher_logp, ref_logp, old_logp (teachers.score_batch)
+        4   teacher prompts  teacher_ids, teacher_mask, has_context; distill, kl_off; CSD's
+                             second teacher's prompt neg_ids, neg_mask
+        5   scores           teacher_logp, ref_logp, old_logp, neg_logp (teachers.score_batch)
         6   per mini-batch   distill_w (losses.distill_row_weights), seq_log_ratio (GSPO)
             per chunk        row_tokens (Batch.positions keeps each row's whole count)
     A field is None until its stage (or when the algorithm has no use for it)."""
@@ -56,6 +57,9 @@ class Batch:
     kl_off: torch.Tensor | None = None         # (N,) bool: PTD-PO rows without reference KL
     distill_w: torch.Tensor | None = None      # (N,) weight of each distilled row's token sum
     teacher_logp: torch.Tensor | None = None   # (N, T) teacher log-probs of the sampled tokens
+    neg_ids: torch.Tensor | None = None        # (N, Ln) CSD: the prompt showing a wrong sibling
+    neg_mask: torch.Tensor | None = None       # (N, Ln)
+    neg_logp: torch.Tensor | None = None       # (N, T) CSD: that teacher's sampled-token log-probs
     ref_logp: torch.Tensor | None = None       # (N, T) KL-reference log-probs   (step 5)
     old_logp: torch.Tensor | None = None       # (N, T) rollout-policy log-probs (several updates)
     row_tokens: torch.Tensor | None = None     # (N,) loss tokens of each WHOLE row (positions)
@@ -156,6 +160,24 @@ def sample(model, tok, examples, *, prompts: Prompts, max_new_tokens: int, tempe
     return Batch(examples, ro.prompt_ids, ro.prompt_mask, ro.resp_ids, ro.resp_mask, ro.truncated,
                  texts, rewards, torch.tensor(accs, dtype=torch.bool),
                  in_loss=torch.ones(len(examples), dtype=torch.bool),
+                 media=media if any(media) else None)
+
+
+def from_responses(tok, examples: list, rows: list, *, prompts: Prompts, device) -> Batch:
+    """A Batch of given responses (replay.py's cached ones): `rows[i]` = (response ids with
+    its end token, truncated, text, score, correct) of example i, each prompt as sample()
+    encodes it."""
+    ids, mask = left_pad([prompts.student(tok, e) for e in examples], tok.pad_token_id)
+    T = max(1, max(len(r[0]) for r in rows))
+    resp = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    rmask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        resp[i, :len(r[0])], rmask[i, :len(r[0])] = torch.tensor(r[0], dtype=torch.long), 1
+    media = [prompts.media(tok, e) for e in examples]
+    return Batch(examples, ids.to(device), mask.to(device), resp.to(device), rmask.to(device),
+                 torch.tensor([r[1] for r in rows]), [r[2] for r in rows],
+                 torch.tensor([r[3] for r in rows]), torch.tensor([r[4] for r in rows]),
+                 in_loss=torch.ones(len(rows), dtype=torch.bool),
                  media=media if any(media) else None)
 
 

@@ -14,7 +14,6 @@ checkpoints or the new one, never a half-written directory that `--resume` would
 import dataclasses
 import os
 import pickle
-import re
 import shutil
 
 import torch
@@ -23,9 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import lora, vision
 from engine.distributed import full_state_dict, load_full_state_dict
-from engine.rundir import writing
-
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+from engine.rundir import latest_checkpoint, list_checkpoints, writing  # noqa: F401
 
 
 def _plain(state_dict: dict, tied: bool) -> dict:
@@ -48,9 +45,12 @@ def _written(write, path: str, *args, **kwargs):
         raise OSError(f"{os.path.basename(path)}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
+POLICY_FILE = "rollout_policy.safetensors"  # --rollout-refresh K > 1: the rollout policy
+
+
 def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config, tokenizer,
                     trainer_state: dict, teacher_state: dict | None = None, keep: int = 3,
-                    lora_model=None) -> str:
+                    lora_model=None, extra_files: dict | None = None) -> str:
     """Rank 0 only. Writes atomically, then deletes all but the newest `keep` checkpoints.
     With `lora_model` (a PEFT model) the states are its adapters (lora.adapter_state)."""
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
@@ -63,7 +63,8 @@ def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config,
     try:
         _write_files(tmp, model_state=model_state, model_config=model_config,
                      tokenizer=tokenizer, trainer_state=trainer_state,
-                     teacher_state=teacher_state, lora_model=lora_model)
+                     teacher_state=teacher_state, lora_model=lora_model,
+                     extra_files=extra_files or {})
     except BaseException:  # a full disk: give back what the half-written copy took
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,7 +77,7 @@ def save_checkpoint(out_dir: str, step: int, *, model_state: dict, model_config,
 
 
 def _write_files(tmp: str, *, model_state, model_config, tokenizer, trainer_state, teacher_state,
-                 lora_model):
+                 lora_model, extra_files: dict = {}):
     """Every file of a checkpoint into the directory `tmp`, each made durable (fsync)."""
     tied = lora_model is None and bool(getattr(model_config, "tie_word_embeddings", False))
     if lora_model is None:
@@ -93,6 +94,8 @@ def _write_files(tmp: str, *, model_state, model_config, tokenizer, trainer_stat
         _written(torch.save, os.path.join(tmp, "trainer_state.pt"), trainer_state)
     if teacher_state is not None:
         _written(save_file, os.path.join(tmp, "teacher.safetensors"), _plain(teacher_state, tied))
+    for name, state in extra_files.items():  # weights of another copy (the rollout policy)
+        _written(save_file, os.path.join(tmp, name), _plain(state, tied))
     for f in os.listdir(tmp):  # make the bytes durable before the rename publishes them
         with open(os.path.join(tmp, f), "rb") as fh:
             os.fsync(fh.fileno())
@@ -112,24 +115,6 @@ def save_model(path: str, model, tokenizer):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.replace(tmp, path)
-
-
-def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first (a .tmp directory is never complete)."""
-    if not os.path.isdir(out_dir):
-        return []
-    found = []
-    for name in os.listdir(out_dir):
-        m = _NAME.match(name)
-        path = os.path.join(out_dir, name)
-        if m and os.path.exists(os.path.join(path, "trainer_state.pt")):
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    ckpts = list_checkpoints(out_dir)
-    return ckpts[-1] if ckpts else None
 
 
 class UnsafeCheckpoint(Exception):
@@ -163,10 +148,11 @@ def load_teacher_state(path: str) -> dict | None:
 # The trainer's side: gather (FSDP) state, save on rank 0, restore on every rank
 # ----------------------------------------------------------------------------------------
 
-def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
+def save(model, opt, teacher, tok, gen, cfg, dist, step: int, replay=None):
     """Gather the full (unsharded) state on rank 0 and write one checkpoint; every rank waits.
     A failed write (disk full, permissions) stops the run with one message; the checkpoints
-    written before stay intact (the half-written one is a .tmp directory, never picked)."""
+    written before stay intact (the half-written one is a .tmp directory, never picked).
+    `replay` (--rollout-refresh): every rank's cached rollouts, and a refreshed rollout policy."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_optimizer_state_dict)
     adapters = lora.is_lora(model)  # then only the adapters are saved (the base is frozen)
@@ -182,19 +168,46 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int):
     t_state = full_state_dict(teacher.model, dist) if teacher.has_state else None
     if t_state is not None and adapters:
         t_state = lora.adapter_state(t_state)
+    extra, extra_files = {}, {}
+    if replay is not None:
+        caches = [replay.state()]
+        if dist.world > 1:
+            caches = [None] * dist.world
+            tdist.all_gather_object(caches, replay.state())
+        extra["replay"] = caches
+        if replay.has_state:
+            p_state = full_state_dict(replay.policy, dist)
+            extra_files[POLICY_FILE] = lora.adapter_state(p_state) if adapters else p_state
     if dist.rank == 0:
         with writing(cfg.out, f"the step-{step} checkpoint", f"Earlier checkpoints are intact "
                      f"(newest: {latest_checkpoint(cfg.out)})"):
             save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
-                                               config=dataclasses.asdict(cfg)),
-                            lora_model=model if adapters else None)
+                                               config=dataclasses.asdict(cfg), **extra),
+                            lora_model=model if adapters else None,
+                            extra_files=extra_files)
     dist.barrier()
 
 
+def restore_replay(replay, cfg, dist, step: int):
+    """The cached rollouts (this rank's) and a refreshed rollout policy of checkpoint `step`."""
+    path = os.path.join(cfg.out, f"checkpoint-{step:06d}")
+    state = load_trainer_state(path)
+    caches = state.get("replay")
+    if caches is None or len(caches) != dist.world:
+        raise SystemExit(f"--resume: {path} holds no rollout cache for {dist.world} "
+                         f"process(es); it was not written with --rollout-refresh "
+                         f"{cfg.rollout_refresh}")
+    replay.load_state(caches[dist.rank])
+    if replay.has_state:
+        p_state = load_file(os.path.join(path, POLICY_FILE))
+        load_full_state_dict(replay.policy, lora.model_state(p_state) if cfg.lora_rank
+                             else p_state, dist)
+
+
 RESUME_KEYS = ("algo", "model", "teacher", "data", "seed", "warm_start_steps", "warm_start", "lora_rank",
-               "lora_targets")
+               "lora_targets", "rollout_refresh")
 
 
 def check_resumable(saved: dict, cfg) -> None:

@@ -50,6 +50,7 @@ RANGES = {
     "demo_slip": (0.0, 1.0, False), "video_fps": (0.0, None, True),
     "max_teacher_prompt_tokens": (0, None, False), "lora_rank": (0, None, False),
     "rollout_micro_batch": (0, None, False), "lora_alpha": (0.0, None, False),
+    "rollout_refresh": (0, None, False),
     "lora_dropout": (0.0, 1.0, False), "gpus": (0, None, False),
     # the sampling streams are seeded with seed * 1_000_003 + rank, which must fit 64 bits
     "seed": (0, 2**63 // 1_000_003 - 1024, False),
@@ -64,7 +65,8 @@ CHOICES = {
     "teacher_mode": TEACHER_MODES, "context_source": ("own", "other"),
     "context": ("none", "sibling") + data.CONTEXTS,
 }
-GROUP_ALGOS = ("sdpo", "srpo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "rlsd", "ptdpo")
+GROUP_ALGOS = ("sdpo", "srpo", "csd", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "rlsd",
+               "ptdpo")
 
 
 def bad(msg: str):
@@ -178,6 +180,17 @@ def check_values(cfg):
     if any(s < 1 for s in steps):
         bad(f"--eval-at must be steps (positive integers) separated by commas, got "
             f"{cfg.eval_at!r}")
+    try:
+        balance = [float(x) for x in cfg.csd_balance.split(",")]
+    except ValueError:
+        balance = []
+    if len(balance) != 2 or not all(math.isfinite(x) and x >= 0 for x in balance):
+        bad(f"--csd-balance must be two weights >= 0, attraction,repulsion (e.g. 0.5,0.5), got "
+            f"{cfg.csd_balance!r}")
+    try:
+        [int(x) for x in cfg.eos_ids.split(",") if x.strip()]
+    except ValueError:
+        bad(f"--eos-ids must be token ids separated by commas, got {cfg.eos_ids!r}")
     if cfg.generation == "compiled" and not torch.cuda.is_available():
         bad("--generation compiled replays CUDA graphs and needs a GPU (use 'dynamic' on CPU)")
 

@@ -25,16 +25,17 @@ from engine.defaults import (PAPER_DEFAULTS, TOY_ALGO_DEFAULTS, TOY_DEFAULTS,  #
                              USED_BY, NO_THINKING, THINKING)
 
 ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "opd", "opsd", "sdpo", "srpo",
-         "ptdpo", "rlsd")
+         "ptdpo", "csd", "rlsd")
 
 
 @dataclass
 class Config:
     # --- what to train, on what
     preset: str = ""                  # a paper's recipe from recipes/ (--list-presets); any flag overrides it
-    algo: str = "rlsd"                # sft grpo dr_grpo dapo gspo rloo opd opsd sdpo srpo ptdpo rlsd
+    algo: str = "rlsd"                # sft grpo dr_grpo dapo gspo rloo opd opsd sdpo srpo ptdpo csd rlsd
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
-    teacher: str = ""                 # OPD's external teacher: 'toy' (SFT from a careful demonstrator) or a directory / hub id
+    teacher: str = ""                 # OPD's external teacher: 'toy' (SFT from a careful demonstrator) or a directory / hub id; several: repeat the flag (NAME=PATH each), the data's teacher column picks each row's
+    teacher_key: str = "teacher"      # data column naming each row's teacher (several --teacher; rows without one: the first)
     data: str = "toy"                 # 'toy' (arithmetic), 'shapes' (images; a tiny Qwen3-VL), 'clips' (video with sound; a tiny Qwen2.5-Omni thinker) or a .jsonl / .parquet file
     eval_data: str = "auto"           # 'auto': an embedded --data task's test + ood splits, none for a file; 'toy', 'shapes', 'clips', a file, or '' for none
     prompt_key: str = "prompt"        # data column with the question (the student's prompt)
@@ -101,7 +102,9 @@ class Config:
     context: str = "answer"           # what the teacher sees: answer | solution | hint | rationale | sibling | none
     context_source: str = "own"       # own | other: the privileged text of a different, randomly chosen training problem (a control: does the RIGHT context matter?)
     teacher_sync: int = 10            # RLSD: re-sync the frozen teacher every N steps (paper 10, code 20)
-    teacher_ema: float = 0.05         # SDPO/SRPO EMA rate (and the trust-region mix)
+    teacher_ema: float = 0.05         # SDPO/SRPO/CSD EMA rate (and the trust-region mix)
+    eos_ids: str = ""                 # equivalent end-of-sequence ids, comma-separated, summed into one stopping action in every divergence and ratio ('' = every end id the tokenizer and generation config declare)
+    rollout_refresh: int = 1          # OPD/OPSD: sample with the student of every K-th step (1: on-policy; 0: the initial student's rollouts, cached for the whole run: Semi-OPD)
     # --- RLSD
     lam0: float = 0.5                 # RLSD lambda at step 0: the weight of the teacher's evidence
     lam_decay: int = 50               # RLSD lambda decays linearly to 0 over this many steps (paper 50, code 60)
@@ -113,7 +116,8 @@ class Config:
     distill_agg: str = "token-mean"   # distillation mean: token-mean | seq-mean | seq-mean-all-rows | micro-batch-mean (losses.py)
     token_clip: float = 0.0           # OPSD pointwise clip per vocabulary entry (0 = off)
     is_clip: float = 2.0              # SDPO importance-weight cap (inert on-policy)
-    success_threshold: float = 0.5    # SDPO/SRPO: the reward that counts as a success
+    success_threshold: float = 0.5    # SDPO/SRPO/CSD: the reward that counts as a success
+    csd_balance: str = "0.5,0.5"      # CSD: weights of attraction to the correct sibling's teacher and repulsion from the wrong one's
     srpo_beta: float = 1.0            # SRPO entropy-weight temperature: w ~ exp(-beta H_teacher)
     ptd_coef: float = 0.05            # PTD-PO lambda: weight of the PTD term
     ptd_tau: float = 1.0              # PTD-PO: groups with accuracy below tau are distilled
@@ -187,11 +191,15 @@ def parse_config(argv=None) -> Config:
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             continue
         kw = dict(choices=ALGOS) if f.name == "algo" else {}
+        if f.name == "teacher":  # given more than once: several teachers (comma-joined)
+            kw = dict(action="append")
         g.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS,
                        help=f"{text} (default: {f.default!r})", **kw)
     p.add_argument("--list-presets", action="store_true", default=argparse.SUPPRESS,
                    help="print the recipes in recipes/ (model, data, GPUs) and exit")
     given = vars(p.parse_args(argv))
+    if "teacher" in given:
+        given["teacher"] = ",".join(given["teacher"])
     if given.pop("list_presets", False):
         print(presets.listing(DEFAULTS))
         raise SystemExit(0)

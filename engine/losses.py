@@ -61,6 +61,7 @@ independent of the micro-batch and process split:
                       so this is its 2-row reading)
 SRPO's loss is one token mean over both branches (its paper, Eq. 8) and has no such option.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ import rlsd
 from engine.teachers import lm_head_logits, response_hidden, sampled_token_logprobs
 
 GRPO_FAMILY = ("grpo", "dr_grpo", "dapo", "gspo", "rloo")
-SAMPLED_TOKEN_TEACHER = ("rlsd", "opd")                     # Batch.teacher_logp, (N, T)
+SAMPLED_TOKEN_TEACHER = ("rlsd", "opd", "csd")              # Batch.teacher_logp, (N, T)
 DISTRIBUTION_TEACHER = ("opsd", "sdpo", "srpo", "ptdpo")    # teacher logits per chunk
 
 
@@ -179,6 +180,9 @@ class LossOptions:
     srpo_beta: float = 1.0
     ptd_coef: float = 0.05
     ptd_divergence: str = "jsd"
+    attract: float = 0.5              # CSD: --csd-balance
+    repel: float = 0.5
+    eos_ids: tuple = ()               # equivalent end ids, merged into one action (2+ of them)
 
 
 def chunk_loss(model, b, h_ntH, t0: int, t1: int, norms: Norms, opt: LossOptions,
@@ -200,6 +204,8 @@ def chunk_loss(model, b, h_ntH, t0: int, t1: int, norms: Norms, opt: LossOptions
         loss, stats = rlsd_chunk_loss(c, logp, norms, opt)
     elif opt.algo == "opd":
         loss, stats = opd_chunk_loss(c, logp, norms, opt)
+    elif opt.algo == "csd":
+        loss, stats = csd_chunk_loss(c, logp, norms, opt)
     elif opt.algo == "opsd":
         loss, stats = opsd_chunk_loss(c, logits, t_logits, opt)
     elif opt.algo == "sdpo":
@@ -216,11 +222,19 @@ def chunk_loss(model, b, h_ntH, t0: int, t1: int, norms: Norms, opt: LossOptions
 def chunk_inputs(model, b, h_ntH, t0: int, t1: int, opt: LossOptions, teacher, teacher_hidden):
     """(c, logits, logp, teacher_logits) of one chunk: the micro-batch cut to positions t0:t1
     (Batch.positions), the student's (n, t, V) logits and (n, t) sampled-token log-probs, with
-    gradient, and the teacher's (n, t, V) logits (None without `teacher_hidden`)."""
+    gradient, and the teacher's (n, t, V) logits (None without `teacher_hidden`). With two or
+    more equivalent end ids (--eos-ids), both sides' end tokens are one stopping action."""
     logits, c = lm_head_logits(model, h_ntH), b.positions(t0, t1)
-    logp = grpo.token_logprobs(logits, c.resp_ids, temperature=opt.temperature)
     t_logits = (teacher.logits(model, teacher_hidden, t0, t1) if teacher_hidden is not None
                 else None)
+    tokens = c.resp_ids
+    if len(opt.eos_ids) > 1:  # arXiv 2609.20511: merged before any divergence or ratio
+        logits = distill.merge_equivalent_ends(logits, opt.eos_ids)
+        t_logits = (distill.merge_equivalent_ends(t_logits, opt.eos_ids)
+                    if t_logits is not None else None)
+        tokens = distill.merge_end_tokens(tokens, opt.eos_ids)
+        c = dataclasses.replace(c, resp_ids=tokens)
+    logp = grpo.token_logprobs(logits, tokens, temperature=opt.temperature)
     return c, logits, logp, t_logits
 
 
@@ -331,6 +345,19 @@ def opd_chunk_loss(c, logp, norms: Norms, opt: LossOptions):
     stats["opd_reverse_kl"] = mean_stat(-adv_nt / max(opt.opd_coef, 1e-12), c.mask)
     loss = grpo.aggregate(per_tok, c.mask, normalizer=norms.tokens)
     return loss, stats
+
+
+def csd_chunk_loss(c, logp, norms: Norms, opt: LossOptions):
+    """Contrastive self-distillation, sampled-token form: the surrogate of A_t = attract *
+    log T+(y_t) - repel * log T-(y_t) - (attract - repel) * log S(y_t) (distill.csd_advantages),
+    T+ shown a correct sibling (Batch.teacher_logp), T- a wrong one (Batch.neg_logp), a token
+    mean over the rows that have both."""
+    adv_nt = distill.csd_advantages(logp, c.teacher_logp, c.neg_logp, attract=opt.attract,
+                                    repel=opt.repel)
+    d_mask = c.mask & c.distill[:, None]
+    per_tok, stats = surrogate(c, logp, torch.where(d_mask, adv_nt, 0.0), opt)
+    stats["csd_advantage"] = mean_stat(adv_nt, d_mask)
+    return grpo.aggregate(per_tok, d_mask, normalizer=norms.distill_tokens), stats
 
 
 def opsd_chunk_loss(c, logits, t_logits, opt: LossOptions):

@@ -213,3 +213,39 @@ def prompt_limit(cfg, model) -> int:
     text = model.config.get_text_config()  # a vision-language model's language model
     context = getattr(text, "max_position_embeddings", 0) or 0
     return max(1, context - cfg.max_new_tokens) if context else 0
+
+
+def fit_to_context(examples: list, cfg, model, tok, *, verbose: bool) -> list:
+    """The rows of the run, checked against the model's context before any training: the
+    response length must leave room for a prompt; a student prompt over the limit (prompt_limit)
+    is refused naming its row, or dropped with --long-prompts skip; a teacher prompt (the
+    student's plus its answer, solution, hint or rationale) that cannot be followed by a full
+    response is refused naming its row (--max-teacher-prompt-tokens cuts the privileged text
+    to fit). The embedded tasks' prompts are short: only the lengths are checked for them."""
+    import data
+    text = model.config.get_text_config()
+    context = getattr(text, "max_position_embeddings", 0) or 0
+    if context and cfg.max_new_tokens + max(cfg.max_prompt_tokens, 1) > context:
+        raise SystemExit(f"config error: --max-new-tokens {cfg.max_new_tokens}"
+                         + (f" + --max-prompt-tokens {cfg.max_prompt_tokens}"
+                            if cfg.max_prompt_tokens else "")
+                         + f" exceeds {cfg.model}'s context of {context} tokens")
+    limit = prompt_limit(cfg, model)
+    if not limit or cfg.data in data.TASKS:
+        return examples
+    name = ("--max-prompt-tokens" if cfg.max_prompt_tokens else
+            "the model's context minus --max-new-tokens =")
+    P = prompts_for(cfg)
+    examples = data.drop_long_prompts(examples, lambda e: P.student(tok, e), limit,
+                                      cfg.long_prompts, source=cfg.data, verbose=verbose,
+                                      limit_name=name)
+    if context and cfg.teacher_mode != "none" and cfg.context in data.CONTEXTS:
+        for e in examples:
+            n = len(P.teacher(tok, e, cfg.context)[0])
+            if n + cfg.max_new_tokens > context:
+                raise data.DataError(
+                    f"{e.where or cfg.data}: the teacher's prompt (with the row's "
+                    f"{cfg.context}) has {n} tokens, and with --max-new-tokens "
+                    f"{cfg.max_new_tokens} exceeds {cfg.model}'s context of {context}; "
+                    f"--max-teacher-prompt-tokens cuts the privileged text to fit")
+    return examples

@@ -58,6 +58,13 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     return model.to(device), tokenizer
 
 
+def end_ids(spec: str, model, tokenizer) -> tuple:
+    """The equivalent end-of-sequence ids of --eos-ids ('1,2'), or by default every end id
+    the tokenizer and generation config declare (`stop_ids`)."""
+    given = tuple(dict.fromkeys(int(x) for x in spec.split(",") if x.strip()))
+    return given or tuple(stop_ids(model, tokenizer))
+
+
 def stop_ids(model, tokenizer) -> list[int]:
     """Every end-of-sequence id: the tokenizer's and all of the model's generation config (Qwen3
     lists both <|im_end|> and <|endoftext|>), as vLLM stops on (audit F15)."""

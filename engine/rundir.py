@@ -16,17 +16,39 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
+import sys
 import time
 
 RUN_FILES = ("config.json", "metrics.jsonl")  # plus checkpoint-NNNNNN directories
+_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _run_entries(out: str) -> list:
     if not os.path.isdir(out):
         return []
     return sorted(n for n in os.listdir(out) if n != ".lock")
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (a .tmp directory is never complete)."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in os.listdir(out_dir):
+        m = _NAME.match(name)
+        path = os.path.join(out_dir, name)
+        if m and os.path.exists(os.path.join(path, "trainer_state.pt")):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
 
 
 def claim_run_dir(cfg):
@@ -314,3 +336,26 @@ def log_line(step, total, metrics, t_start, label=""):
     parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
     print(f"{label}[{'#' * done}{'.' * (20 - done)}] {step}/{total} | " + " | ".join(parts)
           + f" | {metrics.get('step_time_s', 0):.2f}s/step eta {eta / 60:.1f}m", flush=True)
+
+
+@contextlib.contextmanager
+def exits(out: str):
+    """How a run ends, for a shell or a scheduler: bad input is one line naming the file and
+    row and exit status 2, never a traceback; a stop signal 128 + its number (143 SIGTERM,
+    130 Ctrl-C: preempted, not failed), with the command that continues; a second Ctrl-C
+    stops at once, the checkpoints intact."""
+    import data
+    try:
+        yield
+    except (data.DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except Stopped as e:
+        print(e.message if "after step" in e.message else
+              f"{e.message}; no training step was cut short: run the same command again"
+              + (" with --resume" if latest_checkpoint(out) else ""), file=sys.stderr)
+        raise SystemExit(e.status)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, mid-step
+        print(f"\ninterrupted; the checkpoints in {out} are intact: continue with --resume",
+              file=sys.stderr)
+        raise SystemExit(130)

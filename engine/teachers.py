@@ -185,37 +185,49 @@ def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sampled_token_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, *,
                            temperature: float, rows: int = 0, logit_chunk: int = 0,
-                           media: list | None = None) -> torch.Tensor:
+                           media: list | None = None, eos_ids: tuple = ()) -> torch.Tensor:
     """(N, T) float32 log softmax(z / temperature) of `model` at the sampled tokens, no grad:
     one forward per `rows` rows (0: all; the loss's micro-batches), then the LM head a chunk of
     positions at a time (the loss's own chunks, `column_chunks`, so the rollout policy's
     log-probs are exactly those its loss computes). `media`: each row's processed media
-    (Batch.media), shown with these prompt ids (vision.forward_inputs)."""
+    (Batch.media), shown with these prompt ids (vision.forward_inputs). `eos_ids`: equivalent
+    end tokens, one action (distill.merge_equivalent_ends)."""
     rows, parts = rows or len(prompt_ids), []
     for i in range(0, len(prompt_ids), rows):
         p, pm, r, rm = (x[i:i + rows] for x in (prompt_ids, prompt_mask, resp_ids, resp_mask))
         h_nTH = response_hidden(model, p, pm, r, rm, **vision.forward_inputs(
             model, media[i:i + rows] if media else None, p, pm, r, rm))
-        parts.append(torch.cat([grpo.token_logprobs(lm_head_logits(model, h_nTH[:, t0:t1]),
-                                                    r[:, t0:t1], temperature=temperature)
-                                for t0, t1 in column_chunks(len(p), r.shape[1], model,
-                                                            logit_chunk)], dim=1))
+        ends = eos_ids if len(eos_ids) > 1 else ()  # one end id: nothing to merge
+        parts.append(torch.cat([grpo.token_logprobs(
+            distill.merge_equivalent_ends(lm_head_logits(model, h_nTH[:, t0:t1]), ends),
+            distill.merge_end_tokens(r[:, t0:t1], ends), temperature=temperature)
+            for t0, t1 in column_chunks(len(p), r.shape[1], model, logit_chunk)], dim=1))
     return torch.cat(parts)
 
 
 def score_batch(b, model, teacher, ref, *, teacher_logp: bool, ref_logp: bool, old_logp: bool,
-                temperature: float, rows: int, logit_chunk: int):
+                temperature: float, rows: int, logit_chunk: int, eos_ids: tuple = ()):
     """Step 5 of a training step, without gradient: the log-probs of the sampled tokens of
     batch `b` under the teacher's privileged prompt (RLSD's evidence, OPD's advantage), under
     the KL reference and, when the batch is updated in several steps, under the rollout policy
     (the PPO ratio's "old" policy), as b.teacher_logp, b.ref_logp, b.old_logp (N, T). With one
     update per batch the old policy IS the current one: the loss uses its own log-probs,
     detached, and that pass is not needed. One forward per micro-batch of `rows` rows, the
-    loss's own LM-head chunks, each row's media in every forward."""
-    kw = dict(temperature=temperature, rows=rows, logit_chunk=logit_chunk, media=b.media)
-    if teacher_logp:  # the teacher's prompt, the same tokens
-        b.teacher_logp = sampled_token_logprobs(teacher.scorer(model), b.teacher_ids,
-                                                b.teacher_mask, b.resp_ids, b.resp_mask, **kw)
+    loss's own LM-head chunks, each row's media in every forward; with `eos_ids`, the
+    equivalent end tokens as one action (distill.merge_equivalent_ends). CSD's second teacher
+    (shown a wrong sibling) gives b.neg_logp."""
+    kw = dict(temperature=temperature, rows=rows, logit_chunk=logit_chunk, media=b.media,
+              eos_ids=eos_ids)
+    if teacher_logp:  # the teacher's prompt, the same tokens; several teachers: each its rows
+        b.teacher_logp = torch.zeros(b.resp_ids.shape, device=b.resp_ids.device)
+        for scorer, rows in teacher.rows_of(model, b.examples):
+            i = torch.tensor(rows, device=b.resp_ids.device)
+            sub = dict(kw, media=[b.media[r] for r in rows] if b.media else None)
+            b.teacher_logp[i] = sampled_token_logprobs(scorer, b.teacher_ids[i], b.teacher_mask[i],
+                                                       b.resp_ids[i], b.resp_mask[i], **sub)
+        if b.neg_ids is not None:
+            b.neg_logp = sampled_token_logprobs(teacher.scorer(model), b.neg_ids, b.neg_mask,
+                                                b.resp_ids, b.resp_mask, **kw)
     if ref_logp:
         b.ref_logp = sampled_token_logprobs(ref, b.prompt_ids, b.prompt_mask, b.resp_ids,
                                             b.resp_mask, **kw)
@@ -255,12 +267,16 @@ class Teacher:
     sync, ema, trust: a copy of the initial student; external: another model); `live` scores
     with the student itself."""
 
-    def __init__(self, mode: str, model=None, *, sync_every: int = 0, ema_rate: float = 0.0):
+    def __init__(self, mode: str, model=None, *, sync_every: int = 0, ema_rate: float = 0.0,
+                 by_name: dict | None = None):
         if mode not in TEACHER_MODES:
             raise ValueError(f"teacher mode {mode!r}: expected one of {TEACHER_MODES}")
         if (mode not in ("none", "live")) != (model is not None):
             raise ValueError(f"teacher mode {mode!r} {'needs' if model is None else 'takes no'} model")
         self.mode, self.model = mode, model
+        self.by_name = by_name or {}  # several external teachers: name -> model (model: the first)
+        for m in self.by_name.values():
+            m.eval().requires_grad_(False)
         self.sync_every = sync_every  # sync: copy the student every N optimizer steps
         self.ema_rate = ema_rate      # ema: the EMA rate; trust: the student's share of the logits
         if isinstance(model, torch.nn.Module):  # not lora.BaseView: the student's own base
@@ -273,6 +289,18 @@ class Teacher:
         if self.mode == "trust":
             raise ValueError("a trust-region teacher mixes two models' logits: use hidden()")
         return student if self.mode == "live" else self.model
+
+    def rows_of(self, student, examples: list) -> list:
+        """[(model, row indices)]: who scores which rows. One teacher scores all of them; with
+        several external teachers each scores the rows whose `teacher` names it (rows that
+        name none: the first)."""
+        if len(self.by_name) < 2:
+            return [(self.scorer(student), list(range(len(examples))))]
+        first = next(iter(self.by_name))
+        rows = {}
+        for i, e in enumerate(examples):
+            rows.setdefault(e.teacher or first, []).append(i)
+        return [(self.by_name[name], idx) for name, idx in rows.items()]
 
     @torch.no_grad()
     def hidden(self, student, prompt_ids, prompt_mask, resp_ids, resp_mask, **model_kwargs):
@@ -320,7 +348,7 @@ class Teacher:
 
 
 def teacher_and_reference(model, *, mode: str, kl_coef: float, sync_every: int,
-                          ema_rate: float, dist, dtype, external=None):
+                          ema_rate: float, dist, dtype, external=None, also=None):
     """(Teacher, KL reference or None), and the student sharded with them under torchrun.
 
     The teacher's own weights (frozen, sync, ema, trust) and the reference are copies of the
@@ -328,11 +356,14 @@ def teacher_and_reference(model, *, mode: str, kl_coef: float, sync_every: int,
     as a teacher that moves (sync, EMA; audit F10): then it gets a copy of its own. With LoRA
     the initial student is the student with its adapters off (lora.BaseView), so a frozen or
     trust-region teacher and the reference cost no copy at all. Sharding computes in `dtype`
-    (bf16 compute, float32 master weights: FSDP's mixed precision)."""
+    (bf16 compute, float32 master weights: FSDP's mixed precision). `also`: another copy of
+    the student to shard like it (--rollout-refresh's rollout policy)."""
     # copies are made BEFORE sharding: each copy is then sharded like the student, so a sync or
     # an EMA update is a parameter-by-parameter operation between identically sharded models
     base = BaseView(model) if is_lora(model) else None
     moving = mode in ("sync", "ema")  # teachers whose weights leave theta_0
+    by_name = external if isinstance(external, dict) else {}  # several: name -> model
+    external = next(iter(by_name.values())) if by_name else external
     initial = external
     if mode in ("frozen", "trust", "sync", "ema"):
         initial = copy.deepcopy(model) if (moving or base is None) else base
@@ -345,10 +376,12 @@ def teacher_and_reference(model, *, mode: str, kl_coef: float, sync_every: int,
         else:
             ref = initial if (initial is not None and not moving and initial is not external) \
                 else copy.deepcopy(model)
-    modules = [x for x in (model, initial, ref) if isinstance(x, torch.nn.Module)]
+    modules = [x for x in (model, initial, ref, also, *by_name.values())
+               if isinstance(x, torch.nn.Module)]
     for m in {id(x): x for x in modules}.values():  # each once
         shard(m, dist, dtype)
-    return Teacher(mode, initial, sync_every=sync_every, ema_rate=ema_rate), ref
+    return Teacher(mode, initial, sync_every=sync_every, ema_rate=ema_rate,
+                   by_name=by_name), ref
 
 
 def check_student(model, tok, examples: list, *, audio_in_video: bool, source: str):
@@ -360,6 +393,24 @@ def check_student(model, tok, examples: list, *, audio_in_video: bool, source: s
         vision.check_model(tok, examples, audio_in_video=audio_in_video, source=source)
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
+
+
+def teacher_specs(spec: str) -> list:
+    """[(name, path)] of --teacher (repeated flags arrive comma-joined): NAME=PATH, or a bare
+    PATH named by itself. The first is the default teacher."""
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, path = item.rpartition("=") if "=" in item else (item, "", item)
+        out.append((name or path, path))
+    return out
+
+
+def check_row_teachers(examples: list, names: list, key: str):
+    """Every row that names a teacher (data column `key`) names one of --teacher's."""
+    for e in examples:
+        if e.teacher and e.teacher not in names:
+            raise SystemExit(f"error: {e.where or 'a row'}: {key} {e.teacher!r} is not a "
+                             f"--teacher name ({', '.join(names)})")
 
 
 def external_teacher(path: str, tok, *, flag: str, device):

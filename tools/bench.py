@@ -91,7 +91,7 @@ def measure(args) -> dict:
         tok = build_toy_tokenizer()
         model = build_model(args, tok).to(device)
     else:
-        model, tok = warmstart.load_policy(cfg, dist, args.model, build=train.train)
+        model, tok = warmstart.load_policy(cfg, dist, args.model)
     release_large_blocks(model, device)  # as train.py does
     teacher, ref = train.teachers_for(cfg, model, tok, dist)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
