@@ -153,6 +153,8 @@ def _rows(path: str):
         text = "\n".join(_text_lines(path))
         try:
             rows = json.loads(text)
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("{"):  # JSON lines in a file named .json
                 yield from _jsonl_rows(path)
@@ -173,8 +175,8 @@ def _rows(path: str):
                 if None in row:  # more cells than header columns
                     raise DataError(f"{path}:{reader.line_num}: more cells than the header has")
                 yield f"{path}:{reader.line_num}", row
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        except csv.Error as e:  # raised while reading the next line, before it is counted
+            raise DataError(f"{path}:{reader.line_num + 1}: malformed CSV ({e})") from None
     elif path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -196,6 +198,8 @@ def _jsonl_rows(path: str):
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise DataError(f"{path}:{i}: JSON nested too deeply to read") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):

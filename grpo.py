@@ -142,14 +142,20 @@ def gspo_token_logp(logp: torch.Tensor, seq_log_ratio: torch.Tensor) -> torch.Te
     return seq_log_ratio.detach()[:, None] + logp - logp.detach()
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, *,
+          direction: str = "reverse") -> torch.Tensor:
     """(N,T) -> (N,T): k3 estimator exp(ref - logp) - (ref - logp) - 1 of KL(pi || ref), >= 0.
 
     Schulman's "Approximating KL divergence" (2020); GRPO Eq. 4. The log-ratio is clamped to
     +-20 like the policy ratio and the value to at most 10 (verl `low_var_kl`), which leaves
-    every realistic value unchanged.
+    every realistic value unchanged. direction="forward" swaps the two log-probs, as PTD-PO's
+    released `compute_kl(kl_direction="forward_kl")` does (its name for KL(ref || pi)): the
+    same formula of d = logp - ref.
     """
-    d = (ref_logp.detach() - logp).clamp(-20.0, 20.0)
+    if direction not in ("reverse", "forward"):
+        raise ValueError(f"kl direction {direction!r}: expected reverse or forward")
+    d = ref_logp.detach() - logp if direction == "reverse" else logp - ref_logp.detach()
+    d = d.clamp(-20.0, 20.0)
     # and the value clamped to <= 10, as verl's / EasyR1's `low_var_kl` (audit F16): one wild
     # token cannot dominate the batch's KL
     return (torch.exp(d) - d - 1.0).clamp(max=10.0)

@@ -353,6 +353,7 @@ def loop(r: Run, cfg: Config, dist: Dist, stop: StopSignals, run: RunLog) -> dic
             ckpt.save(r.model, r.opt, r.teacher, r.tok, r.gen, cfg, dist, step, r.replay)
             guard.saved(step)
         guard.stop_if_signalled(step, sys.argv)
+    guard.finish()
     if first and last:
         run.show("after training ", {k: last[k] for k in first if k in last})
     return {"before": first, "after": last}

@@ -184,7 +184,8 @@ def save(model, opt, teacher, tok, gen, cfg, dist, step: int, replay=None):
             save_checkpoint(cfg.out, step, model_state=state, model_config=model.config,
                             tokenizer=tok, keep=cfg.keep_checkpoints, teacher_state=t_state,
                             trainer_state=dict(step=step, optimizer=optim, rng=rngs,
-                                               config=dataclasses.asdict(cfg), **extra),
+                                               config=dataclasses.asdict(cfg),
+                                               data=data_fingerprint(cfg.data), **extra),
                             lora_model=model if adapters else None,
                             extra_files=extra_files)
     dist.barrier()
@@ -208,6 +209,22 @@ def restore_replay(replay, cfg, dist, step: int):
 
 RESUME_KEYS = ("algo", "model", "teacher", "data", "seed", "warm_start_steps", "warm_start", "lora_rank",
                "lora_targets", "rollout_refresh")
+
+
+def data_fingerprint(path: str) -> str:
+    """What --resume compares besides the --data path: the file's size and a hash of its
+    first and last megabyte (the whole file when smaller), so a file rewritten in place is
+    noticed without reading gigabytes. '' for an embedded task."""
+    if not os.path.isfile(path):
+        return ""
+    import hashlib
+    size, h, mb = os.path.getsize(path), hashlib.sha256(), 1 << 20
+    with open(path, "rb") as f:
+        h.update(f.read(mb))
+        if size > 2 * mb:
+            f.seek(size - mb)
+        h.update(f.read(mb))
+    return f"{size}:{h.hexdigest()[:16]}"
 
 
 def check_resumable(saved: dict, cfg) -> None:
@@ -240,6 +257,10 @@ def load_verified(path: str, cfg, need_teacher: bool):
     except UnsafeCheckpoint as e:  # never "damaged, try the one before": someone put it there
         raise SystemExit(f"--resume: {e}. Resume only from run directories you trust.") from None
     check_resumable(state.get("config", {}), cfg)
+    if state.get("data") not in (None, data_fingerprint(cfg.data)):
+        raise SystemExit(f"--resume: --data {cfg.data} is not the file {path} was trained on "
+                         f"(its size or contents changed since); resume with that file, or "
+                         f"start a new run with another --out")
     weights = lora.ADAPTER_WEIGHTS if cfg.lora_rank else "model.safetensors"
     model_state = read(weights, lambda p: load_file(os.path.join(p, weights)))
     t_state = read("teacher.safetensors", load_teacher_state) if need_teacher else None
@@ -266,10 +287,15 @@ def restore(model, opt, teacher, gen, cfg, dist) -> int:
                       flush=True)
     else:
         raise SystemExit(f"--resume: no checkpoint in {cfg.out} loads (all damaged)")
+    if len(state["rng"]) != dist.world:  # before anything is loaded into the model
+        raise SystemExit(f"--resume: checkpoint was written by {len(state['rng'])} processes, "
+                         f"this run has {dist.world}")
     try:
         load_full_state_dict(model, model_state, dist)
-    except ValueError as e:  # a checkpoint of another model shape or LoRA layout
-        raise SystemExit(f"--resume: {path} does not fit this model: {e}") from None
+    except (ValueError, RuntimeError) as e:  # another model shape (a size mismatch) or LoRA
+        first = str(e).strip().splitlines()[-1][:200]
+        raise SystemExit(f"--resume: {path} does not fit this model ({first}); was --model "
+                         f"replaced since?") from None
     if dist.world > 1:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
@@ -277,9 +303,6 @@ def restore(model, opt, teacher, gen, cfg, dist) -> int:
                                  options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(state["optimizer"])
-    if len(state["rng"]) != dist.world:
-        raise SystemExit(f"--resume: checkpoint was written by {len(state['rng'])} processes, "
-                         f"this run has {dist.world}")
     gen.set_state(state["rng"][dist.rank])
     if teacher.has_state:
         load_full_state_dict(teacher.model, t_state, dist)

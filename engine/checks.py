@@ -23,7 +23,7 @@ import distill
 from engine import losses, prompts, rewards, trackers
 from engine.defaults import USED_BY
 from engine.rollout import GENERATION_MODES
-from engine.teachers import TEACHER_MODES
+from engine.teachers import TEACHER_MODES, teacher_specs
 
 # field: (lowest allowed, highest allowed, strictly above the lowest?); every float option
 # not listed must simply be finite
@@ -63,7 +63,7 @@ CHOICES = {
     "lr_schedule": ("constant", "linear", "cosine"), "dtype": ("float32", "bfloat16"),
     "long_prompts": ("fail", "skip"), "generation": GENERATION_MODES,
     "teacher_mode": TEACHER_MODES, "context_source": ("own", "other"),
-    "context": ("none", "sibling") + data.CONTEXTS,
+    "context": ("none", "sibling") + data.CONTEXTS, "kl_direction": ("reverse", "forward"),
 }
 GROUP_ALGOS = ("sdpo", "srpo", "csd", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "rlsd",
                "ptdpo")
@@ -212,17 +212,22 @@ def check_templates(cfg):
     t = cfg.student_template
     if not t:
         return
-    try:
-        t.format(prompt="", answer="", solution="", hint="", rationale="")
-        fields = template_fields(t)
-    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+    def malformed(e):
         bad(f"--student-template {t!r}: not a template over the fields prompt, answer, "
             f"solution, hint, rationale ({e!r}; write a literal brace as {{{{ }}}})")
+    try:
+        fields = template_fields(t)
+    except ValueError as e:
+        malformed(e)
+    leaks = sorted(fields & set(data.CONTEXTS))
+    if leaks:  # the student must never see a privileged context, however it is formatted
+        bad(f"--student-template shows the student {{{leaks[0]}}}, a teacher-only field")
+    try:
+        t.format(prompt="", answer="", solution="", hint="", rationale="")
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        malformed(e)
     if "prompt" not in fields:
         bad("--student-template must contain {prompt}")
-    leaks = sorted(fields & set(data.CONTEXTS))
-    if leaks:  # the student must never see a privileged context
-        bad(f"--student-template shows the student {{{leaks[0]}}}, a teacher-only field")
 
 
 def model_path_problem(value: str) -> str | None:
@@ -249,10 +254,15 @@ def model_path_problem(value: str) -> str | None:
 
 def check_paths(cfg):
     """--model, --teacher, --data, --eval-data and --out name things that can be used."""
-    for name, value in (("--model", cfg.model), ("--teacher", cfg.teacher)):
+    models = [("--model", cfg.model)] + [(f"--teacher {n}" if n != p else "--teacher", p)
+                                         for n, p in teacher_specs(cfg.teacher)]
+    for name, value in models:
         problem = model_path_problem(value) if value not in ("", "toy", "toy-init") else None
         if problem:
             bad(f"{name} {value}: {problem}")
+    names = [n for n, _ in teacher_specs(cfg.teacher)]
+    if len(set(names)) < len(names):
+        bad(f"--teacher names must differ, got {', '.join(names)}")
     for name, value in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if value not in ("", *data.TASKS) and not os.path.exists(value):
             bad(f"{name} {value}: no such file")

@@ -21,8 +21,8 @@ import data
 from engine import presets
 from engine.checks import check_config, model_path_problem  # noqa: F401 (config.model_path_problem)
 from engine.lora import LORA_TARGETS
-from engine.defaults import (PAPER_DEFAULTS, TOY_ALGO_DEFAULTS, TOY_DEFAULTS,  # noqa: F401
-                             USED_BY, NO_THINKING, THINKING)
+from engine.defaults import (PAPER_DEFAULTS, TOY_ALGO_DEFAULTS, TOY_CONTEXT,  # noqa: F401
+                             TOY_DEFAULTS, USED_BY, NO_THINKING, THINKING)
 
 ALGOS = ("sft", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "opd", "opsd", "sdpo", "srpo",
          "ptdpo", "csd", "rlsd")
@@ -95,6 +95,7 @@ class Config:
     clip_high: float = 0.28           # PPO ratio clip above 1, DAPO's clip-higher (inert on-policy)
     dual_clip: float = 3.0            # dual-clip cap for A < 0, <= 0 disables (inert on-policy)
     kl_coef: float = 0.0              # k3 KL to the initial model, added per token
+    kl_direction: str = "reverse"     # the k3 KL's direction: reverse KL(policy || reference), or forward (PTD-PO's released forward_kl: the log-probs swapped)
     overlong_cache: int = 0           # DAPO overlong buffer L_cache in tokens (0 = off)
     dapo_max_gen_batches: int = 3     # DAPO dynamic sampling: generation rounds per step
     # --- teachers
@@ -198,7 +199,10 @@ def parse_config(argv=None) -> Config:
     p.add_argument("--list-presets", action="store_true", default=argparse.SUPPRESS,
                    help="print the recipes in recipes/ (model, data, GPUs) and exit")
     given = vars(p.parse_args(argv))
-    if "teacher" in given:
+    if "teacher" in given:  # several --teacher: kept comma-joined in the one field
+        if any("," in t for t in given["teacher"]):
+            p.error(f"--teacher {next(t for t in given['teacher'] if ',' in t)!r}: a comma "
+                    f"in a teacher's path or name is not supported")
         given["teacher"] = ",".join(given["teacher"])
     if given.pop("list_presets", False):
         print(presets.listing(DEFAULTS))
@@ -305,7 +309,8 @@ def fit_sizes(cfg: Config, given: dict, defaults: dict, world: int = 1) -> list[
                          f"{defaults['prompts_per_step']} prompts in mini-batches of {mini})")
             cfg.mini_batch_size = P // k
     context = _context_length(cfg.model)
-    if context and cfg.max_new_tokens >= context and "max_new_tokens" not in given:
+    if (context and cfg.max_new_tokens >= context and "max_new_tokens" not in given
+            and cfg.algo != "sft"):  # SFT generates nothing
         fit = context // 2
         notes.append(f"--max-new-tokens {fit} (the default {cfg.max_new_tokens} does not fit "
                      f"{cfg.model}'s {context}-token context with a prompt; half of it)")
@@ -330,6 +335,8 @@ def fit_sizes(cfg: Config, given: dict, defaults: dict, world: int = 1) -> list[
 def _context_length(model: str) -> int:
     """max_position_embeddings from a local model directory's config.json (the language
     model's, for a vision-language one), or 0 when it is not at hand (toy, hub id)."""
+    if model == "toy-init":  # the toy Qwen3 built with random weights (models.build_toy_model)
+        return TOY_CONTEXT
     path = os.path.join(model, "config.json")
     if not os.path.isfile(path):
         return 0

@@ -84,6 +84,7 @@ PAPER_DEFAULTS = {
 # accuracy drifting at the end (one run each, 500 test problems, from the earlier 1300-step
 # warm start's 32.8%: RLSD 49.4% and GRPO 39.0% with a constant rate,
 # `python train.py [--algo grpo] --lr-schedule constant`; 44.4% and 43.8% with the decay).
+TOY_CONTEXT = 256  # positions of the text tasks' toy Qwen3 (models.build_toy_model)
 TOY_DEFAULTS = dict(prompts_per_step=16, max_new_tokens=40, lr=2e-4, steps=150,
                     eval_every=50, overlong_cache=0, mini_batch_size=0, lr_schedule="cosine")
 TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=2400, eval_every=300,
@@ -96,6 +97,7 @@ TOY_ALGO_DEFAULTS = {"sft": dict(lr=3e-3, prompts_per_step=64, steps=2400, eval_
 # is a config error, not a silent no-op.
 USED_BY = {
     "kl_coef": ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "opd", "srpo", "ptdpo"),
+    "kl_direction": ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "opd", "srpo", "ptdpo"),
     "adv_scale": ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "rlsd", "srpo", "ptdpo"),
     "loss_agg": ("grpo", "dr_grpo", "dapo", "gspo", "rloo"),
     "overlong_cache": ("dapo",), "dapo_max_gen_batches": ("dapo",),

@@ -56,7 +56,14 @@ def model_config(cfg):
     if path is None:
         raise SystemExit(f"--dry-run: no config.json for {cfg.model}: give a model directory, or "
                          f"a hub id with a copy in {presets.MODELS}")
-    return AutoConfig.from_pretrained(path), os.path.join(path, "config.json")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        from engine.rollout import refuse_remote_code
+        raise SystemExit(refuse_remote_code(cfg.model)) from None
+    return config, os.path.join(path, "config.json")
 
 
 def meta_model(config):

@@ -170,6 +170,7 @@ class LossOptions:
     clip_high: float = 0.28
     dual_clip: float | None = 3.0
     kl_coef: float = 0.0
+    kl_direction: str = "reverse"     # the k3 KL's (PTD-PO's released forward_kl: swapped)
     loss_agg: str = "token-mean"
     eps_w: float = 0.2
     opd_coef: float = 1.0
@@ -258,7 +259,7 @@ def surrogate(c, logp, adv, opt: LossOptions, *, ratio=None, with_kl: bool = Tru
                                       mask=c.mask)
     stats = _as_stats(means, c.mask)
     if opt.kl_coef > 0 and with_kl:
-        kl = grpo.kl_k3(logp, c.ref_logp)
+        kl = grpo.kl_k3(logp, c.ref_logp, direction=opt.kl_direction)
         stats["kl"] = mean_stat(kl, c.mask)
         per_tok = per_tok + opt.kl_coef * kl
     return per_tok, stats
@@ -400,7 +401,7 @@ def ptdpo_chunk_loss(c, logits, logp, t_logits, norms: Norms, opt: LossOptions):
     """PTD-PO: GRPO + k3 KL (off on PTD groups, so ptdpo_loss adds it) + lambda * Top-K JSD to
     the hint-shown reference (as released, a term with zero gradient: distill.py)."""
     pg, stats = surrogate(c, logp, c.adv, opt, with_kl=False)
-    kl = grpo.kl_k3(logp, c.ref_logp)
+    kl = grpo.kl_k3(logp, c.ref_logp, direction=opt.kl_direction)
     T = opt.temperature
     ptd = distill.ptd_topk_divergence(logits.float() / T, t_logits.float() / T,
                                       k=min(opt.top_k, logits.shape[-1]),

@@ -65,6 +65,8 @@ def read_video(item, *, fps: float = 2.0) -> tuple[np.ndarray, float]:
     if isinstance(item, dict):
         fps = float(item.get("fps") or fps)
         item = item.get("frames") or item.get("path") or item.get("bytes")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"its fps {fps} is not a positive finite number")
     if isinstance(item, (list, tuple)):
         return _frame_images(item), fps
     if isinstance(item, str) and os.path.isdir(item):
@@ -114,7 +116,17 @@ def _av_audio(src) -> tuple[np.ndarray, int]:
 
 
 def read_audio(item) -> tuple[np.ndarray, int]:
-    """(mono float32 samples in [-1, 1], samples per second) of one audio item."""
+    """(mono float32 samples in [-1, 1], samples per second) of one audio item; an empty clip
+    or one with non-finite samples is a ValueError."""
+    x, rate = _read_audio(item)
+    if x.size == 0:
+        raise ValueError("the audio clip has no samples")
+    if not np.isfinite(x).all():
+        raise ValueError("the audio clip holds non-finite samples")
+    return x, rate
+
+
+def _read_audio(item) -> tuple[np.ndarray, int]:
     rate = None
     if isinstance(item, dict):
         rate = item.get("sampling_rate")

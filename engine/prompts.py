@@ -105,8 +105,15 @@ def prompt_ids(tokenizer, text: str, *, system: str = "", media: Media | None = 
         content = items + [{"type": "text", "text": text}] if items else text
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": content}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False, **template_kwargs)
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False, **template_kwargs)
+        except Exception as e:  # jinja2's sandbox refuses a template that reaches for code
+            if type(e).__name__ != "SecurityError":
+                raise
+            raise SystemExit(f"error: the tokenizer's chat template was refused by the template "
+                             f"sandbox, no code of it ran ({e}); use a tokenizer whose template "
+                             f"only formats messages") from None
     elif system:  # no chat template (the toy model): the system text simply comes first
         text = system + "\n" + text
     return vision.expand_row(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"],
@@ -207,12 +214,13 @@ def prompts_for(cfg) -> Prompts:
 def prompt_limit(cfg, model) -> int:
     """--max-prompt-tokens, or by default the model's context length minus the response's:
     a longer prompt could not be answered in full, and a huge one would exhaust memory."""
-    if cfg.max_prompt_tokens:
-        return cfg.max_prompt_tokens
     # max_position_embeddings is the context length of every HF causal LM config we load
     text = model.config.get_text_config()  # a vision-language model's language model
     context = getattr(text, "max_position_embeddings", 0) or 0
-    return max(1, context - cfg.max_new_tokens) if context else 0
+    room = max(1, context - cfg.max_new_tokens) if context else 0
+    if cfg.max_prompt_tokens:  # and never past the room a response leaves (a paper's 2048
+        return min(cfg.max_prompt_tokens, room) if room else cfg.max_prompt_tokens  # on a toy)
+    return room
 
 
 def fit_to_context(examples: list, cfg, model, tok, *, verbose: bool) -> list:
@@ -225,15 +233,13 @@ def fit_to_context(examples: list, cfg, model, tok, *, verbose: bool) -> list:
     import data
     text = model.config.get_text_config()
     context = getattr(text, "max_position_embeddings", 0) or 0
-    if context and cfg.max_new_tokens + max(cfg.max_prompt_tokens, 1) > context:
-        raise SystemExit(f"config error: --max-new-tokens {cfg.max_new_tokens}"
-                         + (f" + --max-prompt-tokens {cfg.max_prompt_tokens}"
-                            if cfg.max_prompt_tokens else "")
-                         + f" exceeds {cfg.model}'s context of {context} tokens")
+    if context and cfg.max_new_tokens >= context and cfg.algo != "sft":  # SFT generates nothing
+        raise SystemExit(f"config error: --max-new-tokens {cfg.max_new_tokens} exceeds "
+                         f"{cfg.model}'s context of {context} tokens (a prompt needs room too)")
     limit = prompt_limit(cfg, model)
     if not limit or cfg.data in data.TASKS:
         return examples
-    name = ("--max-prompt-tokens" if cfg.max_prompt_tokens else
+    name = ("--max-prompt-tokens" if cfg.max_prompt_tokens == limit else
             "the model's context minus --max-new-tokens =")
     P = prompts_for(cfg)
     examples = data.drop_long_prompts(examples, lambda e: P.student(tok, e), limit,

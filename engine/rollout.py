@@ -38,13 +38,30 @@ def checkpoint_layers(model):
 
 def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) from a local HF directory or a hub id, the same code path for both.
-    A LoRA checkpoint (a PEFT adapter directory) loads as its base with the adapters merged."""
+    A LoRA checkpoint (a PEFT adapter directory) loads as its base with the adapters merged.
+    Every loader runs with trust_remote_code=False: a directory whose config names its own
+    Python code (auto_map) is refused with one message, its code never run."""
+    try:
+        return _load_model(path, dtype=dtype, device=device)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise SystemExit(refuse_remote_code(path)) from None
+
+
+def refuse_remote_code(path: str) -> str:
+    return (f"error: {path}: this model needs Python code of its own (auto_map in its "
+            f"config.json), and this project never runs code from a model directory; use a "
+            f"model of a family transformers implements")
+
+
+def _load_model(path: str, *, dtype, device):
     if os.path.isdir(path) and not any(
             os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{path}: model directory has no tokenizer "
                                 f"(tokenizer.json / tokenizer_config.json)")
     transformers.logging.disable_progress_bar()  # one console line per step, not per load
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token_id is None:  # many base models ship without one
         tokenizer.pad_token = tokenizer.eos_token
     if os.path.isdir(path) and lora.is_adapter_dir(path):
@@ -54,7 +71,7 @@ def load_model(path: str, *, dtype=torch.float32, device="cpu"):
     elif vision.is_vision_language(path):  # image-text-to-text: the tokenizer carries the
         model, tokenizer = vision.load(path, dtype=dtype)  # image processor (vision.py)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     return model.to(device), tokenizer
 
 

@@ -17,19 +17,27 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
 import time
 
 RUN_FILES = ("config.json", "metrics.jsonl")  # plus checkpoint-NNNNNN directories
+MARKER = ".rlsd-run"  # written into every run directory: what --overwrite may clear
+OURS = RUN_FILES + (MARKER, ".lock", "config.json.tmp", "metrics.jsonl.tmp", "tensorboard",
+                    "wandb", "trackio")  # every name a run writes (the trackers' too)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _run_entries(out: str) -> list:
     if not os.path.isdir(out):
         return []
-    return sorted(n for n in os.listdir(out) if n != ".lock")
+    return sorted(n for n in os.listdir(out) if n not in (".lock", MARKER))
+
+
+def _ours(name: str) -> bool:
+    return name in OURS or bool(_NAME.match(name.removesuffix(".tmp")))
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
@@ -60,8 +68,30 @@ def claim_run_dir(cfg):
             raise SystemExit(f"config error: --out {cfg.out} is not empty ({', '.join(existing[:4])}"
                              f"{', ...' if len(existing) > 4 else ''}); add --resume to continue "
                              f"that run, --overwrite to replace it, or choose another --out")
+        check_overwrite(cfg, existing)
     with writing(cfg.out, "the run directory and its lock file"):
         return _lock_run_dir(cfg, existing)
+
+
+def check_overwrite(cfg, existing: list):
+    """--overwrite clears only a directory this project made a run in (its MARKER), holding
+    nothing but what a run writes, and never the model being trained: a model directory, a
+    home directory or another tool's checkpoint-best/ is refused with one message."""
+    out = os.path.realpath(cfg.out)
+    for flag in ("model", "teacher", "warm_start", "data"):
+        for value in str(getattr(cfg, flag, "")).split(","):
+            path = os.path.realpath(value.rpartition("=")[2]) if value else ""
+            if path and (path == out or path.startswith(out + os.sep)):
+                raise SystemExit(f"config error: --overwrite would delete --{flag.replace('_', '-')}"
+                                 f" {value}, which is inside --out {cfg.out}; choose another --out")
+    if not os.path.exists(os.path.join(cfg.out, MARKER)):
+        raise SystemExit(f"config error: --overwrite clears only a run directory of this project, "
+                         f"and {cfg.out} is not one (no {MARKER}); choose another --out")
+    others = [n for n in existing if not _ours(n)]
+    if others:
+        raise SystemExit(f"config error: --overwrite: {cfg.out} also holds {', '.join(others[:4])}"
+                         f"{', ...' if len(others) > 4 else ''}, which no run wrote; move them "
+                         f"away, or choose another --out")
 
 
 def _lock_run_dir(cfg, existing: list):
@@ -79,11 +109,13 @@ def _lock_run_dir(cfg, existing: list):
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
-    if existing and cfg.overwrite:  # only what a run writes; other files stay
+    if existing and cfg.overwrite and not cfg.resume:  # only what a run writes (checked)
         for name in existing:
             path = os.path.join(cfg.out, name)
-            if name in RUN_FILES or name.startswith("checkpoint-"):
+            if _ours(name) and name != ".lock":
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    with open(os.path.join(cfg.out, MARKER), "w") as f:  # this is a run directory
+        f.write("a run directory of rlsd-reference (train.py); --overwrite may clear it\n")
     return lock
 
 
@@ -139,6 +171,7 @@ class RunGuard:
     def __init__(self, cfg, stop: "StopSignals", dist, start: int):
         self.cfg, self.stop, self.dist = cfg, stop, dist
         self.skips, self.warned, self.last_saved, self.signalled = 0, False, start, False
+        self.steps = self.taken = 0  # steps run here, and those whose update was taken
 
     def check(self, step: int, m: dict):
         cfg = self.cfg
@@ -148,12 +181,20 @@ class RunGuard:
                   f"{cfg.max_new_tokens} (reward 0 without a final answer); raise it",
                   flush=True)
         self.skips = self.skips + 1 if m["skipped"] else 0
+        self.steps, self.taken = self.steps + 1, self.taken + (not m["skipped"])
         if self.skips >= cfg.max_skips:  # going on would only burn compute
             raise SystemExit(f"stopping at step {step}: {self.skips} consecutive steps with a "
                              f"non-finite loss or gradient norm (loss={m['loss']}, "
                              f"grad_norm={m['grad_norm']}); weights were not updated, the "
                              f"last checkpoint in {cfg.out} is intact. Lower --lr or check "
                              f"the data.")
+
+    def finish(self):
+        """A run none of whose steps updated the weights did not succeed: not exit 0."""
+        if self.steps and not self.taken:
+            raise SystemExit(f"error: every one of the {self.steps} steps had a non-finite loss "
+                             f"or gradient norm and was skipped: the weights were never "
+                             f"updated. Lower --lr or check the data.")
 
     def _any_rank_signalled(self) -> bool:
         return self.dist.sum(float(self.stop.name is not None)).item() > 0
@@ -178,7 +219,7 @@ class RunGuard:
 def stopped_after(step: int, saved: int, out: str, name: str, argv: list) -> str:
     """The message of a run stopped by a signal after `step`, with the command that resumes
     it (`argv`: this one, which had `saved` as its newest checkpoint)."""
-    resume = " ".join(a for a in argv if a not in ("--resume", "--overwrite"))
+    resume = shlex.join(a for a in argv if a not in ("--resume", "--overwrite"))  # pastes as is
     return (f"stopped after step {step} ({name}); "
             + (f"the newest checkpoint is step {saved} in {out}" if saved
                else "no checkpoint was written")

@@ -73,7 +73,7 @@ class Media:
 
 def is_vision_language(path_or_config) -> bool:
     """Whether a checkpoint (directory or hub id) or config is a multimodal model."""
-    config = (AutoConfig.from_pretrained(path_or_config) if isinstance(path_or_config, str)
+    config = (AutoConfig.from_pretrained(path_or_config, trust_remote_code=False) if isinstance(path_or_config, str)
               else path_or_config)
     return (getattr(config, "vision_config", None) is not None
             or getattr(config, "model_type", "") in OMNI)
@@ -109,10 +109,10 @@ def load(path: str, *, dtype=torch.float32):
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "preprocessor_config.json")):
         raise FileNotFoundError(f"{path}: a multimodal model directory needs "
                                 f"preprocessor_config.json (its image processor)")
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if config.model_type.startswith("qwen3_omni"):
         raise ValueError(f"{path}: Qwen3-Omni is a mixture-of-experts thinker with its own "
                          f"inputs and positions; this project supports Qwen2.5-Omni's thinker")
@@ -120,7 +120,7 @@ def load(path: str, *, dtype=torch.float32):
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=dtype)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     attach_processors(tok, path, model.config)
     return model, tok
 
@@ -132,13 +132,13 @@ def attach_processors(tok, path: str, config):
     tok.image_processor = image_processor(path)
     tok.media_tokens = media_tokens(config)
     if getattr(config, "audio_config", None) is not None or tok.media_tokens["audio"] is not None:
-        tok.feature_extractor = AutoFeatureExtractor.from_pretrained(path)
+        tok.feature_extractor = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=False)
     tok.video_settings = video_settings(path)
 
 
 def image_processor(path: str):
     """The checkpoint's image processor with the PIL backend, which needs no torchvision."""
-    return AutoImageProcessor.from_pretrained(path, backend="pil")
+    return AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
 
 
 def video_settings(path: str) -> dict:
@@ -519,9 +519,9 @@ def check_media(examples: list, *, fps: float = 2.0, audio_in_video: bool = Fals
                                  f"pillow (pip install -e '.[vision]')") from None
     for e in rows:
         for k, p in enumerate(e.images, 1):
-            try:
+            try:  # decoded, as training will: valid chunks can still hold garbage pixels
                 with open_image(p) as im:
-                    im.verify()
+                    im.load()
             except Exception as err:  # PIL raises many types for a bad file
                 name = f"image {k} (bytes)" if isinstance(p, bytes) else f"image {p}"
                 raise data.DataError(f"{e.where}: {name} cannot be read "

@@ -71,8 +71,9 @@ def _trained_accuracy(out):
 
 def test_eval_py_reproduces_the_trainers_accuracy(tmp_path, cache, capsys):
     """A run with a non-default student template, a system prompt, a renamed column and its
-    own reward function: eval.py CHECKPOINT --data FILE reads all of it from the run's
-    config.json and gets the trainer's end-of-run greedy accuracy exactly. (The parity
+    own reward function: eval.py CHECKPOINT --data FILE reads the prompts from the run's
+    config.json (the reward function is typed again: a run directory is data, and eval.py
+    imports no code it names) and gets the trainer's end-of-run greedy accuracy exactly. (The parity
     reward is about half right on any model, so the number depends on every generated
     token of every prompt: a prompt built differently would change it.)"""
     import train
@@ -86,14 +87,15 @@ def test_eval_py_reproduces_the_trainers_accuracy(tmp_path, cache, capsys):
     assert 0.0 < want < 1.0
     capsys.readouterr()
     results = str(tmp_path / "results.jsonl")
-    ev.main([os.path.join(out, "checkpoint-000001"), "--data", f, "--out", results])
+    ev.main([os.path.join(out, "checkpoint-000001"), "--reward", "signal_reward:parity",
+             "--data", f, "--out", results])
     got = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert got["pass@1_greedy"] == want
     with open(results) as r:
         assert json.loads(r.read())["pass@1_greedy"] == want
     # the defaults (no template, no system prompt) evaluate other prompts: another number
-    ev.main([os.path.join(out, "checkpoint-000001"), "--data", f, "--student-template",
-             "{prompt}", "--system-prompt", ""])
+    ev.main([os.path.join(out, "checkpoint-000001"), "--reward", "signal_reward:parity",
+             "--data", f, "--student-template", "{prompt}", "--system-prompt", ""])
     captured = capsys.readouterr()
     assert "overridden: --student-template, --system-prompt" in captured.err
     assert json.loads(captured.out.splitlines()[-1])["pass@1_greedy"] != want

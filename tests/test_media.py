@@ -554,7 +554,8 @@ def test_eval_py_reproduces_the_trainers_accuracy_with_video_and_audio(tmp_path,
                                                           "--steps", "1"]))
     want = _steps(out)[-1]["eval_acc"]
     capsys.readouterr()
-    evaluation.main([os.path.join(out, "checkpoint-000001"), "--data", str(renamed)])
+    evaluation.main([os.path.join(out, "checkpoint-000001"), "--reward", "signal_reward:parity",
+                     "--data", str(renamed)])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["pass@1_greedy"] == want
 
 

@@ -317,5 +317,6 @@ def test_eval_py_reproduces_the_trainers_accuracy_with_images(tmp_path, vlm, cap
     with open(os.path.join(out, "metrics.jsonl")) as f:
         want = [json.loads(line) for line in f][-1]["eval_acc"]
     capsys.readouterr()
-    evaluation.main([os.path.join(out, "checkpoint-000001"), "--data", data_file])
+    evaluation.main([os.path.join(out, "checkpoint-000001"), "--reward", "signal_reward:parity",
+                     "--data", data_file])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["pass@1_greedy"] == want

@@ -43,14 +43,25 @@ SIZES = {  # what each section runs at
 }
 
 
+EXTRAS = {"PIL": "vision", "peft": "lora"}  # a module -> the extra that installs it
+
+
 @dataclasses.dataclass
 class Suite:
     device: torch.device
     size: dict
     rows: list = dataclasses.field(default_factory=list)
 
-    def section(self, name: str, fn):
-        """Run one section; its rows, or one row with its error. Peak memory is the section's."""
+    def section(self, name: str, fn, needs: str = ""):
+        """Run one section; its rows, or one row with its error. Peak memory is the section's.
+        A section whose optional extra (`needs`, a module) is not installed is skipped, with
+        one line naming it; the others run."""
+        import importlib.util
+        if needs and importlib.util.find_spec(needs) is None:
+            print(f"gpu suite: {name} skipped: it needs {needs} (pip install -e "
+                  f"'.[{EXTRAS.get(needs, needs)}]')", flush=True)
+            self.rows.append({"section": name, "error": f"skipped: {needs} is not installed"})
+            return
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -58,7 +69,7 @@ class Suite:
         try:
             for row in fn():
                 self.rows.append({"section": name, **row, "peak_gb": peak_gb(self.device)})
-        except Exception as e:  # out of memory, a missing kernel: say so and go on
+        except (Exception, SystemExit) as e:  # out of memory, a missing kernel: go on
             self.rows.append({"section": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(f"gpu suite: {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -98,7 +109,7 @@ def text_model(suite: Suite):
     torch.manual_seed(0)
     if suite.size["model"] is None:
         return build_toy_model(tok).to(suite.device), tok
-    config = AutoConfig.from_pretrained(os.path.join(MODELS, suite.size["model"]))
+    config = AutoConfig.from_pretrained(os.path.join(MODELS, suite.size["model"]), trust_remote_code=False)
     with suite.device:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
 
@@ -217,7 +228,7 @@ def vlm_model(suite: Suite):
     if suite.size["vlm"] is None:
         model = models.toy_vlm(seed=0)[0].to(suite.device)
     else:  # the published shape; its special tokens renumbered to the toy tokenizer's
-        config = AutoConfig.from_pretrained(os.path.join(MODELS, suite.size["vlm"]))
+        config = AutoConfig.from_pretrained(os.path.join(MODELS, suite.size["vlm"]), trust_remote_code=False)
         for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                            ("vision_start_token_id", "<|vision_start|>"),
                            ("vision_end_token_id", "<|vision_end|>")):
@@ -254,9 +265,10 @@ def run(device: str, tiny: bool, out: str) -> list:
     suite.section("forward", lambda: forward(suite))
     for algo in ("rlsd", "grpo"):
         suite.section(f"{algo} step", lambda a=algo: steps(suite, a))
-    suite.section("vlm", lambda: steps(suite, "rlsd", vlm=True))
+    suite.section("vlm", lambda: steps(suite, "rlsd", vlm=True), needs="PIL")
     suite.section("memory", lambda: steps(suite, "rlsd", gradient_checkpointing=True))
-    suite.section("memory", lambda: steps(suite, "rlsd", lora_rank=suite.size["lora"]))
+    suite.section("memory", lambda: steps(suite, "rlsd", lora_rank=suite.size["lora"]),
+                  needs="peft")
     name = torch.cuda.get_device_name(suite.device) if suite.device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     report = dict(device=name, torch=torch.__version__, tiny=tiny, rows=suite.rows,

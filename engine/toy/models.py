@@ -12,6 +12,7 @@ checkpoint of their family.
 import torch
 
 from engine import vision
+from engine.defaults import TOY_CONTEXT
 from engine.toy import arithmetic, shapes
 
 TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -40,7 +41,7 @@ def build_toy_model(tokenizer, *, seed: int = 0, **overrides):
     from transformers import Qwen3Config, Qwen3ForCausalLM
     fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=288,
                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=24, max_position_embeddings=256, tie_word_embeddings=True,
+                  head_dim=24, max_position_embeddings=TOY_CONTEXT, tie_word_embeddings=True,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                   bos_token_id=None)
     cfg = Qwen3Config(**{**fields, **overrides})

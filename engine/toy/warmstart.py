@@ -25,7 +25,7 @@ from engine.config import Config, resolve_config
 from engine.distributed import Dist
 from engine.prompts import TOY_TEMPLATES, render
 from engine.rollout import load_model
-from engine.rundir import file_lock, log_line
+from engine.rundir import file_lock, log_line, writing
 from engine.toy import arithmetic, chains, clips, demos, models, shapes, tasks
 
 TOY_VERSION = "v3"  # part of the warm-start cache key (with the settings and the code)
@@ -97,9 +97,9 @@ def toy_checkpoint(cfg: Config, dist: Dist, *, steps: int, name: str,
     slip = cfg.demo_slip if slip is None else slip
     sft_cfg = _sft_config(cfg, steps, slip)
     path = warm_start_path(cfg, steps=steps, name=name, slip=slip)
-    if dist.rank == 0:
-        with file_lock(path + ".lock", waiting=f"waiting for another process that is building "
-                                                  f"the warm start {path}"):
+    if dist.rank == 0 and not os.path.exists(path):  # built: only read (a read-only cache)
+        waiting = f"waiting for another process that is building the warm start {path}"
+        with writing(cache_dir(cfg), "the warm start"), file_lock(path + ".lock", waiting):
             if not os.path.exists(path):
                 minutes = steps * SFT_SECONDS[sft_cfg.data] / 60
                 what = {"toy": "the ~0.3M-parameter toy Qwen3 on the arithmetic task",
