@@ -13,7 +13,7 @@ rollouts are distilled, and which divergence is used:
          top-k, the teacher's top-k renormalised, no tail (its `generalized_jsd_loss`). The
          trainer's default mean is the paper's Algorithm 1, per sequence then over the batch
          (the released trainer's token mean per micro-batch of 1-4 rows is close to it; it
-         is not one global token mean, as the spec notes say: audit F4). OmniOPSD
+         is not one global token mean: docs/fidelity.md F4). OmniOPSD
          (arXiv:2606.15920v1) is OPSD with a rationale as the privileged context: no
          separate loss exists here, only another teacher prompt (data.py, batch.teacher_prompts).
   SDPO   Huebotter et al., "Reinforcement Learning via Self-Distillation", arXiv:2601.20802v2.
@@ -21,7 +21,7 @@ rollouts are distilled, and which divergence is used:
          JSD alpha = 0.5 (Eq. 9), times a detached IS weight min(pi/pi_old, 2); it REPLACES the
          policy gradient (the paper's hybrid Eq. 3 is not in the released code). Its released
          configuration (micro-batch 1) averages each sequence's tokens and divides by ALL
-         rows, rows without a sibling adding 0 (audit F3): the trainer's default.
+         rows, rows without a sibling adding 0 (docs/fidelity.md F3): the trainer's default.
   SRPO   Li, Yang et al., "Sample-Routed Policy Optimization", arXiv:2604.02288v1. Failed
          rollouts with a correct sibling go to SDPO weighted by exp(-beta H_teacher)
          normalised to mean 1 (Sec. 3.2); everything else to GRPO; one shared token-mean
@@ -30,7 +30,7 @@ rollouts are distilled, and which divergence is used:
          Failed rollouts of not-all-correct groups are pulled toward the frozen reference
          shown an answer-free hint, with a Top-K JSD; loss = GRPO + lambda * PTD, and the
          reference KL is switched off on PTD groups. Its 384-prompt rollout batch is THREE
-         optimizer steps of 128 (the spec notes record both numbers, not that consequence).
+         optimizer steps of 128 (docs/fidelity.md F1).
 
 Divergence convention (OPSD, SDPO and TRL share it): `beta` is the weight on the TEACHER.
 beta = 0 is forward KL(T || S), beta = 1 is reverse KL(S || T), in between the generalised
@@ -50,7 +50,7 @@ Deliberate choices:
     teacher's log-softmax is taken in float32 (the release takes it in the logits' dtype,
     bf16 in its runs, which moves a token's JSD by up to 39%). `ptdpo_loss` takes the PTD term as a token mean over all PTD tokens, or as
     given row weights; the trainer's default weights reproduce the official per-micro-batch
-    mean (losses.distill_row_weights, audit F9) without depending on --micro-batch-size.
+    mean (losses.distill_row_weights, docs/fidelity.md F9) without depending on --micro-batch-size.
   * SRPO's advantages are Dr. GRPO's (r - mean), as the paper's text and its inherited SDPO
     config say, even though its displayed equation divides by std (config.py sets this).
   * Entropy weights are normalised over the tokens passed in; the trainer passes the global
@@ -403,7 +403,7 @@ def ptd_topk_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tens
                  the tail likewise. The term moves no weight (`ptd_topk_jsd`).
       jsd-exact  the same value, with the JSD's own gradient: what the paper describes
       forward    KL(T || S) on the same support: the official "reverse_kl" (its names are
-                 swapped relative to this project's and SDPO's, spec notes 2.4)
+                 swapped relative to this project's and SDPO's: docs/fidelity.md, PTD-PO)
       reverse    KL(S || T): the official "forward_kl", used by the PID-era "fwd" scripts
     The JSD forms lie in [0, ln 2]; every form is 0 when the logits are equal."""
     if divergence not in PTD_DIVERGENCES:

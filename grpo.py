@@ -156,7 +156,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, *,
         raise ValueError(f"kl direction {direction!r}: expected reverse or forward")
     d = ref_logp.detach() - logp if direction == "reverse" else logp - ref_logp.detach()
     d = d.clamp(-20.0, 20.0)
-    # and the value clamped to <= 10, as verl's / EasyR1's `low_var_kl` (audit F16): one wild
+    # and the value clamped to <= 10, as verl's / EasyR1's `low_var_kl` (docs/fidelity.md F16): one wild
     # token cannot dominate the batch's KL
     return (torch.exp(d) - d - 1.0).clamp(max=10.0)
 

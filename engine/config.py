@@ -36,8 +36,8 @@ class Config:
     model: str = "toy"                # 'toy' (warm-started, cached), a local HF directory or a hub id
     teacher: str = ""                 # OPD's external teacher: 'toy' (SFT from a careful demonstrator) or a directory / hub id; several: repeat the flag (NAME=PATH each), the data's teacher column picks each row's
     teacher_key: str = "teacher"      # data column naming each row's teacher (several --teacher; rows without one: the first)
-    data: str = "toy"                 # 'toy' (arithmetic), 'shapes' (images; a tiny Qwen3-VL), 'clips' (video with sound; a tiny Qwen2.5-Omni thinker) or a .jsonl / .parquet file
-    eval_data: str = "auto"           # 'auto': an embedded --data task's test + ood splits, none for a file; 'toy', 'shapes', 'clips', a file, or '' for none
+    data: str = "toy"                 # an embedded task: 'toy' (arithmetic), 'chains' (arithmetic in words, where a reference can leak), 'shapes' (images; a tiny Qwen3-VL), 'clips' (video with sound; a tiny Qwen2.5-Omni thinker); or a .jsonl / .json / .csv / .parquet file
+    eval_data: str = "auto"           # 'auto': an embedded --data task's test + ood splits, none for a file; an embedded task, a .jsonl / .json / .csv / .parquet file, or '' for none
     prompt_key: str = "prompt"        # data column with the question (the student's prompt)
     answer_key: str = "answer"        # data column with the final answer (the verifier's target)
     solution_key: str = "solution"    # data column with a reference solution (OPSD's teacher)
@@ -139,7 +139,8 @@ class Config:
     report_to: str = ""               # also send the metrics to: tensorboard, wandb, trackio (comma-separated; trackers.py)
     max_skips: int = 5                # stop after this many consecutive non-finite steps
     warm_start_steps: int = 2400      # toy: SFT steps of the cached warm start
-    warm_start: str = ""              # toy: start from this warm-start directory (a study archive) instead of the cached one
+    warm_start: str = ""              # toy: start from this warm-start directory (a study archive) instead of the shipped or cached one
+    rebuild_warm_start: bool = False  # toy: train the warm start here (SFT, minutes; then cached) even where one ships with the project
     demo_slip: float = 0.8            # toy SFT: the demonstrator drops a carry (shapes: overlooks a shape; clips: counts a silent second) with this probability; OPD's toy teacher learns from a careful one (0)
     cache_dir: str = ""               # toy warm-start cache ('' = ~/.cache/rlsd-reference)
     dry_run: bool = False             # build the model on the meta device, print its size and memory per GPU, check --data, exit
@@ -178,8 +179,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_config(argv=None) -> Config:
     """Flags are generated from Config's fields; unset flags take the algorithm's defaults."""
-    p = _Parser(description="Train with RLVR or on-policy self-distillation. "
-                "Defaults are each algorithm's paper settings (config.py).")
+    p = _Parser(description="Train with RLVR or on-policy self-distillation. Each option's "
+                "default is the value that applies when you leave it out: with no flags, RLSD on "
+                "the embedded toy task; each algorithm's paper settings on a model directory "
+                "(docs/paper-defaults.md).")
     docs, groups = field_help(), {}
     for f in dataclasses.fields(Config):
         group, text = docs[f.name]
@@ -187,7 +190,7 @@ def parse_config(argv=None) -> Config:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # `--resume`, `--resume true|false`, `--no-resume`
             g.add_argument(flag, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                           metavar="BOOL", help=f"{text} (default: {f.default})")
+                           metavar="BOOL", help=f"{text} {default_help(f.name)}")
             g.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             continue
@@ -195,7 +198,7 @@ def parse_config(argv=None) -> Config:
         if f.name == "teacher":  # given more than once: several teachers (comma-joined)
             kw = dict(action="append")
         g.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS,
-                       help=f"{text} (default: {f.default!r})", **kw)
+                       help=f"{text} {default_help(f.name)}", **kw)
     p.add_argument("--list-presets", action="store_true", default=argparse.SUPPRESS,
                    help="print the recipes in recipes/ (model, data, GPUs) and exit")
     given = vars(p.parse_args(argv))
@@ -218,31 +221,24 @@ def parse_config(argv=None) -> Config:
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
-def resolve_config(given: dict, notes: list | None = None, *, paths: bool = True) -> Config:
-    """The layers, each overriding the one before: the algorithm's paper defaults, the toy's
-    scale (on the toy model), the --preset recipe, then the command line. Defaults that no
-    longer fit the sizes given are adapted (`fit_sizes`), each with a line in `notes`."""
-    preset = presets.load(given["preset"], DEFAULTS)[1] if given.get("preset") else {}
-    chosen = {**preset, **given}
-    algo, model = chosen.get("algo", Config.algo), chosen.get("model", Config.model)
-    if algo not in ALGOS:  # a recipe's algo (the command line's is checked by argparse)
-        raise SystemExit(f"config error: recipe {given.get('preset')}: algo {algo!r} is not "
-                         f"one of {', '.join(ALGOS)}")
+def layered_defaults(algo: str, model: str, data_spec: str, preset: dict | None = None) -> dict:
+    """The values an option takes when the command line leaves it out, layer over layer: the
+    algorithm's paper defaults, the toy's scale (on the toy model), the --preset recipe, then
+    what the embedded task needs (`--help` prints them: `default_help`)."""
     values = dict(PAPER_DEFAULTS[algo])
     if model == "toy":
         values.update(TOY_DEFAULTS, **TOY_ALGO_DEFAULTS.get(algo, {}))
-    values.update(preset)
-    if chosen.get("data") == "shapes":
-        if model == "toy":  # its answers are at most 11 characters
-            values["max_new_tokens"] = 16
-            if algo == "sft":  # measured: at 3e-3 the tiny Qwen3-VL stays at the prior longer
-                values["lr"] = 1e-3
-            # its tower was taught to see before the warm start (shapes.teach_to_see), and
-            # unfrozen a single update broke it (engine/toy/warmstart.py)
-            values["freeze_vision"] = True
-    if chosen.get("data") == "chains" and model == "toy":  # worded: up to ~50 characters
+    values.update(preset or {})
+    if data_spec == "shapes" and model == "toy":  # its answers are at most 11 characters
+        values["max_new_tokens"] = 16
+        if algo == "sft":  # measured: at 3e-3 the tiny Qwen3-VL stays at the prior longer
+            values["lr"] = 1e-3
+        # its tower was taught to see before the warm start (shapes.teach_to_see), and
+        # unfrozen a single update broke it (engine/toy/warmstart.py)
+        values["freeze_vision"] = True
+    if data_spec == "chains" and model == "toy":  # worded: up to ~50 characters
         values["max_new_tokens"] = 64  # (4 operations, the OOD split: ~65)
-    if chosen.get("data") == "clips" and model == "toy":  # answers of at most 6 characters
+    if data_spec == "clips" and model == "toy":  # answers of at most 6 characters
         values["max_new_tokens"] = 12
         if algo == "sft":
             values["lr"] = 1e-3  # as the shapes task's tiny VLM
@@ -252,12 +248,26 @@ def resolve_config(given: dict, notes: list | None = None, *, paths: bool = True
         # measured (`--algo sft --data clips --steps 400 --eval-every 100`): the answer-shown
         # teacher at 93-96% of the test split from step 300, the student at 40-53%
         values["warm_start_steps"] = 1000
-    if "toy" in (chosen.get("data", Config.data), model) or chosen.get("data") in data.TASKS:
+    if "toy" in (data_spec, model) or data_spec in data.TASKS:
         # the toy task's own prompts, and the toy model's 256-token context: the compact
         # template, and the plain verifier (no <answer> tags to score)
         values["student_template"] = ""
         if values.get("reward") == "rlsd_format":
             values["reward"] = "verifier"
+    return values
+
+
+def resolve_config(given: dict, notes: list | None = None, *, paths: bool = True) -> Config:
+    """The layers, each overriding the one before (`layered_defaults`), then the command line.
+    Defaults that no longer fit the sizes given are adapted (`fit_sizes`), each with a line in
+    `notes`."""
+    preset = presets.load(given["preset"], DEFAULTS)[1] if given.get("preset") else {}
+    chosen = {**preset, **given}
+    algo, model = chosen.get("algo", Config.algo), chosen.get("model", Config.model)
+    if algo not in ALGOS:  # a recipe's algo (the command line's is checked by argparse)
+        raise SystemExit(f"config error: recipe {given.get('preset')}: algo {algo!r} is not "
+                         f"one of {', '.join(ALGOS)}")
+    values = layered_defaults(algo, model, chosen.get("data", Config.data), preset)
     defaults = dict(values)  # what the user did not type: paper, toy scale, preset
     values.update(given)
     cfg = Config(**values)
@@ -271,6 +281,35 @@ def resolve_config(given: dict, notes: list | None = None, *, paths: bool = True
         notes.extend(adapted)
     check_config(cfg, chosen, paths=paths, typed=given)
     return cfg
+
+
+def default_help(name: str) -> str:
+    """What --help says of an option's default: the value that applies when it is left out
+    (`python train.py` runs --algo rlsd on the toy model and task), then every other value a
+    layer gives it: each algorithm's paper default on a real model, the toy's, each task's."""
+    def show(v):
+        return repr(v) if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v)
+    base = DEFAULTS[name]
+    runs = layered_defaults(Config.algo, "toy", Config.data).get(name, base)
+    parts, real, toy = [], {}, {}
+    for algo in ALGOS:
+        v = PAPER_DEFAULTS[algo].get(name, base)
+        if v != base:
+            real.setdefault(show(v), []).append(algo)
+        for spec in data.TASKS:
+            t = layered_defaults(algo, "toy", spec).get(name, base)
+            if t != runs:
+                toy.setdefault(show(t), []).append(algo if spec == "toy" else f"{algo}/{spec}")
+    if real:
+        parts.append("paper default on a model directory: " + "; ".join(
+            f"{v} ({', '.join(a)})" for v, a in real.items()) + f"; else {show(base)}")
+    if toy and len(toy) <= 4:
+        parts.append("on the toy model: " + "; ".join(f"{v} for {', '.join(a[:6])}"
+                                                      + (", ..." if len(a) > 6 else "")
+                                                      for v, a in toy.items()))
+    elif toy:
+        parts.append("on the toy model other values per algorithm and task (docs/paper-defaults.md)")
+    return f"(default: {show(runs)}" + "".join(f"; {p}" for p in parts) + ")"
 
 
 def _nearest_divisor(n: int, target: float, ok) -> int:

@@ -1,14 +1,14 @@
 """Each algorithm's paper settings, the toy task's scale, and which algorithms read which flag.
 
 `PAPER_DEFAULTS` are the released code's settings, checked against it in
-shared/spec/fidelity-audit.md and tested in tests/test_config.py; `TOY_DEFAULTS` rescale the
+docs/fidelity.md and tested in tests/test_config.py; `TOY_DEFAULTS` rescale the
 sizes (learning rate, batch, lengths, steps) to the embedded ~0.3M-parameter task and keep
 every algorithmic constant; `USED_BY` makes a flag given to an algorithm that ignores it a
 config error. config.py layers them under the --preset recipe and the command line.
 """
 from engine import prompts
 
-# Paper settings per algorithm (see the spec notes and each module's docstring).
+# Paper settings per algorithm (docs/paper-defaults.md, docs/fidelity.md, each module's docstring).
 NO_THINKING, THINKING = '{"enable_thinking": false}', '{"enable_thinking": true}'  # Qwen3
 PAPER_DEFAULTS = {
     "sft": dict(lr=1e-5, context="none", lr_warmup_steps=50),
@@ -27,7 +27,7 @@ PAPER_DEFAULTS = {
     # GSPO (Zheng et al. 2025): one ratio per sequence, clipped to [1 - 3e-4, 1 + 4e-4] (its
     # Sec. 5.1; verl's gspo forces the per-sequence token mean and has no dual clip); the ratio
     # only acts with several updates per batch: 4 mini-batches per rollout batch, as the
-    # paper's setup splits each batch (as recalled; the spec notes give only the clip range)
+    # paper's setup splits each batch (as recalled: only the clip range was checked)
     "gspo": dict(clip_low=3e-4, clip_high=4e-4, dual_clip=0.0, loss_agg="seq-mean-token-mean",
                  kl_coef=0.0, context="none", mini_batch_size=8),
     # RLOO (Ahmadian et al. 2024): leave-one-out baseline, the whole completion one action (a

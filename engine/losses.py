@@ -34,7 +34,7 @@ the dual clip and SDPO's IS weight never act (their metrics read 0, 0, 1). With
 the rollout policy's (Batch.old_logp, scored once before the first update), and they all
 act. RLSD's evidence ratio always compares the teacher with the CURRENT student (detached),
 as its released code recomputes it in the update; the ExtPI re-implementation uses the old
-one instead (spec notes, rlsd-opsd-sdpo "What student means in Delta").
+one instead (docs/fidelity.md, RLSD).
 
 Every normaliser is a GLOBAL count (all micro-batches, all ranks) (`Norms`), so the
 chunks, micro-batches and ranks add up to the full-batch gradient.
@@ -46,12 +46,12 @@ independent of the micro-batch and process split:
   token-mean          / distilled tokens of the batch (every token weighs the same)
   seq-mean            per-row token mean, / distilled rows: OPSD's default, its paper's
                       Algorithm 1 (its trainer's per-micro-batch token mean equals this at
-                      micro-batch 1 and is close at its 2-4; audit F4)
+                      micro-batch 1 and is close at its 2-4; docs/fidelity.md F4)
   seq-mean-all-rows   per-row token mean, / ALL rows, undistilled ones adding 0: SDPO's default,
                       what its official configuration computes (micro-batch 1, each loss
-                      divided by the gradient-accumulation count; audit F3), so the term
+                      divided by the gradient-accumulation count; docs/fidelity.md F3), so the term
                       shrinks with the share of rows that have a successful sibling
-  micro-batch-mean    PTD-PO's default, its EasyR1 actor (audit F9): the PTD token mean of each
+  micro-batch-mean    PTD-PO's default, its EasyR1 actor (docs/fidelity.md F9): the PTD token mean of each
                       micro-batch of PTD_MICRO_ROWS consecutive rows, weighted by that
                       micro-batch's share of the loss tokens; micro-batches without a PTD row
                       add 0, so sparse PTD rows get a smaller effective lambda than a global
@@ -80,7 +80,7 @@ DISTRIBUTION_TEACHER = ("opsd", "sdpo", "srpo", "ptdpo")    # teacher logits per
 class Norms:
     """Global denominators (all ranks, all micro-batches). Each micro-batch's loss is its sum
     divided by these, so the micro-batch gradients add up to the full batch's gradient, however
-    the batch is split (STYLE §3; verl's batch_num_tokens, RLSD's `x world / total` rescale)."""
+    the batch is split (docs/architecture.md; verl's batch_num_tokens, RLSD's `x world / total`)."""
     tokens: float                # loss tokens: token-mean (DAPO Eq. 12, the RLSD code)
     rows: float                  # rows with a loss token: GRPO's per-sequence mean (Eq. 3)
     rows_x_len: float            # rows x max_new_tokens: Dr. GRPO's constant (Sec. 3.1)
@@ -363,7 +363,7 @@ def csd_chunk_loss(c, logp, norms: Norms, opt: LossOptions):
 
 def opsd_chunk_loss(c, logits, t_logits, opt: LossOptions):
     """OPSD: the divergence to the solution-shown teacher on its distilled rows. Its
-    top_k_loss takes the TEACHER's top-k, renormalised, no tail bucket (audit F8)."""
+    top_k_loss takes the TEACHER's top-k, renormalised, no tail bucket (docs/fidelity.md F8)."""
     d_mask = c.mask & c.distill[:, None]
     div = distill.distill_per_token(logits, t_logits, beta=opt.beta, top_k=_top_k(opt, logits),
                                     add_tail=False, token_clip=opt.token_clip or None,

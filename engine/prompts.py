@@ -10,7 +10,7 @@
     prompts_for  the Prompts of a Config
 
 The teacher templates are the official releases' strings, character for character, with the
-row's question where the official code puts the raw question (audit F11):
+row's question where the official code puts the raw question (docs/fidelity.md F11):
   RLSD     examples/visual_rl/format_prompt/teacher_hint_self_distill.jinja (the answer shown
            as a "reference solution", and the <thought>/<answer> format sentence); its student
            prompt, unified.jinja's math branch, is RLSD's default --student-template

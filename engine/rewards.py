@@ -1,4 +1,4 @@
-"""Rewards: how each response is scored, as a pluggable function (audit F14).
+"""Rewards: how each response is scored, as a pluggable function (docs/fidelity.md F14).
 
 A reward function is `f(response, answer, **row_fields) -> float | dict`: the decoded response,
 the row's answer, and the row's other fields (solution, hint, rationale) as keywords, so a
@@ -8,7 +8,7 @@ advantages see; `acc` is what DAPO's dynamic sampling filters on, what PTD-PO's 
 counts and what evaluation reports.
 
     verifier     1 / 0: the final answer matches (RLSD Eq. 1; the default everywhere but DAPO)
-    dapo         +1 / -1 (verl `math_dapo.compute_score`; DAPO's default, audit F7)
+    dapo         +1 / -1 (verl `math_dapo.compute_score`; DAPO's default, docs/fidelity.md F7)
     rlsd_format  0.9 acc + 0.1 format: the math reward of RLSD's released code (the paper
                  says binary); format = the whole response is <thought>...</thought> followed
                  by <answer>...</answer>, the layout its teacher prompt asks for

@@ -84,7 +84,7 @@ def end_ids(spec: str, model, tokenizer) -> tuple:
 
 def stop_ids(model, tokenizer) -> list[int]:
     """Every end-of-sequence id: the tokenizer's and all of the model's generation config (Qwen3
-    lists both <|im_end|> and <|endoftext|>), as vLLM stops on (audit F15)."""
+    lists both <|im_end|> and <|endoftext|>), as vLLM stops on (docs/fidelity.md F15)."""
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
@@ -250,7 +250,7 @@ def nucleus(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torc
     -inf (top_k 0 and top_p 1 keep all). The nucleus is the smallest set of most likely tokens
     whose probability reaches top_p, as in HF's and vLLM's samplers. Only SAMPLING is
     truncated: the losses score the sampled tokens under the full softmax, as OPSD's and
-    PTD-PO's official codes do (audit F5)."""
+    PTD-PO's official codes do (docs/fidelity.md F5)."""
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

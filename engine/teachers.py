@@ -329,7 +329,7 @@ class Teacher:
         """After optimizer step `step` (counted from 1): sync or EMA toward the student.
 
         A sync is due by the step count alone, so it happens even when this step's update was
-        skipped (non-finite), as in the RLSD trainer (audit F17); the EMA moves only after an
+        skipped (non-finite), as in the RLSD trainer (docs/fidelity.md F17); the EMA moves only after an
         update that was taken, as SDPO's `_update_teacher` does."""
         sync = self.mode == "sync" and self.sync_every > 0 and step % self.sync_every == 0
         ema = self.mode == "ema" and not skipped
@@ -353,7 +353,7 @@ def teacher_and_reference(model, *, mode: str, kl_coef: float, sync_every: int,
 
     The teacher's own weights (frozen, sync, ema, trust) and the reference are copies of the
     initial student; `external` is OPD's other model. The reference is never the same object
-    as a teacher that moves (sync, EMA; audit F10): then it gets a copy of its own. With LoRA
+    as a teacher that moves (sync, EMA; docs/fidelity.md F10): then it gets a copy of its own. With LoRA
     the initial student is the student with its adapters off (lora.BaseView), so a frozen or
     trust-region teacher and the reference cost no copy at all. Sharding computes in `dtype`
     (bf16 compute, float32 master weights: FSDP's mixed precision). `also`: another copy of

@@ -95,8 +95,8 @@ def test_metrics_are_means_over_their_own_denominators():
     assert m.means(Dist()) == {"a": 1.0, "b": 0.1}
 
 
-def test_paper_defaults_follow_the_audit_table():
-    """config.PAPER_DEFAULTS against ../shared/spec/fidelity-audit.md ("PAPER_DEFAULTS versus
+def test_paper_defaults_follow_the_fidelity_table():
+    """config.PAPER_DEFAULTS against docs/fidelity.md ("PAPER_DEFAULTS against
     the official configurations"), on real data (the toy task rescales lengths and batches)."""
     def cfg(algo, *extra):
         return config.resolve_config(dict(algo=algo, model="org/model", data="", eval_data="",

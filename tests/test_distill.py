@@ -527,7 +527,7 @@ def test_ptdpo_loss_reductions_and_kl_switch():
     assert torch.equal(g_kl[:3], torch.zeros(3, 3)) and (g_kl[3] != 0).any()
 
 
-# ---- further invariants from the spec notes ----------------------------------------------------
+# ---- further invariants (docs/API.md) ---------------------------------------------------------
 
 @given(seed=seeds, beta=betas, top_k=st.sampled_from([None, 3]))
 def test_masked_positions_do_not_change_the_loss(seed, beta, top_k):

@@ -253,7 +253,7 @@ def test_aggregate_adds_up_over_column_chunks(seed, cut, mode):
 
 
 def test_k3_value_is_clamped_like_verl():
-    """verl / EasyR1 `low_var_kl` clamps the k3 value to <= 10 (audit F16)."""
+    """verl / EasyR1 `low_var_kl` clamps the k3 value to <= 10 (docs/fidelity.md F16)."""
     logp = torch.tensor([[-30.0, 0.0, -1.0]])
     ref = torch.tensor([[0.0, 0.0, -1.5]])
     kl = grpo.kl_k3(logp, ref)

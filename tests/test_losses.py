@@ -1,4 +1,4 @@
-"""--distill-agg (audit F3, F4, F9): each mode on a hand-computed batch, and the trainer's
+"""--distill-agg (docs/fidelity.md F3, F4, F9): each mode on a hand-computed batch, and the trainer's
 gradient unchanged by how a batch is split into micro-batches, for every mode."""
 from types import SimpleNamespace
 

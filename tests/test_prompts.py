@@ -1,4 +1,4 @@
-"""Prompts (audit F2, F11): the official teacher strings, chat-template options for the student
+"""Prompts (docs/fidelity.md F2, F11): the official teacher strings, chat-template options for the student
 and the teacher, the system prompt, a per-row teacher prompt, and the teacher-prompt budget."""
 import pytest
 

@@ -1,4 +1,4 @@
-"""Pluggable rewards (audit F14): built-ins, a plug-in loaded by path, math-verify in workers
+"""Pluggable rewards (docs/fidelity.md F14): built-ins, a plug-in loaded by path, math-verify in workers
 with a timeout, and DAPO's dynamic-sampling filter on correctness (F7)."""
 import importlib.util
 import time

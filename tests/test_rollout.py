@@ -122,7 +122,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 @given(seed=st.integers(0, 10_000), top_p=st.floats(0.05, 0.999), top_k=st.integers(0, 12))
 def test_sampling_never_leaves_the_nucleus(seed, top_p, top_k):
     """Kept tokens: the k likeliest, and among them the smallest set whose probability reaches
-    top_p (audit F5). Every removed token is less likely than every kept one, and a token
+    top_p (docs/fidelity.md F5). Every removed token is less likely than every kept one, and a token
     drawn from the filtered distribution is always a kept one."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(3, 12, generator=g) * 2.0

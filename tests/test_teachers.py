@@ -114,7 +114,7 @@ def test_sampled_token_logprobs_are_the_full_forwards_log_softmax():
 
 
 def test_sync_is_due_by_the_step_even_when_the_update_was_skipped():
-    """RLSD's trainer syncs at step % N == 0 regardless (audit F17); the EMA waits for a taken
+    """RLSD's trainer syncs at step % N == 0 regardless (docs/fidelity.md F17); the EMA waits for a taken
     update (SDPO `_update_teacher`)."""
     student, initial = _pair()
     with torch.no_grad():

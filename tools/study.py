@@ -132,7 +132,8 @@ def student_warm_start(seed: int, extra: tuple = (), task: str = "toy") -> str:
     from engine import config
     from engine.toy import warmstart
     cfg = config.resolve_config(_given(["--seed", str(seed), *TASKS[task]["flags"], *extra]))
-    return warmstart.warm_start_path(cfg, steps=cfg.warm_start_steps, name="student")
+    return (warmstart.shipped_warm_start(cfg, cfg.warm_start_steps)  # shipped: no SFT to run
+            or warmstart.warm_start_path(cfg, steps=cfg.warm_start_steps, name="student"))
 
 
 def _given(argv: list) -> dict:

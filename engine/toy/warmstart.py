@@ -50,7 +50,7 @@ def warm_start_key(sft_cfg: Config) -> str:
     settings = {k: v for k, v in dataclasses.asdict(sft_cfg).items()  # those that change weights
                 if k not in ("out", "cache_dir", "eval_n", "eval_data", "eval_every", "log_every",
                              "overwrite", "save_every", "keep_checkpoints", "dry_run",
-                             "gpus", "preset", "warm_start")}
+                             "gpus", "preset", "warm_start", "rebuild_warm_start")}
     parts = [TOY_VERSION, json.dumps(settings, sort_keys=True),
              torch.__version__, transformers.__version__, arithmetic.TOY_CHARS, repr(TOY_TEMPLATES),
              repr(demos.TOY_SFT_MIX), repr(arithmetic.MAX_OPERAND)]
@@ -64,6 +64,39 @@ def warm_start_key(sft_cfg: Config) -> str:
             inspect.getsource(models.toy_omni), repr(TOY_OMNI)]
     parts += [inspect.getsource(f) for f in _BUILDS_IT]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
+# the settings that make a warm start's weights (with the task's own definition, below); the
+# code that runs them is checked by tests/test_identity.py, not keyed
+SHIPPED_SETTINGS = ("data", "seed", "steps", "lr", "lr_schedule", "lr_warmup_steps",
+                    "weight_decay", "max_grad_norm", "prompts_per_step", "micro_batch_size",
+                    "logit_chunk", "demo_slip", "dtype", "freeze_vision", "freeze_towers")
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+TASK_MODULES = {"toy": arithmetic, "chains": chains, "shapes": shapes, "clips": clips}
+
+
+def settings_key(sft_cfg: Config) -> str:
+    """A short hash of a warm start's settings and its task's definition (its module's
+    source), without the trainer's code or the library versions: what a shipped warm start is
+    matched on (`shipped_warm_start`)."""
+    import inspect
+    settings = {k: getattr(sft_cfg, k) for k in SHIPPED_SETTINGS}
+    parts = [TOY_VERSION, json.dumps(settings, sort_keys=True), repr(TOY_TEMPLATES),
+             repr(demos.TOY_SFT_MIX), inspect.getsource(TASK_MODULES[sft_cfg.data])]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
+def shipped_warm_start(cfg: Config, steps: int, name: str = "student") -> str | None:
+    """The warm start shipped with the project (engine/toy/weights/TASK-student-seedS/) when
+    its recorded settings are this run's, else None."""
+    path = os.path.join(SHIPPED, f"{task_of(cfg)}-{name}-seed{cfg.seed}")
+    try:
+        with open(os.path.join(path, "warm_start.json")) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    want = settings_key(_sft_config(cfg, steps, cfg.demo_slip))
+    return path if recorded.get("settings") == want else None
 
 
 def task_of(cfg: Config) -> str:
@@ -165,6 +198,13 @@ def load_policy(cfg: Config, dist: Dist, name: str):
         return models.build_toy_model(tok, seed=cfg.seed).to(dist.device), tok
     if name == "toy" and cfg.warm_start:  # an archived warm start (the study's --check)
         return load_model(cfg.warm_start, dtype=dtype, device=dist.device)
+    shipped = (shipped_warm_start(cfg, cfg.warm_start_steps)
+               if name == "toy" and not cfg.rebuild_warm_start else None)
+    if shipped:  # the same settings: the weights that ship with the project, no SFT here
+        if dist.rank == 0:
+            print(f"warm start: the one shipped in {os.path.relpath(shipped)} (its settings are "
+                  f"this run's; --rebuild-warm-start trains it here instead)", flush=True)
+        return load_model(shipped, dtype=dtype, device=dist.device)
     if name == "toy":  # trained once, then read from the cache like any HF directory
         # Config.warm_start_steps (2400) is set by the slowest seed: the network learns to copy
         # a shown answer within ~500 SFT steps, but to compute the chain itself only later and
@@ -190,7 +230,8 @@ def overview(cfg: Config) -> str:
     """What `python train.py` on the toy is about to do, and for how long, before the minutes
     of the warm start begin."""
     cached = os.path.exists(warm_start_path(cfg, steps=cfg.warm_start_steps, name="student"))
-    warm = ("the cached warm start" if cached else
+    shipped = not cfg.rebuild_warm_start and shipped_warm_start(cfg, cfg.warm_start_steps)
+    warm = ("the shipped warm start" if shipped else "the cached warm start" if cached else
             f"first the one-time warm start (supervised fine-tuning, about "
             f"{cfg.warm_start_steps * SFT_SECONDS[task_of(cfg)] / 60:.0f} minutes on 2 CPU "
             f"cores, then cached)")
