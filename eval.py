@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 import data
-from engine.toy import chains, tasks
+from engine.toy import chains, clips, tasks
 from engine import rewards, vision
 import grpo
 from engine.distributed import gathered
@@ -195,7 +195,13 @@ def evaluate(model, tok, sets: dict, cfg, dist) -> dict:
     out = {}
     with gathered(model):
         for name, exs in sets.items():
-            if cfg.data == "chains":  # the task's own leak test (chains.leaked), every split
+            if cfg.data == "clips":  # and per kind of question: the picture, the sound, both
+                parts = {k: [e for e in exs if clips.kind_of(e) == k] for k in clips.KINDS}
+                accs = {k: accuracy(model, tok, part, partial(P.student, tok), cfg, dist)
+                        for k, part in parts.items() if part}
+                out.update({f"{name}_acc_{k}": v for k, v in accs.items()})
+                out[f"{name}_acc"] = sum(accs[k] * len(parts[k]) for k in accs) / len(exs)
+            elif cfg.data == "chains":  # the task's own leak test (chains.leaked), every split
                 out[f"{name}_acc"], out[f"{name}_leakage"] = accuracy(
                     model, tok, exs, partial(P.student, tok), cfg, dist, leaked=chains.leaked)
             elif cfg.data == "toy" and name == "test":  # does the student quote the context?
@@ -358,6 +364,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the k samples")
     p.add_argument("--leak-phrases", default="", help="comma-separated extra phrases that count "
                    "as leakage of privileged material")
+    p.add_argument("--ablate", default="", choices=("", "audio", "video", "images"),
+                   help="remove this medium from every row before evaluating (the modality "
+                        "ablation: on --data clips, the accuracy of each kind of question)")
     p.add_argument("--out", default="", help="also write the results here, one JSON line per split")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="instead: a table of these "
                    "runs' first and last metrics (their metrics.jsonl)")
@@ -394,6 +403,13 @@ def evaluate_main(a) -> list[str]:
     if spec in ("toy", "shapes", "clips"):
         phrases += list(TOY_LEAK_MARKERS)
     leaked = chains.leaked if spec == "chains" else None
+    if a.ablate:  # each row without that medium (and without its placeholders in the prompt)
+        sets = {n: [dataclasses.replace(e, **{a.ablate if a.ablate.endswith("s") else
+                                              a.ablate + "s": []}) for e in exs]
+                for n, exs in sets.items()}
+    if spec == "clips":  # each kind of question on its own: the picture, the sound, both
+        sets = {**sets, **{f"{n}/{k}": [e for e in exs if clips.kind_of(e) == k]
+                           for n, exs in list(sets.items()) for k in clips.KINDS}}
     lines = []
     for name, exs in sets.items():
         res = evaluate_checkpoint(a.checkpoint, exs, prompts=prompts_for(cfg), k=a.k,

@@ -1,28 +1,21 @@
 """One training loop for every algorithm: `python train.py` on a laptop, `torchrun` on nodes.
 
-    python train.py                                   # RLSD on the embedded toy task (CPU)
-    python train.py --algo grpo --steps 100
-    torchrun --nproc_per_node=8 train.py --algo rlsd --model Qwen/Qwen3-8B --data train.jsonl
-
-How to read it: `train_step` is one optimizer step of every algorithm, as numbered steps
+`train_step` is one optimizer step of every algorithm, as numbered steps:
     1 sample      G responses per prompt with the KV cache            engine/batch.py sample
     2 reward      the reward function on each response (DAPO: re-roll) sample, dapo_resample
     3 advantages  group-relative, (r - mean) / std or r - mean        grpo.group_advantages
     4 teacher     each row's privileged prompt, the distilled rows    `privileged` (below)
     5 score       no-grad log-probs of the sampled tokens under the teacher (RLSD, OPD), the
-                  KL reference and, with several updates, the rollout policy
-                                                             engine/teachers.py score_batch
-    6 loss        per micro-batch, per chunk of positions: `update_mini_batch` (below), then
+                  KL reference, and the rollout policy (several updates)  teachers.score_batch
+    6 loss        per micro-batch, per chunk of positions: `update_mini_batch`, then
                   engine/losses.py backward_chunked -> chunk_loss -> the algorithm's function
     7 update      clip the global gradient norm, AdamW (6-7 once per mini-batch of prompts,
                   one by default, and per --ppo-epochs pass)     engine/update.clip_and_step
     8 teacher     sync / EMA the teacher toward the student           Teacher.update
-`setup` loads the data, the student (a model directory or the toy warm start:
-engine/toy/warmstart.py), the teachers and the optimizer, and resumes; `loop` runs the steps.
-RLSD's path from here to its idea, each a direct call: train_step -> update_mini_batch ->
-losses.backward_chunked -> losses.chunk_loss -> losses.rlsd_chunk_loss -> rlsd.rlsd_loss,
-whose token advantages are rlsd.rlsd_token_advantages (Eqs. 13-15). The options and each
-paper's defaults are in engine/config.py and engine/defaults.py.
+`setup` loads the data, the student (a model directory or the toy warm start), the teachers
+and the optimizer, and resumes; `loop` runs the steps. RLSD's path, each a direct call:
+train_step -> update_mini_batch -> losses.backward_chunked -> losses.chunk_loss ->
+losses.rlsd_chunk_loss -> rlsd.rlsd_loss -> rlsd.rlsd_token_advantages (Eqs. 13-15).
 """
 import contextlib
 import dataclasses
@@ -78,6 +71,9 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
         b.adv = grpo.group_advantages(b.rewards, cfg.group_size, scale=cfg.adv_scale)  # (N,)
         if teacher.mode != "none":  # 4. the teachers' prompts, and the rows they distil
             privileged(b, tok, examples, step=step, cfg=cfg, dist=dist)
+        passes = {"rollout, student, reference": b.prompt_ids, "teacher": b.teacher_ids}
+        media = rollouts.check_same_media(b, tok, {k: v for k, v in passes.items()
+                                                   if v is not None}, dist) if b.media else {}
     model.train()
     ends = end_ids(cfg.eos_ids, model, tok)  # equivalent end tokens: one stopping action
     with sw("teacher"):  # 5. no-grad log-probs of the sampled tokens, once per step
@@ -103,17 +99,16 @@ def train_step(model, opt, *, tok, teacher: Teacher, ref, examples, step: int, c
     # its updates, and only if one of them was taken (SDPO's update_policy, then the EMA)
     skipped = all(r["skipped"] for r in results)
     teacher.update(model, step, skipped=skipped)
-    return step_metrics(b, results, metrics.means(dist), dist, skipped=skipped,
-                        lam=opts.lam if opts.algo == "rlsd" else None), b
+    return {**step_metrics(b, results, metrics.means(dist), dist, skipped=skipped,
+                           lam=opts.lam if opts.algo == "rlsd" else None), **media}, b
 
 
 def sample_batch(model, tok, exs: list, *, cfg: Config, gen, dist: Dist, step: int = 0,
                  replay: Replay | None = None) -> rollouts.Batch:
     """Steps 1-2: one response per row (each prompt G times), rewarded; DAPO re-rolls the
-    groups that carry no signal; with `replay` (--rollout-refresh), an earlier student's
-    rollouts, cached (engine/replay.py). Our own KV-cache loop, exactly softmax(z / T) over
-    the full vocabulary with our own generator: a run is reproducible and resumable to the
-    bit on CPU."""
+    groups that carry no signal; `replay` (--rollout-refresh): an earlier student's rollouts.
+    Our own KV-cache loop, exactly softmax(z / T) with our own generator: a run is
+    reproducible and resumable to the bit on CPU."""
     model.eval()  # sampling is no-grad; eval() only matters for models with dropout
     kw = dict(prompts=prompts_for(cfg),
               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -187,16 +182,11 @@ def update_mini_batch(model, opt, b, *, cfg: Config, opts: losses.LossOptions,
     mbs = micro_batches(b, cfg.micro_batch_size)
     chunks = [column_chunks(len(mb.examples), mb.resp_ids.shape[1], model, cfg.logit_chunk)
               for mb in mbs]
-    with sw("teacher"):  # the two losses that need a whole-batch pass first
-        if opts.algo == "srpo":  # its entropy-weight normaliser: a whole-batch mean
-            norms.w_mean = losses.srpo_weight_mean(model, teacher, mbs, chunks,
-                                                   srpo_beta=opts.srpo_beta,
-                                                   temperature=opts.temperature, dist=dist)
-        if opts.algo == "gspo" and b.old_logp is not None:  # each row's ratio
-            losses.gspo_sequence_ratios(model, mbs, temperature=opts.temperature,
-                                        logit_chunk=cfg.logit_chunk)
-    # 6. loss and backward, a micro-batch at a time; the gradients accumulate in .grad, and
-    # nothing is averaged per micro-batch: every loss is already divided by a global count
+    with sw("teacher"):  # SRPO's and GSPO's pass over the whole mini-batch first
+        losses.whole_batch_pass(model, teacher, mbs, chunks, norms, opts, dist=dist,
+                                logit_chunk=cfg.logit_chunk)
+    # 6. loss and backward a micro-batch at a time: the gradients accumulate in .grad, each
+    # loss already divided by a global count
     loss_sum = 0.0
     for mb, ch in zip(mbs, chunks):
         t_hidden = None  # the teacher's hidden states: its whole next-token distribution
@@ -258,9 +248,7 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
     check_student(model, tok, examples + [e for s in sets.values() for e in s],
                   audio_in_video=cfg.use_audio_in_video, source=f"--model {cfg.model}")
     release_large_blocks(model, dist.device)  # CPU + wide vocabulary: chunks returned to the OS
-    # prompts longer than the model can answer fail now, naming the row, not after minutes
-    # of training with a traceback about a 30 GB allocation
-    examples = fit_to_context(examples, cfg, model, tok, verbose=dist.rank == 0)
+    examples = fit_to_context(examples, cfg, model, tok, verbose=dist.rank == 0)  # named rows
     if cfg.freeze_vision or cfg.freeze_towers:  # before the teachers copy it and sharding
         try:
             vision.freeze_towers(model, f"--model {cfg.model}", audio=cfg.freeze_towers)
@@ -290,9 +278,8 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
 
 
 def teachers_for(cfg: Config, model, tok, dist: Dist, also=None):
-    """(Teacher, KL reference or None) of this run, the student (and `also`, a model sharded
-    like it) sharded with them under torchrun. OPD's external teacher --teacher: a model
-    directory, or 'toy', the stronger toy teacher (SFT from a careful demonstrator, cached)."""
+    """(Teacher, KL reference or None), the student (and `also`) sharded with them under
+    torchrun. OPD's --teacher: model directories, or 'toy' (SFT from a careful demonstrator)."""
     external = {}  # name -> model, each teacher loaded once; the first scores unnamed rows
     for name, path in teacher_specs(cfg.teacher) if cfg.teacher_mode == "external" else ():
         if path == "toy":

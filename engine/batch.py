@@ -181,6 +181,31 @@ def from_responses(tok, examples: list, rows: list, *, prompts: Prompts, device)
                  media=media if any(media) else None)
 
 
+def check_same_media(b: Batch, tok, passes: dict, dist) -> dict:
+    """Every forward of a step must see the same media for a row: `passes` maps a pass (the
+    rollout, the student's loss, the teacher, the reference) to the prompt ids it runs on, and
+    each row's count of image, video and audio tokens must be the same in every pass and equal
+    to what its media expand to (vision.expected_media_tokens). Otherwise the run stops at once,
+    naming the row and the passes that differ (a public OmniOPSD replication rolled out without
+    the audio its loss then saw). Returns each kind's mean tokens per row over all ranks (the
+    metrics)."""
+    want = vision.expected_media_tokens(tok, b.media or [None] * len(b.examples))
+    seen = {name: vision.media_token_counts(tok, ids.cpu()) for name, ids in passes.items()}
+    for kind in vision.MEDIA_KINDS:
+        for name, counts in seen.items():
+            bad = (counts[kind] != want[kind]).nonzero().flatten().tolist()
+            if bad:
+                i = bad[0]
+                where = b.examples[i].where or f"row {i} ({b.examples[i].prompt[:40]!r})"
+                per_pass = ", ".join(f"{n} {int(c[kind][i])}" for n, c in seen.items())
+                raise SystemExit(f"error: {where}: the passes of this step see different "
+                                 f"media: {kind} tokens: its media {int(want[kind][i])}, "
+                                 f"{per_pass}; every forward of a row must see the same media")
+    n = dist.sum(len(b.examples)).item()
+    return {f"media_tokens_{k}": dist.sum(want[k].sum()).item() / n for k in vision.MEDIA_KINDS
+            if dist.sum(want[k].sum()).item()}
+
+
 def flat_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N,) values -> (P,) bool: groups whose values are all equal."""
     v_PG = values.view(-1, group_size)

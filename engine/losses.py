@@ -454,6 +454,18 @@ def backward_chunked(model, b, chunks: list, *, norms: Norms, opt: LossOptions, 
     return float(total.detach())
 
 
+def whole_batch_pass(model, teacher, mbs: list, chunks: list, norms: Norms, opt: LossOptions,
+                     *, dist, logit_chunk: int):
+    """The two losses that need the whole (mini-)batch before any chunk: SRPO's entropy-weight
+    normaliser (`norms.w_mean`, a mean over all its SDPO tokens) and, with several updates per
+    batch, GSPO's sequence ratio of every row (set on each micro-batch)."""
+    if opt.algo == "srpo":
+        norms.w_mean = srpo_weight_mean(model, teacher, mbs, chunks, srpo_beta=opt.srpo_beta,
+                                        temperature=opt.temperature, dist=dist)
+    if opt.algo == "gspo" and mbs[0].old_logp is not None:
+        gspo_sequence_ratios(model, mbs, temperature=opt.temperature, logit_chunk=logit_chunk)
+
+
 @torch.no_grad()
 def gspo_sequence_ratios(model, mbs: list, *, temperature: float, logit_chunk: int):
     """GSPO's log s_i of every row under the CURRENT weights (set on each micro-batch), one

@@ -390,6 +390,31 @@ def encode(tok, processor, model_config, text: str, images: list, *, chat_kwargs
     return ids, px["pixel_values"], px["image_grid_thw"]
 
 
+MEDIA_KINDS = ("image", "video", "audio")
+
+
+def media_token_counts(tok, ids: torch.Tensor) -> dict:
+    """{kind: (N,) number of that medium's tokens in each row of `ids`} (image, video, audio)."""
+    T = getattr(tok, "media_tokens", None) or {"image": tok.convert_tokens_to_ids(IMAGE_PAD)}
+    return {k: (ids == T[k]).sum(1) if T.get(k) is not None else torch.zeros(len(ids), dtype=torch.long)
+            for k in MEDIA_KINDS}
+
+
+def expected_media_tokens(tok, rows: list) -> dict:
+    """{kind: (N,) tokens each row's processed media expand to} (`expand_row` of one
+    placeholder per medium): what every forward over the row must hold."""
+    T = getattr(tok, "media_tokens", None) or {"image": tok.convert_tokens_to_ids(IMAGE_PAD)}
+    counts = {k: [] for k in MEDIA_KINDS}
+    for r in rows:
+        r = r or Media()
+        ids = ([T["image"]] * len(r.images) + [T.get("video")] * len(r.videos)
+               + [T.get("audio")] * len(r.audios))
+        out = expand_row(tok, ids, r) if r else []
+        for k in MEDIA_KINDS:
+            counts[k].append(sum(1 for t in out if T.get(k) is not None and t == T[k]))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in counts.items()}
+
+
 def placeholder_ids(tok) -> list[int]:
     """The media special tokens a response must never contain (generate's banned_ids)."""
     T = getattr(tok, "media_tokens", None) or {}

@@ -159,7 +159,7 @@ def _png(width=4, height=4, garbage=False):
     def chunk(kind, body):
         return (struct.pack(">I", len(body)) + kind + body
                 + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    raw = b"".join(b"\0" + b"\x80" * (3 * width) for _ in range(height))
+    raw = b"" if garbage else b"".join(b"\0" + b"\x80" * (3 * width) for _ in range(height))
     pixels = b"not zlib at all" * 3 if garbage else zlib.compress(raw)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
                                                               0, 0, 0))
@@ -174,12 +174,19 @@ def _wav(path, frames=0):
         w.writeframes(b"\0\0" * frames)
 
 
-@pytest.mark.parametrize("kind", ["png", "wav", "array", "fps"])
+@pytest.mark.parametrize("kind", ["png", "bomb", "wav", "array", "npy", "fps"])
 def test_media_that_pass_a_shallow_check_are_refused_before_training(tmp_path, kind):
+    import numpy as np
     row = {"prompt": "what?", "answer": "1"}
     if kind == "png":
         (tmp_path / "bad.png").write_bytes(_png(garbage=True))
         row["images"] = ["bad.png"]
+    elif kind == "bomb":  # 400M pixels declared: PIL refuses to decompress it
+        (tmp_path / "bomb.png").write_bytes(_png(width=20000, height=20000, garbage=True))
+        row["images"] = ["bomb.png"]
+    elif kind == "npy":  # an object array: loading it would unpickle
+        np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        row["audios"] = ["obj.npy"]
     elif kind == "wav":
         _wav(tmp_path / "empty.wav")
         row["audios"] = ["empty.wav"]

@@ -19,7 +19,7 @@ stopped and started again at any time.
 The report (`--report`, also at the end of a full run) reads the runs' metrics.jsonl and
 writes tools/results/RESULTS.md (the table, the paired RLSD - GRPO comparison, each warm
 start's accuracy), the plots tools/results/*.png (the forest plot of each arm's paired
-difference to GRPO among them), and the same table into README.md between its study markers,
+difference to GRPO among them), and the same table into docs/study.md between its markers,
 with the PTD-PO table of both tasks. Nothing in it is typed by hand. It also copies every
 run's metrics, each seed's warm start and the environment to tools/results/runs/
 (committed), so the report can be rebuilt and a run checked from the same weights without
@@ -67,6 +67,7 @@ SHARED = ["--prompts-per-step", "16", "--group-size", "8", "--save-every", "50",
 # evaluations of every run, where it goes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 RESULTS = os.path.join(ROOT, "tools", "results")  # committed: tables, plots, the archive
+STUDY_PAGE = os.path.join(ROOT, "docs", "study.md")  # the study's text; its tables between markers
 EVERY_25 = ["--eval-every", "25"]
 TASKS = {"toy": dict(flags=["--max-new-tokens", "40"], out=RESULTS, runs="study_runs",
                      block="study", steps=STEPS, evals=EVERY_25),
@@ -279,7 +280,7 @@ def summarise(rows: list[dict], target: float | None) -> dict:
 
 
 def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = RESULTS,
-           readme: str = "README.md", task: str = "toy", extra: tuple = ()):
+           readme: str = STUDY_PAGE, task: str = "toy", extra: tuple = ()):
     os.makedirs(out_dir, exist_ok=True)
     data = {a: {s: read(run_dir(runs, a, s)) for s in seeds
                 if finished(run_dir(runs, a, s), steps)} for a in arms}
@@ -675,8 +676,7 @@ def main(argv=None):
             with open(out, "w") as f:
                 f.write(res.stdout.strip().splitlines()[0] + "\n")  # the test split's line
     report(arms, seeds, runs, a.steps, out_dir=out_dir, task=a.data, extra=extra,
-           readme=os.path.join(ROOT, "README.md") if out_dir == task["out"]
-           else os.path.join(out_dir, "README.md"))
+           readme=STUDY_PAGE if out_dir == task["out"] else os.path.join(out_dir, "study.md"))
 
 
 if __name__ == "__main__":
