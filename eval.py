@@ -25,7 +25,7 @@ import torch
 
 import data
 from engine.toy import chains, clips, tasks
-from engine import rewards, vision
+from engine import mer, rewards, vision
 import grpo
 from engine.distributed import gathered
 from engine.progress import Progress
@@ -121,7 +121,7 @@ def response_entropy(model, ro, temperature=1.0) -> float:
 
 
 def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperature, phrases,
-                        seed=0, reward="verifier", leaked=None) -> dict:
+                        seed=0, reward="verifier", leaked=None, scores=None) -> dict:
     model, tok = load_model(path)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +130,8 @@ def evaluate_checkpoint(path, examples, *, prompts, max_new_tokens, k, temperatu
                           progress=Progress(f"{path}: greedy", len(examples)),
                           media_of=media_of)
     res = {"n": len(examples),
-           "pass@1_greedy": sum(rewards.accuracy(reward, greedy, examples)) / len(examples)}
+           "pass@1_greedy": sum(rewards.accuracy(reward, greedy, examples)) / len(examples),
+           **(scores(greedy, examples) if scores else {})}  # a benchmark's own metrics
     texts, ro = greedy, g_ro
     if k > 1 or temperature > 0:
         texts, ro = sample(model, tok, examples, encode, max_new_tokens=max_new_tokens,
@@ -354,9 +355,9 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", nargs="?", help="a checkpoint directory (train.py's "
                    "--out/checkpoint-NNNNNN), any Hugging Face model directory, or a hub id")
     p.add_argument("--data", default=None, help="what to evaluate on: an embedded task (" +
-                   ", ".join(data.TASKS) + ": its test + ood splits) or a .jsonl / .json / "
-                   ".csv / .parquet file (default: the run's --eval-data, or its embedded task; "
-                   "'toy' without a run)")
+                   ", ".join(data.TASKS) + ": its test + ood splits), a .jsonl / .json / "
+                   ".csv / .parquet file, or mer-unibench:DIR[:SPLIT] (its metrics too; default: "
+                   "the run's --eval-data, or its embedded task; 'toy' without a run)")
     p.add_argument("--n", type=int, default=500, help="problems per split of an embedded task")
     p.add_argument("--k", type=int, default=1, help="samples per problem for avg@k / pass@k")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the "
@@ -364,6 +365,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the k samples")
     p.add_argument("--leak-phrases", default="", help="comma-separated extra phrases that count "
                    "as leakage of privileged material")
+    p.add_argument("--emotion-wheel", default="", help="with --data mer-unibench:DIR: a JSON "
+                   "file of emotion word -> cluster, for the open-vocabulary set-level F_s")
     p.add_argument("--ablate", default="", choices=("", "audio", "video", "images"),
                    help="remove this medium from every row before evaluating (the modality "
                         "ablation: on --data clips, the accuracy of each kind of question)")
@@ -398,11 +401,14 @@ def evaluate_main(a) -> list[str]:
     columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}
     sets = ({s: tasks.make_task(spec, s, a.n) for s in ("test", "ood")} if spec in data.TASKS
             else {"eval": tasks.load_data(spec, "eval", n_toy=0, columns=columns,
-                                          fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video)})
+                                          fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video,
+                                          rationales=cfg.rationales if spec == cfg.data else "")})
     phrases = list(LEAK_PHRASES) + [p for p in a.leak_phrases.split(",") if p]
     if spec in ("toy", "shapes", "clips"):
         phrases += list(TOY_LEAK_MARKERS)
     leaked = chains.leaked if spec == "chains" else None
+    wheel = mer.load_wheel(a.emotion_wheel) if a.emotion_wheel else None
+    scores = partial(mer.metrics, wheel=wheel) if spec.startswith(mer.PREFIX) else None
     if a.ablate:  # each row without that medium (and without its placeholders in the prompt)
         sets = {n: [dataclasses.replace(e, **{a.ablate if a.ablate.endswith("s") else
                                               a.ablate + "s": []}) for e in exs]
@@ -414,6 +420,7 @@ def evaluate_main(a) -> list[str]:
     for name, exs in sets.items():
         res = evaluate_checkpoint(a.checkpoint, exs, prompts=prompts_for(cfg), k=a.k,
                                   temperature=a.temperature, phrases=phrases, leaked=leaked,
+                                  scores=scores,
                                   reward=cfg.reward, max_new_tokens=cfg.max_new_tokens,
                                   seed=a.seed)
         lines.append(json.dumps({"split": name, **res}))

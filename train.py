@@ -232,11 +232,11 @@ def setup(cfg: Config, dist: Dist, stop: StopSignals) -> Run:
     """Data, the student, its teachers, the optimizer, and the resumed state."""
     torch.manual_seed(cfg.seed)
     columns = {c: getattr(cfg, c + "_key") for c in data.COLUMNS}  # --prompt-key etc.
-    # OPSD's solution (or rationale) must be on every row; PTD-PO's hint may be missing on
-    # some rows (they are simply not distilled) but not on all
+    # OPSD's solution (or rationale) on every row; PTD-PO's hint on some (the others: not distilled)
     need = (cfg.context,) if cfg.context in ("solution", "rationale") else ()
     examples = load_data(cfg.data, "train", n_toy=20000, seed=cfg.seed, columns=columns,
-                         need=need, fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video)
+                         need=need, fps=cfg.video_fps, audio_in_video=cfg.use_audio_in_video,
+                         rationales=cfg.rationales)
     if cfg.context == "hint" and not any(e.hint for e in examples):
         raise data.DataError(f"{cfg.data}: no row has a '{cfg.hint_key}' value, and "
                              f"--algo {cfg.algo} distils toward the hint-conditioned teacher")

@@ -136,6 +136,9 @@ def check_teacher(cfg):
         bad(f"--teacher-mode trust mixes two models' logits (SDPO's trust region), which only "
             f"the whole-distribution losses read; --algo {cfg.algo} reads the teacher's "
             f"sampled-token log-probs: use sync, frozen, ema or live")
+    if cfg.rationales and not cfg.data.startswith("mer-unibench:"):
+        bad("--rationales joins rationales to clips by name: it needs --data mer-unibench:DIR "
+            "(a data file carries its own rationale column)")
     if cfg.context_source == "other" and cfg.context not in data.CONTEXTS:
         bad(f"--context-source other swaps a row's {'/'.join(data.CONTEXTS)} for another "
             f"problem's; --context {cfg.context} has none to swap")
@@ -264,6 +267,11 @@ def check_paths(cfg):
     if len(set(names)) < len(names):
         bad(f"--teacher names must differ, got {', '.join(names)}")
     for name, value in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if value.startswith("mer-unibench:"):  # a dataset directory (engine/mer.py)
+            root = value[len("mer-unibench:"):]
+            if not os.path.isdir(root) and not os.path.isdir(root.rsplit(":", 1)[0]):
+                bad(f"{name} {value}: no such directory")
+            continue
         if value not in ("", *data.TASKS) and not os.path.exists(value):
             bad(f"{name} {value}: no such file")
         if value not in ("", *data.TASKS) and os.path.isdir(value):

@@ -43,6 +43,7 @@ class Config:
     solution_key: str = "solution"    # data column with a reference solution (OPSD's teacher)
     hint_key: str = "hint"            # data column with an answer-free hint (PTD-PO's teacher)
     rationale_key: str = "rationale"  # data column with a rationale (OmniOPSD-style OPSD)
+    rationales: str = ""              # with --data mer-unibench:DIR: a JSONL or CSV file of name + rationale, joined to the clips by name
     images_key: str = "images"        # data column with image paths, relative to the data file (vision-language models)
     videos_key: str = "videos"        # data column with video files (PyAV), frame-image lists or directories, relative to the data file
     audios_key: str = "audios"        # data column with audio files (WAV, .npy at 16 kHz, or what PyAV decodes), relative to the data file

@@ -8,7 +8,7 @@
                 training starts
 """
 from data import TASKS, Example, load_examples
-from engine import vision
+from engine import mer, vision
 from engine.toy import arithmetic, chains, clips, shapes
 
 
@@ -24,11 +24,16 @@ def make_task(spec: str, split: str, n: int, *, seed: int = 0) -> list[Example]:
 
 
 def load_data(spec: str, split: str, *, n_toy: int, seed: int = 0, columns=None, need=(),
-              fps: float = 2.0, audio_in_video: bool = False) -> list[Example]:
-    """An embedded task ('toy', 'shapes', 'clips': generated) or a file path, whose media are checked
+              fps: float = 2.0, audio_in_video: bool = False,
+              rationales: str = "") -> list[Example]:
+    """An embedded task (generated), a MER-UniBench directory (`mer-unibench:DIR[:SPLIT]`,
+    engine/mer.py, with `rationales` joined by name) or a data file, whose media are checked
     (`fps`, `audio_in_video`: how its videos will be read)."""
     if spec in TASKS:
         return make_task(spec, split, n_toy, seed=seed)
-    examples = load_examples(spec, columns=columns, need=need)
+    if spec.startswith(mer.PREFIX):
+        examples = mer.load(spec, rationales=rationales, audio_in_video=audio_in_video)
+    else:
+        examples = load_examples(spec, columns=columns, need=need)
     vision.check_media(examples, fps=fps, audio_in_video=audio_in_video)
     return examples
