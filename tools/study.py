@@ -58,6 +58,16 @@ ARMS = {
                        "control: RLSD with another problem's answer"),
     "opsd_unrelated": (["--algo", "opsd", "--context-source", "other"],
                        "control: OPSD with another problem's solution"),
+    # what the field added after the seed papers (docs/findings.md)
+    "csd": ([], "contrastive self-distillation: teachers shown a correct and a wrong sibling"),
+    "opd_semi": (["--algo", "opd", "--teacher", "toy", "--rollout-refresh", "0"],
+                 "Semi-OPD: OPD on the initial student's rollouts, cached"),
+    # the omni task's arms (OmniOPSD: OPSD whose teacher is told what the sound says)
+    "opsd_answer": (["--algo", "opsd", "--context", "answer"], "OPSD, teacher shown the answer"),
+    "omniopsd": (["--algo", "opsd", "--context", "rationale"],
+                 "OmniOPSD: OPSD, teacher shown the rationale (what the sound says)"),
+    "omniopsd_unrelated": (["--algo", "opsd", "--context", "rationale", "--context-source",
+                            "other"], "control: OmniOPSD with another clip's rationale"),
 }
 # the budget every arm shares (the toy defaults, except OPSD's 32 prompts per step: 16 here)
 STEPS = 150
@@ -79,7 +89,11 @@ TASKS = {"toy": dict(flags=["--max-new-tokens", "40"], out=RESULTS, runs="study_
          "chains": dict(flags=["--data", "chains", "--max-new-tokens", "64"],
                         out=os.path.join(RESULTS, "chains"), steps=200,
                         evals=EVERY_25 + ["--eval-at", "10,20,30,40"],
-                        runs=os.path.join("study_runs", "chains"), block="study-chains")}
+                        runs=os.path.join("study_runs", "chains"), block="study-chains"),
+         # the omni task: 12-token answers, the same budget as the arithmetic study
+         "clips": dict(flags=["--data", "clips", "--max-new-tokens", "12"],
+                       out=os.path.join(RESULTS, "clips"), steps=STEPS, evals=EVERY_25,
+                       runs=os.path.join("study_runs", "clips"), block="study-clips")}
 PTD_ARMS = ("grpo", "ptdpo", "ptdpo_exact", "ptdpo_forward")  # the PTD-PO table, both tasks
 EARLY = 50  # the "learns faster early" column: test accuracy at this step (RLSD's lambda is 0 after it)
 TIMING = ("step_time_s", "time_rollout_s", "time_teacher_s", "time_fwd_bwd_s",
@@ -213,9 +227,13 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1
     with open(os.path.join(runs, "environment.json"), "w") as f:  # what the runs ran on
         json.dump(environment(), f, indent=1)
     # first every warm start (and OPD's teacher), in parallel: the runs of a seed share one
+    def have(name, cached):  # the study's own copy, or the cache's
+        return (os.path.exists(os.path.join(runs, "warm", name, "model.safetensors"))
+                or os.path.exists(cached))
     prep = [("student", seed) for seed in seeds
-            if not os.path.exists(student_warm_start(seed, extra, task))]
-    if "opd" in arms and not os.path.exists(opd_teacher_path(extra, task)):
+            if not have(f"seed{seed}", student_warm_start(seed, extra, task))]
+    wants_teacher = any("--teacher" in ARMS[a][0] or a == "opd" for a in arms)
+    if wants_teacher and not have("opd-teacher", opd_teacher_path(extra, task)):
         prep.append(("teacher", 0))
     tasks = []
     for kind, seed in prep:
@@ -230,7 +248,7 @@ def run_all(arms, seeds, runs: str, steps: int, extra: tuple = (), jobs: int = 1
     # the study's own copies: every run of a seed starts from these weights, whatever later
     # happens to the cache (its key follows the code), and the archive keeps them
     for src, name in [(student_warm_start(s, extra, task), f"seed{s}") for s in seeds] + (
-            [(opd_teacher_path(extra, task), "opd-teacher")] if "opd" in arms else []):
+            [(opd_teacher_path(extra, task), "opd-teacher")] if wants_teacher else []):
         copy_warm(src, os.path.join(runs, "warm", name))
     teacher = os.path.join(runs, "warm", "opd-teacher")
     tasks = []
@@ -346,7 +364,103 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = RESULTS,
     ptd = ptd_table()
     if ptd:
         replace_block(readme, ptd, "study-ptd")
+    if task in ("chains", "clips"):
+        if task == "chains":
+            claim_plots(data, out_dir)
+        claims = claims_report(readme)
+        with open(os.path.join(out_dir, "RESULTS.md"), "a") as f:
+            f.write(f"\n## The claims\n\n{claims}\n")
     print(table)
+
+
+def archived(task: str, arms) -> dict:
+    """{arm: {seed: metrics rows}} of a task's committed archive (its finished runs)."""
+    runs = os.path.join(TASKS[task]["out"], "runs")
+    data = {a: {s: read(run_dir(runs, a, s)) for s in range(20)} for a in arms}
+    return {a: {s: r for s, r in per.items() if finished(run_dir(runs, a, s), TASKS[task]["steps"])}
+            for a, per in data.items()}
+
+
+def claims_report(page: str = STUDY_PAGE) -> str:
+    """The claims table from the committed archives (tools/claims.py: each verdict by its
+    rule), written into README.md and the study page between their `claims` markers."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import claims
+    rows = claims.rows_for(archived("chains", ARMS)) + claims.clips_rows(archived("clips", ARMS))
+    toy, shapes = archived("toy", PTD_ARMS), archived("shapes", PTD_ARMS)
+    for name, per in (("arithmetic", toy), ("shapes", shapes)):
+        if per.get("ptdpo") and per.get("grpo"):
+            d, n = claims.paired(per["ptdpo"], per["grpo"], claims.final)
+            ci = claims.interval(d)
+            rows.append(("PTD-PO (arXiv 2606.07000)", f"PTD-PO improves over GRPO ({name})",
+                         f"final, PTD-PO as released - GRPO: {claims.fmt(ci, n)} points",
+                         claims.verdict_gain(ci), "its released Top-K JSD has zero gradient "
+                         "(docs/findings.md)"))
+    text = (claims.table(rows) + "\n\nRules of the verdicts (fixed before the runs): "
+            + "; ".join(f"{k}: {v}" for k, v in claims.RULES.items()) + ".")
+    replace_block(os.path.join(ROOT, "README.md"), claims.table(rows), "claims")
+    replace_block(page, text, "claims")
+    return text
+
+
+def claim_plots(data: dict, out_dir: str):
+    """RLSD Fig. 3a's analogue (leakage over steps per arm, GRPO the floor) and the accuracy
+    and teacher-KL curves as small multiples, mean and band (+- one std over seeds)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+
+    def band(ax, per_seed, key, label, train=False, **style):
+        pts = {}
+        for rows in per_seed.values():
+            for r in rows:
+                if key in r and (r["step"] > 0 or not train):
+                    pts.setdefault(r["step"], []).append(r[key])
+        steps = sorted(pts)
+        m = [statistics.mean(pts[s]) for s in steps]
+        sd = [statistics.stdev(pts[s]) if len(pts[s]) > 1 else 0.0 for s in steps]
+        line, = ax.plot(steps, m, label=f"{label} ({len(per_seed)})", **style)
+        ax.fill_between(steps, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                        color=line.get_color(), alpha=0.15)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, per in data.items():
+        band(ax, per, "test_leakage", arm, **({"color": "black", "linestyle": "--"}
+                                              if arm == "grpo" else {}))
+    ax.set(title="leakage of the student's test responses (cites a reference it never saw, or "
+                 "an unsupported answer)", xlabel="step", ylabel="share of responses")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "leakage.png"), dpi=110)
+    plt.close(fig)
+    arms = list(data)
+    for key, name, train in (("test_acc", "accuracy_small.png", False),
+                             ("teacher_kl", "teacher_kl_small.png", True)):
+        shown = [a for a in arms if any(key in r for rows in data[a].values() for r in rows)]
+        if not shown:
+            continue
+        cols = min(4, len(shown))
+        rows_n = math.ceil(len(shown) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.4 * rows_n), sharey=True,
+                                 squeeze=False)
+        for ax, arm in zip(axes.flat, shown):
+            if arm != "grpo" and "grpo" in data and key == "test_acc":
+                band(ax, data["grpo"], key, "grpo", train, color="grey")
+            band(ax, data[arm], key, arm, train)
+            ax.set_title(arm, fontsize=9)
+            ax.legend(fontsize=6)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        fig.suptitle(("greedy test accuracy" if key == "test_acc" else "teacher-student KL on "
+                      "the student's tokens (nats)") + ": mean and +- one std over seeds",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
 
 
 # the files of a warm start a rerun needs (its weights, config and tokenizer; not the SFT's
@@ -374,7 +488,8 @@ def archive(data, runs: str, dest: str, task: str = "toy", extra: tuple = ()):
         if os.path.exists(os.path.join(runs, name)):
             shutil.copyfile(os.path.join(runs, name), os.path.join(dest, name))
     seeds = sorted({s for per in data.values() for s in per})
-    for name in [f"seed{s}" for s in seeds] + (["opd-teacher"] if "opd" in data else []):
+    for name in [f"seed{s}" for s in seeds] + (["opd-teacher"] if "opd" in data
+                                               or "opd_semi" in data else []):
         copy_warm(os.path.join(runs, "warm", name), os.path.join(dest, "warm", name))
 
 
