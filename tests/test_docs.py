@@ -30,17 +30,20 @@ def flags_of(script: str) -> set:
     if script not in _HELP:
         out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120).stdout
-        _HELP[script] = set(re.findall(r"(--[a-z][a-z0-9-]*)", out))
+        _HELP[script] = set(re.findall(r"(--[a-z][a-z0-9_-]*)", out))
     return _HELP[script]
 
 
 def commands(page: str):
     """(script, argv) of every command line in the page's code blocks, continuation lines
     joined ('\\' at the end), comments dropped."""
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text(page), flags=re.S):
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text(page), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            words = shlex.split(line, comments=True) if line and not line.startswith("#") else []
+            try:
+                words = shlex.split(line, comments=True) if not line.startswith("#") else []
+            except ValueError as e:
+                raise AssertionError(f"{page}: a command that does not parse: {line!r} ({e})")
             for i, w in enumerate(words):
                 if w in SCRIPTS:
                     yield w, words[i + 1:]
@@ -62,9 +65,9 @@ def test_every_flag_named_in_the_text_exists_somewhere(page):
                                                                       "--rdzv_backend",
                                                                       "--rdzv_endpoint",
                                                                       "--extra-index-url",
-                                                                      "--index-url", "--no-flag",
+                                                                      "--index-url", "--no-flag", "--logdir",
                                                                       "--flag"}
-    named = set(re.findall(r"`[^`]*?(--[a-z][a-z0-9-]*)", text(page)))
+    named = set(re.findall(r"`[^`]*?(--[a-z][a-z0-9_-]*)", text(page)))
     assert not named - known, f"{page}: no command has {sorted(named - known)}"
 
 

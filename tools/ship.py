@@ -30,6 +30,17 @@ FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenize
          "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
+def provenance(source: str) -> dict:
+    """What the study recorded about the machine a warm start was built on: the
+    environment.json of the run directory that holds it (two levels up), or "unknown"."""
+    for up in (source, os.path.dirname(source), os.path.dirname(os.path.dirname(source))):
+        path = os.path.join(up, "environment.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return {"threads": "unknown", "cpu": "unknown"}
+
+
 def main(argv=None):
     import torch
     import transformers
@@ -60,12 +71,15 @@ def main(argv=None):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
+    built = {"torch": torch.__version__, "transformers": transformers.__version__,
+             "cpu": cpu, "threads": torch.get_num_threads(),
+             "seconds": round(time.time() - t0)}
+    if a.source:  # built elsewhere: its study's environment.json says with what, if there
+        built = {"seconds": None, **provenance(a.source)}
     record = {"settings": warmstart.settings_key(warmstart._sft_config(cfg, steps, cfg.demo_slip)),
               "task": warmstart.task_of(cfg), "seed": a.seed, "sft_steps": steps,
-              "model_sha256": digest, "built_from": a.source or "tools/ship.py",
-              "built_with": {"torch": torch.__version__, "transformers": transformers.__version__,
-                             "cpu": cpu, "threads": torch.get_num_threads(),
-                             "seconds": round(time.time() - t0) if not a.source else None}}
+              "model_sha256": digest,
+              "built_from": a.source or "tools/ship.py", "built_with": built}
     with open(os.path.join(dest, "warm_start.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"shipped {dest} ({os.path.getsize(os.path.join(dest, 'model.safetensors')) / 1e6:.2f} "
