@@ -9,6 +9,7 @@ import random
 from functools import partial
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -111,9 +112,30 @@ def test_train_py_runs_omniopsd_and_rlsd_on_the_clips_task(tmp_path, monkeypatch
         assert {"test_acc", "ood_acc", "test_teacher_acc"} <= set(rows[0]) <= set(rows[-1])
         cfg = json.load(open(os.path.join(out, "config.json")))
         assert cfg["freeze_towers"] and cfg["max_new_tokens"] == 12
+        # every pass's media tokens per row, logged: 4 s of video and of sound in every clip
+        assert rows[1]["media_tokens_video"] > 0 and rows[1]["media_tokens_audio"] > 0
     (warm,) = [d for d in os.listdir(cache) if d.startswith("clips-student-") and "." not in d]
     before, _ = vision.load(os.path.join(cache, warm))
     after, _ = vision.load(os.path.join(tmp_path, "rlsd", "checkpoint-000002"))
     b, a = dict(before.named_parameters()), dict(after.named_parameters())
     towers = [n for n in b if ".visual." in n or ".audio_tower." in n]
     assert towers and all(torch.equal(b[n], a[n]) for n in towers)
+
+    # one pass broken on purpose: the teacher's prompt of row 1 loses its audio tokens (as a
+    # rollout engine that drops the audio placeholders would); the run stops at that step
+    privileged = train.privileged
+
+    def drop_audio(b, tok, *args, **kw):
+        privileged(b, tok, *args, **kw)
+        audio = tok.media_tokens["audio"]
+        b.teacher_ids[1][b.teacher_ids[1] == audio] = tok.pad_token_id
+
+    monkeypatch.setattr(train, "privileged", drop_audio)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data", "clips", "--algo", "opsd", "--context", "rationale", "--steps", "2",
+                    "--prompts-per-step", "4", "--group-size", "2", "--eval-n", "4",
+                    "--warm-start-steps", "20", "--cache-dir", cache,
+                    "--out", str(tmp_path / "broken")])
+    message = str(stop.value)
+    assert "row 1" in message and "audio tokens" in message and "teacher 0" in message, message
+    assert not os.path.exists(tmp_path / "broken" / "checkpoint-000001")
