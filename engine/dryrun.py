@@ -14,13 +14,16 @@ H hidden, I MLP width, Q = heads x head_dim, KV = kv_heads x head_dim, V vocabul
     gradients        4 P_train / W         float32, sharded
     optimizer        8 P_train / W         AdamW's two float32 moments, sharded
     teacher/ref      4 P / W per copy      frozen / sync / EMA teacher and KL reference copies
-                                           (none with LoRA: the base with adapters off)
+                                           (none with LoRA: the base with adapters off), and
+                                           --rollout-refresh's rollout policy (K != 1)
+    external         4 P_t / W each        OPD's --teacher models (several: each once), float32,
+                                           sharded like the student
     gathered         c (root + 2 layer)    per model: the root (embeddings, head) stays gathered,
                                            one layer computes while the next is fetched
     activations      m S L A c             m rows per micro-batch, S = prompt + response tokens,
                                            A = 6H + 5Q + 4KV + 4I values saved per token and
                                            layer (a Qwen3 layer; measured on CPU in
-                                           tests/test_dryrun.py to within 10%)
+                                           tests/test_presets.py to within 10%)
       checkpointed   m S (2 H L + A) c     each layer keeps its input; one layer recomputed
     LM-head chunk    3 x 4 min(N_chunk, m T V)   float32 logits, log-softmax and their gradient of
                                            one chunk (teachers.column_chunks; N_chunk = 128M on GPU)
@@ -31,6 +34,7 @@ the update (activations and one LM-head chunk). Not counted: the vision tower's 
 the teacher's no-grad forward (one layer at a time), CUDA context and allocator slack
 (budget 10-20% on top).
 """
+import dataclasses
 import os
 
 import torch
@@ -118,8 +122,26 @@ def model_copies(cfg) -> int:
     return int(own) + int(cfg.kl_coef > 0 and (moving or not own))
 
 
-def estimate(s: dict, cfg, world: int) -> dict:
-    """Bytes per GPU, by the formula of the module docstring."""
+def rollout_copy(cfg) -> int:
+    """--rollout-refresh K != 1 keeps the policy that sampled the cached rollouts (replay.py)."""
+    return int(cfg.algo in ("opd", "opsd") and cfg.rollout_refresh != 1)
+
+
+def external_teachers(cfg) -> list:
+    """[(name, shapes)] of OPD's --teacher models, each built on the meta device from its
+    config.json (a directory, 'toy', or a hub id with a copy in recipes/models/)."""
+    if cfg.teacher_mode != "external" or not cfg.teacher:
+        return []
+    from engine.teachers import teacher_specs
+    out = []
+    for name, path in teacher_specs(cfg.teacher):
+        t_cfg = dataclasses.replace(cfg, model=path)
+        out.append((name, shapes(meta_model(model_config(t_cfg)[0]), t_cfg)))
+    return out
+
+
+def estimate(s: dict, cfg, world: int, teachers: list = ()) -> dict:
+    """Bytes per GPU, by the formula of the module docstring; `teachers`: external_teachers."""
     c = 2 if cfg.dtype == "bfloat16" else 4
     prompt = min(cfg.max_prompt_tokens or PROMPT_TOKENS, PROMPT_TOKENS)
     S, T = prompt + cfg.max_new_tokens, cfg.max_new_tokens
@@ -127,7 +149,7 @@ def estimate(s: dict, cfg, world: int) -> dict:
     rollout_rows = min(cfg.rollout_micro_batch or rollout_rows, rollout_rows)
     update_rows = max(1, (cfg.mini_batch_size or cfg.prompts_per_step) * cfg.group_size // world)
     m = min(cfg.micro_batch_size or update_rows, update_rows)
-    copies = model_copies(cfg)
+    copies = model_copies(cfg) + rollout_copy(cfg)
     A = activation_values(s)
     full = m * S * s["layers"] * A * c
     checkpointed = m * S * (2 * s["H"] * s["layers"] + A) * c
@@ -136,13 +158,15 @@ def estimate(s: dict, cfg, world: int) -> dict:
         "gradients": 4 * s["trained"] / world,
         "optimizer": 8 * s["trained"] / world,
         "teacher/ref copies": copies * 4 * s["total"] / world,
-        "gathered": (1 + copies) * c * (s["root"] + 2 * s["layer"]) + c * s["vision"],
+        "external teachers": sum(4 * t["total"] / world for _, t in teachers),
+        "gathered": (1 + copies) * c * (s["root"] + 2 * s["layer"]) + c * s["vision"]
+        + sum(c * (t["root"] + 2 * t["layer"] + t["vision"]) for _, t in teachers),
         "activations": checkpointed if cfg.gradient_checkpointing else full,
         "LM-head chunk": 3 * 4 * min(LOGIT_CHUNK_ELEMENTS["cuda"], m * T * s["V"]),
         "KV cache": rollout_rows * S * s["layers"] * 2 * s["KV"] * c,
     }
     static = sum(out[k] for k in ("weights", "gradients", "optimizer", "teacher/ref copies",
-                                  "gathered"))
+                                  "external teachers", "gathered"))
     update = out["activations"] + out["LM-head chunk"]
     out["peak"] = static + max(out["KV cache"], update)
     out["peak, other checkpointing"] = static + max(
@@ -159,7 +183,8 @@ def main(cfg):
     config, source = model_config(cfg)
     model = meta_model(config)
     s = shapes(model, cfg)
-    e = estimate(s, cfg, world)
+    teachers = external_teachers(cfg)
+    e = estimate(s, cfg, world, teachers)
     name = f"--preset {cfg.preset}, " if cfg.preset else ""
     print(f"dry run: {name}--algo {cfg.algo}, {cfg.model} ({source}), {world} GPU(s), "
           f"{cfg.dtype}" + (f", LoRA r={cfg.lora_rank}" if cfg.lora_rank else ""))
@@ -170,7 +195,11 @@ def main(cfg):
     print(f"per GPU, FSDP2 over {world}: S = {e['prompt']} prompt (assumed) + {cfg.max_new_tokens} "
           f"response tokens; {e['rollout_rows']} rollout rows, micro-batches of {e['m']} rows; "
           f"{e['copies']} teacher/reference copies")
-    for k in ("weights", "gradients", "optimizer", "teacher/ref copies", "gathered",
+    for name, t in teachers:
+        print(f"  external teacher {name}: {t['total'] / 1e9:.3f}B parameters, "
+              f"{4 * t['total'] / world / GB:.2f} GB per GPU")
+    for k in ("weights", "gradients", "optimizer", "teacher/ref copies", "external teachers",
+              "gathered",
               "activations", "LM-head chunk", "KV cache"):
         print(f"  {k:<20} {e[k] / GB:9.2f} GB")
     other = "without" if cfg.gradient_checkpointing else "with"

@@ -222,3 +222,24 @@ def test_the_omni_recipe_dry_run_counts_both_towers(capsys):
     per_layer = sum(16 * (i + o) for i, o in ((3584, 3584), (3584, 512), (3584, 512), (3584, 3584),
                                                 (3584, 18944), (3584, 18944), (18944, 3584)))
     assert s["trained"] == 28 * per_layer  # q k v o gate up down of 28 layers, r = 16
+
+
+def test_dry_run_counts_each_external_teacher_and_the_rollout_policy(capsys):
+    """OPD with two teachers: each one's parameters (from its shipped config.json) and memory
+    per GPU, their sum in the peak; --rollout-refresh 0 keeps one more copy of the student."""
+    base = ["--algo", "opd", "--model", "Qwen/Qwen3-1.7B", "--dtype", "bfloat16", "--dry-run",
+            "--gpus", "8", "--max-new-tokens", "1024"]
+    train.main(base + ["--teacher", "big=Qwen/Qwen3-8B", "--teacher", "small=Qwen/Qwen3-4B"])
+    out = capsys.readouterr().out
+    sizes = dict(re.findall(r"external teacher (\w+): ([\d.]+)B parameters", out))
+    assert set(sizes) == {"big", "small"}
+    assert abs(float(sizes["big"]) - PUBLISHED["Qwen/Qwen3-8B"]) < 0.1
+    assert abs(float(sizes["small"]) - PUBLISHED["Qwen/Qwen3-4B"]) < 0.1
+    both = float(re.search(r"external teachers\s+([\d.]+) GB", out).group(1))
+    expected = 4 * (float(sizes["big"]) + float(sizes["small"])) / 8  # float32, over 8 GPUs
+    assert abs(both - expected) < 0.02  # the printed values' rounding (3 and 2 decimals)
+    train.main(base + ["--teacher", "big=Qwen/Qwen3-8B"])
+    one = capsys.readouterr().out
+    assert "1 teacher/reference copies" not in one and "0 teacher/reference copies" in one
+    train.main(base + ["--teacher", "big=Qwen/Qwen3-8B", "--rollout-refresh", "0"])
+    assert "1 teacher/reference copies" in capsys.readouterr().out
