@@ -51,11 +51,16 @@ def test_frames_and_sound_say_what_the_solutions_say():
         assert [g for _, g in seen] == [255 * s // clips.SECONDS for s in range(1, clips.SECONDS + 1)]
         loud = _seconds_heard(ex)
         assert all((v > 0.4) == (t >= 0) and (v < 1e-4 or t >= 0) for v, t in zip(loud, tones))
-        shown = "".join(str(s) for s, c in enumerate(colours, 1) if c == ex.prompt)
+        kind = clips.kind_of(ex)
+        colour = ex.prompt[0] if kind != "audio" else None
+        shown = "".join(str(s) for s, c in enumerate(colours, 1) if c == colour)
         sounding = "".join(str(s) for s, v in enumerate(loud, 1) if v > 0.4)
-        both = "".join(s for s in shown if s in sounding)
-        assert (ex.hint, ex.rationale, ex.solution) == (shown, sounding, f"{both}={len(both)}")
-        assert ex.answer == str(len(both)) and data.is_correct(ex.solution, ex.answer)
+        listed = {"video": shown, "audio": sounding,
+                  "both": "".join(s for s in shown if s in sounding)}[kind]
+        assert (ex.hint, ex.rationale, ex.solution) == (shown, sounding, f"{listed}={len(listed)}")
+        assert ex.answer == str(len(listed)) and data.is_correct(ex.solution, ex.answer)
+    kinds = [clips.kind_of(clips.clips_example(rng)[0]) for _ in range(300)]
+    assert all(60 < kinds.count(k) < 140 for k in clips.KINDS)  # a third each
 
 
 def test_neither_the_frames_nor_the_sound_alone_give_the_answer():
@@ -74,14 +79,19 @@ def test_splits_are_fixed_and_disjoint():
     train_set = {key(e) for e in clips.make_clips("train", 2000)}
     test = clips.make_clips("test", 200)
     assert len({key(e) for e in test}) == 200 and not train_set & {key(e) for e in test}
-    assert all(len(e.hint) >= 3 for e in clips.make_clips("ood", 50))
+    # out of distribution: the asked colour (or, on a sound question, a tone) in 3-4 seconds
+    assert all(len(e.rationale if clips.kind_of(e) == "audio" else e.hint) >= 3
+               for e in clips.make_clips("ood", 50))
 
 
 def test_the_demonstrator_that_does_not_listen_counts_only_silent_seconds():
+    """On a both question, slipping always counts every second that shows the colour (it
+    does not listen); a question on one modality it answers right whatever the slip."""
     rng = random.Random(1)
     for e in clips.make_clips("train", 300):
         assert clips.careless_solution(e, rng, 0.0) == e.solution
-        assert clips.careless_solution(e, rng, 1.0) == f"{e.hint}={len(e.hint)}"
+        careless = f"{e.hint}={len(e.hint)}" if clips.kind_of(e) == "both" else e.solution
+        assert clips.careless_solution(e, rng, 1.0) == careless
 
 
 def test_teach_towers_trains_both_towers_only():

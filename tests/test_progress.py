@@ -39,7 +39,9 @@ def test_a_terminal_gets_one_line_rewritten_and_cleared():
 
 
 def test_overview_says_what_happens_and_how_long(cache):
-    fresh = config.parse_config(["--cache-dir", "/nonexistent-cache"])
+    shipped = config.parse_config(["--cache-dir", "/nonexistent-cache"])
+    assert "the shipped warm start" in warmstart.overview(shipped)
+    fresh = config.parse_config(["--cache-dir", "/nonexistent-cache", "--rebuild-warm-start"])
     assert "one-time warm start" in warmstart.overview(fresh) and "minutes" in warmstart.overview(fresh)
     assert "150 RL steps" in warmstart.overview(fresh) and "runs/rlsd" in warmstart.overview(fresh)
     cached = config.parse_config(["--cache-dir", cache, "--warm-start-steps", "30"])

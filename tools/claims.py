@@ -54,8 +54,10 @@ def interval(diffs: list) -> tuple:
 
 
 def fmt(ci: tuple, seeds: int) -> str:
+    """'+1.2 [-0.3, +2.7] points (10 seeds)': the mean and the 95% interval, in points."""
     m, lo, hi = ci
-    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] ({seeds} seeds)" if lo == lo else f"{m:+.1f} (1 seed)"
+    return (f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] points ({seeds} seeds)" if lo == lo
+            else f"{m:+.1f} points (1 seed)")
 
 
 def evals(rows: list, key: str = "test_acc") -> dict:
@@ -131,7 +133,7 @@ def rows_for(runs: dict) -> list:
              if ci[1] > 0 else "not reproduced")
         out.append((P + " Fig. 3a", "OPSD's student comes to cite the reference it never sees: "
                     "leakage rises over 100 steps",
-                    f"OPSD - GRPO leakage at step 100: {fmt(ci, n)} points; Spearman rho of "
+                    f"OPSD - GRPO leakage at step 100: {fmt(ci, n)}; Spearman rho of "
                     f"OPSD's mean leakage over steps 0-100: {rho:.2f}", v, ""))
         curve = mean_curve(o, "test_acc")
         peak = max(curve, key=curve.get)
@@ -141,7 +143,7 @@ def rows_for(runs: dict) -> list:
              "partly (a decline after a later peak)" if ci[2] < 0 else "not reproduced")
         out.append((P + " Fig. 3b", "OPSD's validation accuracy peaks within 10-20 steps, then "
                     "declines", f"OPSD's mean accuracy peaks at step {peak} "
-                    f"({curve[peak]:.1%}); final - peak: {fmt(ci, n)} points", v, ""))
+                    f"({curve[peak]:.1%}); final - peak: {fmt(ci, n)}", v, ""))
     if need("opd", "opsd"):
         d, n = paired(runs["opd"], runs["opd"], lambda x: train_mean(x, "teacher_kl", 191, 200),
                       lambda x: train_mean(x, "teacher_kl", 1, 10))
@@ -164,8 +166,8 @@ def rows_for(runs: dict) -> list:
         v = ("reproduced" if ci[1] > 0 and ok_o else "partly" if ci[1] > 0 or ok_o else
              "not reproduced")
         out.append((P + " Fig. 5a", "OPSD peaks early and degrades while RLSD keeps rising",
-                    f"RLSD final - step 50: {fmt(ci, n)} points; OPSD final - best: "
-                    f"{fmt(interval(dd), n)} points", v, ""))
+                    f"RLSD final - step 50: {fmt(ci, n)}; OPSD final - best: "
+                    f"{fmt(interval(dd), n)}", v, ""))
     if need("rlsd", "grpo"):
         d, n = paired(r, g, lambda x: train_mean(x, "entropy", 191, 200))
         ci = interval([x / 100 for x in d])
@@ -183,12 +185,12 @@ def rows_for(runs: dict) -> list:
         d, n = paired(r, g, lambda x: at(x, 100), final)
         ci = interval(d)
         out.append((P + " Fig. 1b", "RLSD in half the steps is at or above GRPO (200 vs 400 "
-                    "steps; here 100 vs 200)", f"RLSD at 100 - GRPO at 200: {fmt(ci, n)} points",
+                    "steps; here 100 vs 200)", f"RLSD at 100 - GRPO at 200: {fmt(ci, n)}",
                     "reproduced" if ci[0] >= 0 and ci[1] > -2 else "not reproduced", ""))
         d, n = paired(r, g, final)
         ci = interval(d)
         out.append((P + " Table 1", "RLSD ends above GRPO", f"final test accuracy, RLSD - GRPO: "
-                    f"{fmt(ci, n)} points", verdict_gain(ci),
+                    f"{fmt(ci, n)}", verdict_gain(ci),
                     "RISE (arXiv 2609.05295, Qwen3-8B, text math, 6 benchmarks): RLSD 59.8, "
                     "GRPO 60.0"))
     for arm, paper, claim, ext in (
@@ -199,7 +201,7 @@ def rows_for(runs: dict) -> list:
         if need(arm, "grpo"):
             d, n = paired(runs[arm], g, final)
             ci = interval(d)
-            out.append((paper, claim, f"final, {arm.upper()} - GRPO: {fmt(ci, n)} points",
+            out.append((paper, claim, f"final, {arm.upper()} - GRPO: {fmt(ci, n)}",
                         verdict_gain(ci), ext))
     if need("srpo", "sdpo", "grpo"):
         d1, n1 = paired(runs["srpo"], runs["sdpo"], lambda x: at(x, 50))
@@ -216,18 +218,18 @@ def rows_for(runs: dict) -> list:
             ci = interval(d)
             out.append((f"{who}: the privileged context", f"{who}'s teacher needs the RIGHT "
                         "reference (the control: another problem's)",
-                        f"final, {arm} - {control}: {fmt(ci, n)} points", verdict_gain(ci),
+                        f"final, {arm} - {control}: {fmt(ci, n)}", verdict_gain(ci),
                         "the hint's content drives the drift (arXiv 2610.07842)"))
     if need("csd", "grpo"):
         d, n = paired(runs["csd"], g, final)
         ci = interval(d)
         out.append(("CSD (arXiv 2609.21561)", "attraction and repulsion balanced keep learning "
-                    "stable", f"final, CSD - GRPO: {fmt(ci, n)} points", verdict_gain(ci), ""))
+                    "stable", f"final, CSD - GRPO: {fmt(ci, n)}", verdict_gain(ci), ""))
     if need("opd_semi", "opd"):
         d, n = paired(runs["opd_semi"], runs["opd"], final)
         ci = interval(d)
         out.append(("Semi-OPD (arXiv 2610.11291)", "distilling on the initial student's cached "
-                    "rollouts beats OPD", f"final, Semi-OPD - OPD: {fmt(ci, n)} points",
+                    "rollouts beats OPD", f"final, Semi-OPD - OPD: {fmt(ci, n)}",
                     verdict_gain(ci), "the paper: ahead of OPD in 14 of 17 teacher-student pairs"))
     out.append(("Critiques (arXiv 2607.05184, 2607.02234)", "privileged self-distillation "
                 "degrades thinking models, more so with longer rollouts", "-",
@@ -241,21 +243,21 @@ def clips_rows(runs: dict) -> list:
     ext = ("a third-party replication (Qwen2.5-Omni-3B, OmniVideoBench): SFT 35.0, OPSD 34.0, "
            "clue-only OPSD 34.2")
     for arm, what in (("omniopsd", "OmniOPSD (rationale shown) - GRPO"),
-                      ("opsd", "OPSD (answer shown) - GRPO"),
+                      ("opsd_answer", "OPSD (answer shown) - GRPO"),
                       ("rlsd", "RLSD - GRPO")):
         if runs.get(arm) and g:
             d, n = paired(runs[arm], g, final)
             ci = interval(d)
             out.append(("OmniOPSD (arXiv 2606.15920)" if arm == "omniopsd" else "on clips",
                         "OPSD with a rationale improves an omni model" if arm == "omniopsd"
-                        else f"{arm.upper()} on clips",
-                        f"final (clips), {what}: {fmt(ci, n)} points", verdict_gain(ci),
+                        else f"{what.split(' - ')[0]} improves over GRPO on an omni task",
+                        f"final (clips), {what}: {fmt(ci, n)}", verdict_gain(ci),
                         ext if arm == "omniopsd" else ""))
     if runs.get("omniopsd") and runs.get("omniopsd_unrelated"):
         d, n = paired(runs["omniopsd"], runs["omniopsd_unrelated"], final)
         ci = interval(d)
         out.append(("OmniOPSD: the rationale", "the RIGHT clip's rationale matters (control: "
-                    "another clip's)", f"final (clips), OmniOPSD - control: {fmt(ci, n)} points",
+                    "another clip's)", f"final (clips), OmniOPSD - control: {fmt(ci, n)}",
                     verdict_gain(ci), ""))
     return out
 

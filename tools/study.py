@@ -396,7 +396,7 @@ def claims_report(page: str = STUDY_PAGE) -> str:
             d, n = claims.paired(per["ptdpo"], per["grpo"], claims.final)
             ci = claims.interval(d)
             rows.append(("PTD-PO (arXiv 2606.07000)", f"PTD-PO improves over GRPO ({name})",
-                         f"final, PTD-PO as released - GRPO: {claims.fmt(ci, n)} points",
+                         f"final, PTD-PO as released - GRPO: {claims.fmt(ci, n)}",
                          claims.verdict_gain(ci), "its released Top-K JSD has zero gradient "
                          "(docs/findings.md)"))
     text = (claims.table(rows) + "\n\nRules of the verdicts (fixed before the runs): "

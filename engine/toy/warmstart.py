@@ -240,7 +240,7 @@ def overview(cfg: Config) -> str:
                       "shown reference can leak; a ~0.3M-parameter Qwen3)",
             "shapes": "the embedded shapes task (count the shapes of a colour in a picture, a "
                       "tiny Qwen3-VL)",
-            "clips": "the embedded clips task (the seconds of a clip that show a colour while a "
-                     "tone sounds, a tiny Qwen2.5-Omni thinker)"}[task_of(cfg)]
+            "clips": "the embedded clips task (how many seconds of a clip show a colour, sound "
+                     "a tone, or both; a tiny Qwen2.5-Omni thinker)"}[task_of(cfg)]
     return (f"--algo {cfg.algo} on {task}: {warm}, then {cfg.steps} RL steps (about "
             f"{RL_SECONDS[task_of(cfg)]:g} s each on 2 CPU cores). Outputs: {cfg.out}/.")
