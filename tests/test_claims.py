@@ -74,3 +74,22 @@ def test_clips_rows_pair_each_arm_with_grpo_and_the_control():
     assert verdicts["final (clips), RLSD - GRPO"].startswith("not reproduced")
     assert verdicts["final (clips), OmniOPSD - control"] == "reproduced"
     assert len(rows) == 4 and all(r[2].endswith("(5 seeds)") for r in rows)
+
+
+def test_a_claim_whose_arms_did_not_run_is_a_row_not_a_gap():
+    """Every claim keeps its row: with no runs each reads 'not run yet' and names its arms."""
+    rows = claims.rows_for({}) + claims.clips_rows({})
+    papers = " ".join(r[0] for r in rows)
+    for name in ("Fig. 3a", "Fig. 3b", "Fig. 3c", "Table 1", "OPSD (arXiv", "SDPO (arXiv",
+                 "SRPO", "CSD", "Semi-OPD", "OmniOPSD"):
+        assert name in papers, name
+    assert all(r[3] in ("not run yet", "not testable here") for r in rows)
+    only_grpo = {"grpo": {0: run({0: 0.3, 200: 0.5})}}
+    assert any(r[3] == "not run yet" and "rlsd" in r[4] for r in claims.rows_for(only_grpo))
+
+
+def test_t_quantiles_cover_every_seed_count_up_to_31():
+    """No seed count up to 31 falls back to the normal's 1.96 (the table has every df 1-30)."""
+    assert set(range(1, 31)) <= set(claims.T95)
+    assert all(a > b for a, b in zip([claims.T95[k] for k in range(1, 30)],
+                                     [claims.T95[k] for k in range(2, 31)]))

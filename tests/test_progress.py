@@ -47,3 +47,24 @@ def test_overview_says_what_happens_and_how_long(cache):
     cached = config.parse_config(["--cache-dir", cache, "--warm-start-steps", "30"])
     assert warm_start_dir(cache)  # the fixture built it
     assert "the cached warm start" in warmstart.overview(cached)
+
+
+def test_every_shipped_warm_start_is_the_one_its_task_uses_and_its_recorded_bytes():
+    """A shipped warm start whose task, SFT settings or weights changed after it was made is
+    never silently skipped or trusted: each one in engine/toy/weights/ matches what `python
+    train.py --data TASK` asks for today, and its weights hash to the sha256 it records."""
+    import hashlib
+    import json
+    import os
+    names = sorted(os.listdir(warmstart.SHIPPED))
+    assert {"toy-student-seed0", "chains-student-seed0", "shapes-student-seed0",
+            "clips-student-seed0"} <= set(names)
+    for name in names:
+        task = name.split("-")[0]
+        cfg = config.parse_config(["--data", task, "--cache-dir", "/nonexistent-cache"])
+        path = os.path.join(warmstart.SHIPPED, name)
+        assert warmstart.shipped_warm_start(cfg, cfg.warm_start_steps) == path, name
+        with open(os.path.join(path, "warm_start.json")) as f:
+            recorded = json.load(f)
+        with open(os.path.join(path, "model.safetensors"), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == recorded["model_sha256"], name

@@ -11,8 +11,11 @@ paired per-seed difference (each seed's runs share their warm start).
 import math
 import statistics
 
+# two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1); past 30, the normal's
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 14: 2.145, 19: 2.093}
+       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+       17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
+       25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 
 # The rules, written before the runs were read (the commit that adds this file predates every
 # chains and clips result): how each measurement becomes a verdict.
@@ -114,6 +117,12 @@ def verdict_gain(ci: tuple) -> str:
             "not reproduced (no difference the seeds can tell)")
 
 
+def not_run(paper: str, claim: str, arms) -> tuple:
+    """A claims row whose arms have no finished runs in the archive yet."""
+    return (paper, claim, "-", "not run yet", f"needs the {', '.join(arms)} runs "
+            "(tools/study.py; docs/study.md says how)")
+
+
 def rows_for(runs: dict) -> list:
     """The claims table's rows (paper, claim, measurement, verdict, external) from the chains
     study's runs {arm: {seed: metrics rows}}; claims whose arms did not run are 'not run'."""
@@ -144,6 +153,10 @@ def rows_for(runs: dict) -> list:
         out.append((P + " Fig. 3b", "OPSD's validation accuracy peaks within 10-20 steps, then "
                     "declines", f"OPSD's mean accuracy peaks at step {peak} "
                     f"({curve[peak]:.1%}); final - peak: {fmt(ci, n)}", v, ""))
+    else:
+        out += [not_run(P + " Fig. 3a", "OPSD's leakage rises over 100 steps", ("opsd", "grpo")),
+                not_run(P + " Fig. 3b", "OPSD's accuracy peaks within 10-20 steps, then declines",
+                        ("opsd", "grpo"))]
     if need("opd", "opsd"):
         d, n = paired(runs["opd"], runs["opd"], lambda x: train_mean(x, "teacher_kl", 191, 200),
                       lambda x: train_mean(x, "teacher_kl", 1, 10))
@@ -158,6 +171,9 @@ def rows_for(runs: dict) -> list:
                     f"OPD's KL, last 10 steps - first 10: {ci[0]:+.3f} nats [{ci[1]:+.3f}, "
                     f"{ci[2]:+.3f}] ({n} seeds); OPSD's steps 101-200 / 51-100: {ratio:.2f}",
                     v, ""))
+    else:
+        out.append(not_run(P + " Fig. 3c", "the teacher-student KL falls for OPD and levels off "
+                           "for OPSD", ("opd", "opsd")))
     if need("rlsd", "opsd"):
         d, n = paired(r, r, final, lambda x: at(x, 50))
         ci = interval(d)
@@ -193,6 +209,9 @@ def rows_for(runs: dict) -> list:
                     f"{fmt(ci, n)}", verdict_gain(ci),
                     "RISE (arXiv 2609.05295, Qwen3-8B, text math, 6 benchmarks): RLSD 59.8, "
                     "GRPO 60.0"))
+    else:
+        out.append(not_run(P + " Fig. 5b, 5c, 1b, Table 1", "RLSD against GRPO: entropy, clip "
+                           "share, half the steps, final accuracy", ("rlsd", "grpo")))
     for arm, paper, claim, ext in (
             ("opsd", "OPSD (arXiv 2601.18734)", "OPSD improves over GRPO",
              "RLSD's Table 1 (Qwen3-VL-8B): OPSD 52.49, GRPO 53.86"),
@@ -203,6 +222,8 @@ def rows_for(runs: dict) -> list:
             ci = interval(d)
             out.append((paper, claim, f"final, {arm.upper()} - GRPO: {fmt(ci, n)}",
                         verdict_gain(ci), ext))
+        else:
+            out.append(not_run(paper, claim, (arm, "grpo")))
     if need("srpo", "sdpo", "grpo"):
         d1, n1 = paired(runs["srpo"], runs["sdpo"], lambda x: at(x, 50))
         d2, n2 = paired(runs["srpo"], g, final)
@@ -211,6 +232,9 @@ def rows_for(runs: dict) -> list:
                     f"step 50, SRPO - SDPO: {fmt(c1, n1)}; final, SRPO - GRPO: {fmt(c2, n2)}",
                     "reproduced" if c1[0] >= 0 and c2[0] >= 0 else "partly"
                     if c1[0] >= 0 or c2[0] >= 0 else "not reproduced", ""))
+    else:
+        out.append(not_run("SRPO (arXiv 2604.02288)", "SDPO's early speed with GRPO's "
+                           "stability", ("srpo", "sdpo", "grpo")))
     for arm, control, who in (("rlsd", "rlsd_unrelated", "RLSD"), ("opsd", "opsd_unrelated",
                                                                     "OPSD")):
         if need(arm, control):
@@ -220,17 +244,26 @@ def rows_for(runs: dict) -> list:
                         "reference (the control: another problem's)",
                         f"final, {arm} - {control}: {fmt(ci, n)}", verdict_gain(ci),
                         "the hint's content drives the drift (arXiv 2610.07842)"))
+        else:
+            out.append(not_run(f"{who}: the privileged context", f"{who}'s teacher needs the "
+                               "RIGHT reference", (arm, control)))
     if need("csd", "grpo"):
         d, n = paired(runs["csd"], g, final)
         ci = interval(d)
         out.append(("CSD (arXiv 2609.21561)", "attraction and repulsion balanced keep learning "
                     "stable", f"final, CSD - GRPO: {fmt(ci, n)}", verdict_gain(ci), ""))
+    else:
+        out.append(not_run("CSD (arXiv 2609.21561)", "attraction and repulsion balanced keep "
+                           "learning stable", ("csd", "grpo")))
     if need("opd_semi", "opd"):
         d, n = paired(runs["opd_semi"], runs["opd"], final)
         ci = interval(d)
         out.append(("Semi-OPD (arXiv 2610.11291)", "distilling on the initial student's cached "
                     "rollouts beats OPD", f"final, Semi-OPD - OPD: {fmt(ci, n)}",
                     verdict_gain(ci), "the paper: ahead of OPD in 14 of 17 teacher-student pairs"))
+    else:
+        out.append(not_run("Semi-OPD (arXiv 2610.11291)", "distilling on the initial student's "
+                           "cached rollouts beats OPD", ("opd_semi", "opd")))
     out.append(("Critiques (arXiv 2607.05184, 2607.02234)", "privileged self-distillation "
                 "degrades thinking models, more so with longer rollouts", "-",
                 "not testable here", "needs a thinking model and long rollouts: a GPU"))
@@ -259,6 +292,9 @@ def clips_rows(runs: dict) -> list:
         out.append(("OmniOPSD: the rationale", "the RIGHT clip's rationale matters (control: "
                     "another clip's)", f"final (clips), OmniOPSD - control: {fmt(ci, n)}",
                     verdict_gain(ci), ""))
+    if not (runs.get("omniopsd") and g):
+        out.append(not_run("OmniOPSD (arXiv 2606.15920)", "OPSD with a rationale improves an "
+                           "omni model", ("omniopsd", "grpo"))[:4] + (ext,))
     return out
 
 
