@@ -93,3 +93,21 @@ def test_t_quantiles_cover_every_seed_count_up_to_31():
     assert set(range(1, 31)) <= set(claims.T95)
     assert all(a > b for a, b in zip([claims.T95[k] for k in range(1, 30)],
                                      [claims.T95[k] for k in range(2, 31)]))
+
+
+@pytest.mark.parametrize("peak, verdict", [(15, "reproduced"), (50, "partly"),
+                                           (0, "not reproduced (no early peak")])
+def test_the_early_peak_claim_reads_where_the_peak_is(peak, verdict):
+    """Fig. 3b: a peak at 10-20 steps then a decline reproduces it; a later peak then a
+    decline is partly; a curve that only falls from step 0 has no early peak at all."""
+    steps = (0, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200)
+    scatter = [0.004, -0.003, 0.002]
+    opsd = {s: run({k: (0.5 if k == peak else 0.3 if k < peak else 0.2) + scatter[s]
+                    for k in steps}) for s in range(3)}
+    grpo = {s: run({k: 0.3 for k in steps}) for s in range(3)}
+    for rows in [*opsd.values(), *grpo.values()]:
+        for r in rows:
+            if "test_acc" in r:
+                r["test_leakage"] = 0.0  # the leak row (Fig. 3a) reads it too
+    (row,) = [x for x in claims.rows_for({"grpo": grpo, "opsd": opsd}) if x[0].endswith("3b")]
+    assert row[3].startswith(verdict), row

@@ -149,7 +149,9 @@ def rows_for(runs: dict) -> list:
         d, n = paired(o, o, final, lambda x: evals(x)[peak])
         ci = interval(d)
         v = ("reproduced" if 10 <= peak <= 20 and ci[2] < 0 else
-             "partly (a decline after a later peak)" if ci[2] < 0 else "not reproduced")
+             "partly (a decline after a later peak)" if peak > 20 and ci[2] < 0 else
+             "not reproduced (no early peak: it falls from the start)" if peak < 10 and ci[2] < 0
+             else "not reproduced")
         out.append((P + " Fig. 3b", "OPSD's validation accuracy peaks within 10-20 steps, then "
                     "declines", f"OPSD's mean accuracy peaks at step {peak} "
                     f"({curve[peak]:.1%}); final - peak: {fmt(ci, n)}", v, ""))
