@@ -31,9 +31,11 @@ def cache(tmp_path_factory):
     return d
 
 
-def warm_start_dir(cache_dir):
-    """The cached warm-start checkpoint: a Hugging Face model directory."""
-    (name,) = [n for n in os.listdir(cache_dir) if n.startswith("toy-student-") and "." not in n]
+def warm_start_dir(cache_dir, steps=30):
+    """The cached seed-0 warm-start checkpoint of `steps` SFT steps (the `cache` fixture's: 30;
+    other tests may add other seeds to the same cache): a Hugging Face model directory."""
+    (name,) = [n for n in os.listdir(cache_dir)
+               if n.startswith(f"toy-student-sft{steps}-seed0-") and "." not in n]
     return os.path.join(cache_dir, name)
 
 

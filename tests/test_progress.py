@@ -1,5 +1,8 @@
 """Progress on long work (progress.py) and what `python train.py` says before and after."""
+import hashlib
 import io
+import json
+import os
 
 from engine import config
 from engine.toy import warmstart
@@ -53,9 +56,6 @@ def test_every_shipped_warm_start_is_the_one_its_task_uses_and_its_recorded_byte
     """A shipped warm start whose task, SFT settings or weights changed after it was made is
     never silently skipped or trusted: each one in engine/toy/weights/ matches what `python
     train.py --data TASK` asks for today, and its weights hash to the sha256 it records."""
-    import hashlib
-    import json
-    import os
     names = sorted(os.listdir(warmstart.SHIPPED))
     assert {"toy-student-seed0", "chains-student-seed0", "shapes-student-seed0",
             "clips-student-seed0"} <= set(names)

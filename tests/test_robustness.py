@@ -282,7 +282,7 @@ def test_warm_start_is_deterministic_and_keyed_to_its_settings(tmp_path, capsys)
         d = tmp_path / name
         train.main(["--algo", "grpo", "--steps", "0", "--cache-dir", str(d), "--eval-n", "4",
                     "--warm-start-steps", "12", "--out", str(d / "run")])
-        dirs.append(warm_start_dir(str(d)))
+        dirs.append(warm_start_dir(str(d), steps=12))
         out = capsys.readouterr().out
         assert "warm start (student): supervised fine-tuning" in out and "minutes" in out
         printed.append([re.findall(r"loss=[\d.e-]+", line) for line in out.splitlines()

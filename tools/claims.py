@@ -117,9 +117,9 @@ def verdict_gain(ci: tuple) -> str:
             "not reproduced (no difference the seeds can tell)")
 
 
-def not_run(paper: str, claim: str, arms) -> tuple:
+def not_run(paper: str, claim: str, arms, external: str = "") -> tuple:
     """A claims row whose arms have no finished runs in the archive yet."""
-    return (paper, claim, "-", "not run yet", f"needs the {', '.join(arms)} runs "
+    return (paper, claim, "-", "not run yet", external or f"needs the {', '.join(arms)} runs "
             "(tools/study.py; docs/study.md says how)")
 
 
@@ -296,7 +296,7 @@ def clips_rows(runs: dict) -> list:
                     verdict_gain(ci), ""))
     if not (runs.get("omniopsd") and g):
         out.append(not_run("OmniOPSD (arXiv 2606.15920)", "OPSD with a rationale improves an "
-                           "omni model", ("omniopsd", "grpo"))[:4] + (ext,))
+                           "omni model", ("omniopsd", "grpo"), ext))
     return out
 
 

@@ -38,6 +38,9 @@ import time
 
 import eval as evaluation
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling claims.py
+import claims  # noqa: E402
+
 # arm -> (train.py flags, what it is). The two controls give the teacher the privileged
 # context of a different, randomly chosen training problem (`--context-source other`).
 ARMS = {
@@ -101,8 +104,6 @@ PTD_ARMS = ("grpo", "ptdpo", "ptdpo_exact", "ptdpo_forward")  # the PTD-PO table
 EARLY = 50  # the "learns faster early" column: test accuracy at this step (RLSD's lambda is 0 after it)
 TIMING = ("step_time_s", "time_rollout_s", "time_teacher_s", "time_fwd_bwd_s",
           "time_optimizer_s")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262}  # two-sided 95% Student-t quantiles by degrees of freedom
 
 
 def run_dir(runs: str, arm: str, seed: int) -> str:
@@ -370,9 +371,9 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = RESULTS,
     if task in ("chains", "clips"):
         if task == "chains":
             claim_plots(data, out_dir)
-        claims = claims_report(readme)
+        claims_text = claims_report(readme)
         with open(os.path.join(out_dir, "RESULTS.md"), "a") as f:
-            f.write(f"\n## The claims\n\n{claims}\n")
+            f.write(f"\n## The claims\n\n{claims_text}\n")
     print(table)
 
 
@@ -387,8 +388,6 @@ def archived(task: str, arms) -> dict:
 def claims_report(page: str = STUDY_PAGE) -> str:
     """The claims table from the committed archives (tools/claims.py: each verdict by its
     rule), written into README.md and the study page between their `claims` markers."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import claims
     rows = claims.rows_for(archived("chains", ARMS)) + claims.clips_rows(archived("clips", ARMS))
     toy, shapes = archived("toy", PTD_ARMS), archived("shapes", PTD_ARMS)
     for name, per in (("arithmetic", toy), ("shapes", shapes)):
@@ -542,10 +541,9 @@ def paired(summ, a: str, b: str) -> str:
     if len(seeds) < 2:
         return f"Paired {a} - {b}: needs two seeds of both."
     d = [summ[a][s]["final"] - summ[b][s]["final"] for s in seeds]
-    m, sd = statistics.mean(d), statistics.stdev(d)
-    half = T95.get(len(d) - 1, 1.96) * sd / math.sqrt(len(d))
+    m, lo, hi = claims.interval(d)
     return (f"Paired {a.upper()} - {b.upper()}, final test accuracy, same seeds ({len(d)}): "
-            f"{m * 100:+.1f} points, 95% CI [{(m - half) * 100:+.1f}, {(m + half) * 100:+.1f}] "
+            f"{m:+.1f} points, 95% CI [{lo:+.1f}, {hi:+.1f}] "
             f"(Student t, {len(d) - 1} df; per seed: "
             + ", ".join(f"{x * 100:+.1f}" for x in d) + ").")
 
@@ -627,12 +625,11 @@ def forest(summ: dict, out_dir: str, task: str = "toy"):
         return
     rows = []
     for arm, per in summ.items():
-        d = [(v["final"] - summ["grpo"][s]["final"]) * 100 for s, v in per.items()
-             if s in summ["grpo"]]
+        d = [v["final"] - summ["grpo"][s]["final"] for s, v in per.items() if s in summ["grpo"]]
         if arm == "grpo" or len(d) < 2:
             continue
-        half = T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
-        rows.append((arm, statistics.mean(d), half, d))
+        m, lo, hi = claims.interval(d)  # points
+        rows.append((arm, m, hi - m, [x * 100 for x in d]))
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(rows) + 1.3))
@@ -663,14 +660,13 @@ def ptd_table() -> str:
             return ""
         for a in PTD_ARMS:
             seeds = sorted(set(finals[a]) & set(finals["grpo"]))
-            d = [(finals[a][s] - finals["grpo"][s]) * 100 for s in seeds]
+            d = [finals[a][s] - finals["grpo"][s] for s in seeds]
             mean = mean_std(list(finals[a].values()), pct=True)
             if a == "grpo" or len(d) < 2:
                 cells[a, task] = f"{mean} |"
                 continue
-            half = T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
-            m = statistics.mean(d)
-            cells[a, task] = f"{mean} | {m:+.1f} [{m - half:+.1f}, {m + half:+.1f}]"
+            m, lo, hi = claims.interval(d)  # points
+            cells[a, task] = f"{mean} | {m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
             seeds_of[task] = len(d)
     what = {"grpo": "GRPO (baseline)", "ptdpo": "PTD-PO as released (`jsd`: zero gradient)",
             "ptdpo_exact": "PTD-PO, exact JSD (`--ptd-divergence jsd-exact`)",
