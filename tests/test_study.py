@@ -168,3 +168,18 @@ def test_paired_difference_and_its_t_interval_by_hand():
     assert "+2.0 points, 95% CI [-3.0, +7.0]" in text and "+2.0, +4.0, +0.0" in text
     assert "needs two seeds" in study.paired({"rlsd": {0: {"final": 1}}, "grpo": {}}, "rlsd", "grpo")
     assert study.mean_std([0.4, 0.45, 0.5], pct=True) == "45.0 ± 5.0"
+
+
+def test_the_table_caption_names_each_tasks_evaluation_steps():
+    """'steps to GRPO's final' counts evaluations, so the caption states the task's own schedule."""
+    assert study.eval_schedule("toy") == "every 25 steps"
+    assert study.eval_schedule("chains") == "at steps 10, 20, 30, 40 and every 25 steps"
+    assert study.eval_schedule("clips") == "every 50 steps"
+
+
+def test_a_metric_no_run_logged_gets_no_plot(tmp_path):
+    """clips logs no leakage: the report draws accuracy and entropy, and no empty leakage plot."""
+    rows = [{"step": s, "test_acc": 0.5, "entropy": 0.1} for s in (0, 50)]
+    study.plots({"grpo": {0: rows, 1: rows}}, str(tmp_path))
+    assert {"test_acc.png", "entropy.png"} <= set(os.listdir(tmp_path))
+    assert "leakage.png" not in os.listdir(tmp_path)

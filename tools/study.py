@@ -301,6 +301,16 @@ def summarise(rows: list[dict], target: float | None) -> dict:
             "start": evals[0]["test_acc"], "start_teacher": evals[0].get("test_teacher_acc")}
 
 
+def eval_schedule(task: str) -> str:
+    """The task's evaluation steps in words, from its flags: "every 25 steps", "at 10, 20 and
+    every 25 steps"."""
+    flags = TASKS[task]["evals"]
+    every = f"every {flags[flags.index('--eval-every') + 1]} steps"
+    if "--eval-at" not in flags:
+        return every
+    return f"at steps {flags[flags.index('--eval-at') + 1].replace(',', ', ')} and {every}"
+
+
 def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = RESULTS,
            readme: str = STUDY_PAGE, task: str = "toy", extra: tuple = ()):
     os.makedirs(out_dir, exist_ok=True)
@@ -316,8 +326,9 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = RESULTS,
         n = json.load(f)["eval_n"]
     lines = [f"Greedy accuracy (%) on {n} test problems (standard error up to "
              f"{50 / math.sqrt(n):.1f} points per run); mean ± "
-             f"std over seeds; steps to GRPO's final accuracy: the first evaluation (every 25 "
-             f"steps) at which a run reaches the final accuracy of GRPO's run of the same seed.",
+             f"std over seeds; steps to GRPO's final accuracy: the first evaluation "
+             f"({eval_schedule(task)}) at which a run reaches the final accuracy of GRPO's run "
+             f"of the same seed.",
              "",
              f"| arm | seeds | test at step {EARLY} | final test | final - GRPO's, same seed "
              "| best test | OOD | steps to GRPO's final | entropy (last 10 steps) | leakage "
@@ -588,6 +599,8 @@ def plots(data, out_dir: str):
     for key, name, title in (("test_acc", "test_acc.png", "greedy test accuracy"),
                              ("entropy", "entropy.png", "entropy of the sampled tokens"),
                              ("test_leakage", "leakage.png", "leakage (test responses)")):
+        if not any(key in r for d in data.values() for rows in d.values() for r in rows):
+            continue  # a task without the metric (clips has no leak marker): no empty plot
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for arm, d in data.items():  # a variant of an arm (a control, a PTD direction): dashed
             variant = arm not in config_algos()
