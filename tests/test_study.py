@@ -183,3 +183,19 @@ def test_a_metric_no_run_logged_gets_no_plot(tmp_path):
     study.plots({"grpo": {0: rows, 1: rows}}, str(tmp_path))
     assert {"test_acc.png", "entropy.png"} <= set(os.listdir(tmp_path))
     assert "leakage.png" not in os.listdir(tmp_path)
+
+
+def test_the_ablation_table_is_the_mean_over_seeds_of_the_saved_evaluations(tmp_path):
+    """The clips ablation table from `eval.py --out` files: per arm, seeds averaged by hand."""
+    def save(name, both, rest=0.5):
+        lines = [{"split": s, "pass@1_greedy": rest} for s in ("test", "test/video", "test/audio")]
+        lines.append({"split": "test/both", "pass@1_greedy": both})
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    save("opsd_answer-0-none.jsonl", 0.2)
+    save("opsd_answer-1-none.jsonl", 0.4)
+    save("opsd_answer-0-video.jsonl", 0.1)
+    save("opsd_answer-1-video.jsonl", 0.2)
+    save("grpo-0-none.jsonl", 0.9)  # no video-removed file: no row
+    table = study.ablation_table(str(tmp_path)).splitlines()
+    assert table[2:] == ["| opsd_answer | 2 | 50.0 | 50.0 | 50.0 | 30.0 | 15.0 |"]
+    assert study.ablation_table(str(tmp_path / "absent")) == ""

@@ -302,8 +302,8 @@ def summarise(rows: list[dict], target: float | None) -> dict:
 
 
 def eval_schedule(task: str) -> str:
-    """The task's evaluation steps in words, from its flags: "every 25 steps", "at 10, 20 and
-    every 25 steps"."""
+    """The task's evaluation steps in words, from its flags: "every 25 steps", "at steps 10, 20
+    and every 25 steps"."""
     flags = TASKS[task]["evals"]
     every = f"every {flags[flags.index('--eval-every') + 1]} steps"
     if "--eval-at" not in flags:
@@ -385,7 +385,38 @@ def report(arms, seeds, runs: str, steps: int = STEPS, out_dir: str = RESULTS,
         claims_text = claims_report(readme)
         with open(os.path.join(out_dir, "RESULTS.md"), "a") as f:
             f.write(f"\n## The claims\n\n{claims_text}\n")
+    ablated = ablation_table(os.path.join(out_dir, "ablation"))
+    if ablated:  # clips: the final checkpoints' `eval.py --ablate` outputs, when saved there
+        with open(os.path.join(out_dir, "RESULTS.md"), "a") as f:
+            f.write(f"\n## The final checkpoints with the video removed\n\n{ablated}\n")
+        replace_block(os.path.join(ROOT, "docs", "multimodal.md"), ablated, "clips-ablation")
     print(table)
+
+
+def ablation_table(folder: str) -> str:
+    """Greedy test accuracy (%) by kind of question, mean over seeds, from the files
+    `ARM-SEED-none.jsonl` and `ARM-SEED-video.jsonl` that `eval.py CKPT --data clips --out`
+    wrote for each run's final checkpoint (without and with `--ablate video`)."""
+    if not os.path.isdir(folder):
+        return ""
+    acc = {}  # (arm, ablation) -> split -> [accuracy per seed]
+    for name in sorted(os.listdir(folder)):
+        arm, _, ablation = name.removesuffix(".jsonl").rpartition("-")
+        arm = arm.rpartition("-")[0]
+        with open(os.path.join(folder, name)) as f:
+            for line in f:
+                r = json.loads(line)
+                acc.setdefault((arm, ablation), {}).setdefault(r["split"], []).append(
+                    100 * r["pass@1_greedy"])
+    mean = lambda arm, ab, split: f"{statistics.mean(acc[arm, ab][split]):.1f}"  # noqa: E731
+    lines = ["| final checkpoint | seeds | all | picture | sound | both | both, video removed |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in [a for a in ARMS if (a, "none") in acc and (a, "video") in acc]:
+        lines.append(f"| {arm} | {len(acc[arm, 'none']['test'])} | "
+                     + " | ".join(mean(arm, "none", k) for k in
+                                  ("test", "test/video", "test/audio", "test/both"))
+                     + f" | {mean(arm, 'video', 'test/both')} |")
+    return "\n".join(lines)
 
 
 def archived(task: str, arms) -> dict:
